@@ -1,0 +1,200 @@
+"""The one boundary where an ml_collections ConfigDict becomes a frozen, typed, validated config.
+
+Every check lives here and every error names the field, the value and the fix. The rest of the
+code takes `Config` and trusts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A user's mistake (config, command line, data, workdir): printed without a traceback."""
+
+
+def require(ok: bool, field: str, value: Any, fix: str) -> None:
+  if not ok:
+    raise ConfigError(f'{field}={value!r}: {fix}')
+
+
+DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A GPT-style decoder. `vocab_size` comes from the tokenizer, not from the user."""
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  max_len: int = 256
+  tie_embeddings: bool = True
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  paths: tuple[str, ...] = ()  # globs of text or JSONL files; empty: the Python stdlib sources
+  seq_len: int = 256
+  val_fraction: float = 0.02
+  cache_dir: str = ''  # empty: ~/.cache/lm/tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: str = 'bytes'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 16
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  peak_flops: float = 0.0  # FLOP/s of one device; 0: measured at start with a matmul
+  num_samples: int = 3
+  sample_len: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  shape: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes what is left
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  data: DataConfig
+  tokenizer: TokenizerConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'tokenizer': TokenizerConfig,
+            'train': TrainConfig, 'mesh': MeshConfig}
+DERIVED = {('model', 'vocab_size')}  # filled in by the boundary, never by the user
+
+
+def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any]):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for key in given:
+    require(key in fields and (name, key) not in DERIVED, f'{name}.{key}', given[key],
+            f'unknown key; {name} takes {sorted(k for k in fields if (name, k) not in DERIVED)}')
+  values = {}
+  for key, f in fields.items():
+    if key in extra:
+      values[key] = extra[key]
+    elif key in given:
+      values[key] = _coerce(f'{name}.{key}', given[key], f.default)
+    elif f.default is dataclasses.MISSING:
+      raise ConfigError(f'{name}.{key} is missing: set it in the config file')
+  return cls(**values)
+
+
+def _coerce(field: str, value: Any, default: Any) -> Any:
+  """Checks the type against the default's and turns lists into tuples."""
+  if isinstance(default, tuple):
+    if isinstance(value, str):  # 'a/*.txt,b/*.jsonl' from a command line
+      value = tuple(v for v in value.split(',') if v)
+    require(isinstance(value, (list, tuple)), field, value, 'give a sequence')
+    return tuple(value)
+  if isinstance(default, bool):
+    require(isinstance(value, bool), field, value, 'give True or False')
+  elif isinstance(default, int):
+    require(isinstance(value, int) and not isinstance(value, bool), field, value,
+            'give an integer')
+  elif isinstance(default, float):
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), field, value,
+            'give a number')
+    value = float(value)
+  elif isinstance(default, str):
+    require(isinstance(value, str), field, value, 'give a string')
+  return value
+
+
+def parse(config: ml_collections.ConfigDict | dict[str, Any], *, vocab_size: int,
+          device_count: int) -> Config:
+  """ConfigDict -> frozen Config, validated. Raises ConfigError naming field, value and fix."""
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for key in raw:
+    require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
+  extra = {'model': {'vocab_size': vocab_size}}
+  cfg = Config(**{name: _section(name, cls, dict(raw.get(name, {})), extra.get(name, {}))
+                  for name, cls in SECTIONS.items()})
+  validate(cfg, device_count)
+  return cfg
+
+
+def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
+  for name in names:
+    value = getattr(section, name)
+    require(value > 0, f'{prefix}.{name}', value, 'must be positive')
+
+
+def validate(cfg: Config, device_count: int) -> None:
+  m, d, t = cfg.model, cfg.data, cfg.train
+  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'mlp_dim', 'max_len'])
+  require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
+          f'must be divisible by model.num_heads={m.num_heads}; '
+          f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
+  require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'use one of {DTYPES}')
+  _positive(d, 'data', ['seq_len'])
+  require(d.seq_len <= m.max_len, 'data.seq_len', d.seq_len,
+          f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
+  require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
+          'must be in (0, 1)')
+  _positive(t, 'train', ['steps', 'batch_size', 'log_every', 'eval_every', 'eval_batches',
+                         'checkpoint_every', 'keep_checkpoints'])
+  require(t.learning_rate > 0, 'train.learning_rate', t.learning_rate, 'must be positive')
+  require(0 <= t.warmup_steps < t.steps, 'train.warmup_steps', t.warmup_steps,
+          f'must be in [0, train.steps={t.steps})')
+  require(0.0 <= t.min_lr_ratio <= 1.0, 'train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
+  require(t.peak_flops >= 0, 'train.peak_flops', t.peak_flops, 'use 0 to measure it')
+  require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',
+          (t.num_samples, t.sample_len), 'must be >= 0')
+  mesh_shape(cfg.mesh.shape, device_count)  # raises on a bad mesh
+  data_parallel = math.prod(mesh_shape(cfg.mesh.shape, device_count)[:2])
+  require(t.batch_size % data_parallel == 0, 'train.batch_size', t.batch_size,
+          f'must be divisible by the data x fsdp mesh size {data_parallel}')
+
+
+def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:
+  """Resolves a (data, fsdp, tensor) shape with at most one -1 against the device count."""
+  shape = tuple(shape)
+  fix = (f'give 3 sizes (data, fsdp, tensor) whose product is the device count {device_count}, '
+         f'e.g. mesh.shape=({device_count}, 1, 1), or -1 for one of them')
+  require(len(shape) == 3 and all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
+          and shape.count(-1) <= 1, 'mesh.shape', shape, fix)
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    require(device_count % known == 0, 'mesh.shape', shape, fix)
+    shape = tuple(device_count // known if s == -1 else s for s in shape)
+  require(math.prod(shape) == device_count, 'mesh.shape', shape, fix)
+  return shape  # type: ignore[return-value]

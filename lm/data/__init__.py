@@ -1,0 +1,1 @@
+"""Data: corpus sources, the tokenized memmap store, one pipeline per task."""

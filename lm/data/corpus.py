@@ -1,0 +1,109 @@
+"""Corpus sources: the Python standard library's own sources by default, or the user's globs.
+
+Files are listed in a deterministic order and assigned to train or validation by a stable hash
+of their key (the path relative to the stdlib, or to the literal directory a glob starts from),
+so the split is the same on every machine, wherever the corpus lies, and does not move when
+files are added.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from lm.config import ConfigError
+
+EXCLUDED_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycache__'})
+
+
+class CorpusWarning(UserWarning):
+  """A file of the corpus was skipped (binary, not UTF-8, a bad JSONL line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+  key: str  # stable name: decides the split
+  path: Path
+
+
+def stdlib_files() -> list[SourceFile]:
+  """The standard library's .py files, tests and site-packages left out, sorted by key."""
+  root = Path(sysconfig.get_paths()['stdlib'])
+  files = []
+  for path in root.rglob('*.py'):
+    rel = path.relative_to(root)
+    if not EXCLUDED_DIRS.intersection(rel.parts[:-1]) and path.is_file():
+      files.append(SourceFile(rel.as_posix(), path))
+  return sorted(files, key=lambda f: f.key)
+
+
+def glob_root(pattern: str) -> str:
+  """The leading directories of a glob that hold no wildcard: '/a/b/**/*.py' -> '/a/b'."""
+  parts = Path(pattern).parts
+  literal = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts) - 1)
+  return str(Path(*parts[:literal])) if literal else '.'
+
+
+def glob_files(patterns: Sequence[str]) -> list[SourceFile]:
+  """Files matched by the user's globs (`**` recurses), deduplicated and sorted by key."""
+  files = {}
+  for pattern in patterns:
+    pattern = os.path.expanduser(pattern)
+    root = glob_root(pattern)
+    matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+    if not matches:
+      raise ConfigError(f'data.paths={pattern!r}: matches no file; check the path, or leave '
+                        'data.paths empty for the default corpus (the Python stdlib)')
+    for m in matches:
+      key = Path(os.path.relpath(m, root)).as_posix()
+      files.setdefault(key, SourceFile(key, Path(m)))
+  return [files[k] for k in sorted(files)]
+
+
+def list_files(patterns: Sequence[str]) -> list[SourceFile]:
+  return glob_files(patterns) if patterns else stdlib_files()
+
+
+def is_validation(key: str, val_fraction: float) -> bool:
+  """Stable across machines and Python runs (unlike hash())."""
+  digest = hashlib.sha256(key.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2**64 < val_fraction
+
+
+def read_documents(source: SourceFile) -> Iterator[str]:
+  """The documents of one file: a text file is one, a JSONL file one per line's `text`.
+
+  A binary or non-UTF-8 file is skipped with a CorpusWarning, never an exception.
+  """
+  raw = source.path.read_bytes()
+  try:
+    if b'\0' in raw:
+      raise UnicodeDecodeError('utf-8', raw, raw.index(b'\0'), raw.index(b'\0') + 1, 'NUL byte')
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    warnings.warn(f'skipping {source.path}: not UTF-8 text ({e.reason} at byte {e.start})',
+                  CorpusWarning, stacklevel=2)
+    return
+  if source.path.suffix != '.jsonl':
+    if text:
+      yield text
+    return
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      doc = json.loads(line)['text']
+      if not isinstance(doc, str):
+        raise TypeError(f'"text" is a {type(doc).__name__}')
+    except (ValueError, KeyError, TypeError) as e:
+      warnings.warn(f'skipping {source.path}:{number}: want an object with a "text" string '
+                    f'({e!r})', CorpusWarning, stacklevel=2)
+      continue
+    if doc:
+      yield doc

@@ -1,0 +1,52 @@
+"""Device mesh, the logical-axis rules table, and shardings derived from it.
+
+Parameters and activations name their axes logically (`embed`, `mlp`, ...); RULES maps each
+onto the mesh axes (data, fsdp, tensor). Flax skips a mesh axis already taken by an earlier
+dimension, so activations `(batch, length, embed)` shard batch over data x fsdp and leave
+embed whole, while a parameter `(embed, mlp)` is sharded over fsdp x tensor.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('vocab', 'tensor'),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; `shape` already resolved (see config.mesh_shape)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), RULES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """This host's rows of the batch -> global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

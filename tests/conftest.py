@@ -1,0 +1,51 @@
+"""Shared fixtures: a small synthetic corpus and a tiny config derived from configs/decoder.py."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import ml_collections
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = 'decoder') -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def write_corpus(directory: Path, num_files: int = 24) -> Path:
+  """Small, very regular Python-like files: easy to overfit, cheap to tokenize."""
+  directory.mkdir(parents=True, exist_ok=True)
+  for i in range(num_files):
+    lines = [f'def f{i}_{j}(x):\n    return x + {j}\n\n' for j in range(12)]
+    (directory / f'file_{i:02d}.py').write_text(''.join(lines))
+  return directory
+
+
+def tiny_config(corpus: Path, cache_dir: Path, **train) -> ml_collections.ConfigDict:
+  c = load_config()
+  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32)
+  c.data.update(paths=str(corpus / '*.py'), seq_len=32, val_fraction=0.25,
+                cache_dir=str(cache_dir))
+  c.train.update(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=1,
+                 eval_every=10, eval_batches=2, checkpoint_every=10, peak_flops=1e9,
+                 num_samples=0)
+  c.train.update(train)
+  return c
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+  return write_corpus(tmp_path / 'corpus')
+
+
+@pytest.fixture
+def config(corpus: Path, tmp_path: Path) -> ml_collections.ConfigDict:
+  return tiny_config(corpus, tmp_path / 'cache')

@@ -1,0 +1,59 @@
+"""Run by test_train.py with 8 fake CPU devices: three train steps of one model on a
+(data=2, fsdp=4) mesh and on a 1-device mesh, from the same initial state and batches.
+Prints one JSON line with both loss curves and the largest parameter difference.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from lm import config as config_lib, models, objectives, parallel, train
+from tests.conftest import load_config
+
+
+def main():
+  c = load_config()
+  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
+  c.data.update(seq_len=32)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  cfg = config_lib.parse(c, vocab_size=259, device_count=8)
+  model = models.build(cfg.model)
+  tx = train.make_optimizer(cfg.train)
+  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=258)
+  step_fn = train.make_train_step(loss_fn, train.make_schedule(cfg.train))
+  rng = np.random.default_rng(0)
+  batches = [{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')}
+             for _ in range(3)]
+  results = {}
+  for name, shape, devices in (('8', (2, 4, 1), jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
+    mesh = parallel.make_mesh(shape, devices)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+      init_fn, _, shardings = train.abstract_state(model, tx, 32, 0, mesh)
+      state = init_fn()
+      sharding = parallel.batch_sharding(mesh)
+      step = jax.jit(step_fn, in_shardings=(shardings, sharding), donate_argnums=0)
+      losses = []
+      for batch in batches:
+        state, metrics = step(state, parallel.global_batch(batch, sharding))
+        losses.append(float(metrics['loss']))
+    results[name] = (losses, jax.device_get(state.params))
+    if name == '8':
+      kernel = state.params['block_0']['GeluMlp_0']['up']['kernel']
+      shards = len({str(s.index) for s in kernel.addressable_shards})
+  diff = max(float(np.max(np.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))
+  print(json.dumps({'devices': jax.device_count(), 'param_shards': shards,
+                    'losses_8': results['8'][0], 'losses_1': results['1'][0],
+                    'max_param_diff': diff}))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,94 @@
+"""The config boundary: every user mistake gets an error naming field, value and fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lm import config as config_lib
+from lm.config import ConfigError
+from tests.conftest import ROOT, load_config
+
+
+def parse(c, device_count=1):
+  return config_lib.parse(c, vocab_size=259, device_count=device_count)
+
+
+def test_default_config_parses_into_frozen_typed_config():
+  cfg = parse(load_config())
+  assert cfg.model.vocab_size == 259 and cfg.model.head_dim == cfg.model.d_model // 4
+  assert cfg.data.paths == () and cfg.mesh.shape == (-1, 1, 1)
+  with pytest.raises(AttributeError):
+    cfg.model.d_model = 3  # frozen
+
+
+def test_paths_from_command_line_string_become_a_tuple():
+  c = load_config()
+  c.data.paths = 'a/*.txt,b/*.jsonl'
+  assert parse(c).data.paths == ('a/*.txt', 'b/*.jsonl')
+
+
+def test_d_model_not_divisible_by_num_heads():
+  c = load_config()
+  c.model.d_model = 250
+  with pytest.raises(ConfigError, match=r'model\.d_model=250: must be divisible by '
+                                        r'model\.num_heads=4; try model\.d_model=248'):
+    parse(c)
+
+
+def test_seq_len_larger_than_max_len():
+  c = load_config()
+  c.data.seq_len = 512
+  with pytest.raises(ConfigError, match=r'data\.seq_len=512: exceeds model\.max_len=256'):
+    parse(c)
+
+
+@pytest.mark.parametrize('shape', [(3, 1, 1), (2, 2, 1), (-1, -1, 1), (3, -1, 1), (8, 1)])
+def test_mesh_shape_whose_product_is_not_the_device_count(shape):
+  c = load_config()
+  c.mesh.shape = shape
+  with pytest.raises(ConfigError, match=r'mesh\.shape=.*device count 8'):
+    parse(c, device_count=8)
+
+
+def test_mesh_shape_fills_one_minus_one():
+  assert config_lib.mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+  assert config_lib.mesh_shape((2, -1, 1), 8) == (2, 4, 1)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+  c = load_config()
+  c.mesh.shape = (3, 1, 1)
+  c.train.batch_size = 16
+  with pytest.raises(ConfigError, match=r'train\.batch_size=16: must be divisible'):
+    parse(c, device_count=3)
+
+
+def test_unknown_key_and_wrong_type():
+  c = load_config().to_dict()
+  c['model']['num_layer'] = 2
+  with pytest.raises(ConfigError, match=r'model\.num_layer=2: unknown key'):
+    parse(c)
+  c = load_config().to_dict()
+  c['train']['steps'] = 'many'
+  with pytest.raises(ConfigError, match=r"train\.steps='many': give an integer"):
+    parse(c)
+
+
+def test_vocab_size_is_not_the_users_to_set():
+  c = load_config().to_dict()
+  c['model']['vocab_size'] = 100
+  with pytest.raises(ConfigError, match=r'model\.vocab_size=100: unknown key'):
+    parse(c)
+
+
+def test_cli_prints_user_error_without_traceback_and_exits_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config=configs/decoder.py',
+       f'--workdir={tmp_path / "run"}', '--config.model.d_model=250'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert 'error: model.d_model=250: must be divisible' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run' / 'config.json').exists()

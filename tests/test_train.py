@@ -1,0 +1,137 @@
+"""The training job end to end: learning, outputs, checkpoints, resume, signals, workdirs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lm import train
+from lm.config import ConfigError
+from tests.conftest import ROOT
+
+
+def losses(workdir: Path) -> dict[int, float]:
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {l['step']: l['train/loss'] for l in lines if 'train/loss' in l}
+
+
+def restore_params(workdir: Path, step: int):
+  with ocp.CheckpointManager((workdir / 'checkpoints').absolute()) as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']['params']
+
+
+def test_tiny_model_overfits_a_tiny_corpus_and_writes_its_outputs(config, tmp_path, capsys):
+  config.train.update(steps=150, learning_rate=1e-2, warmup_steps=10, eval_every=50,
+                      checkpoint_every=50, log_every=10, num_samples=1, sample_len=20)
+  result = train.run(config, tmp_path / 'run')
+  first, last = losses(tmp_path / 'run')[10], losses(tmp_path / 'run')[150]
+  assert first > 2.0 and last < 0.6, (first, last)
+  assert result['val/bpb'] < result['val/gzip_bpb']
+  out = capsys.readouterr().out
+  assert 'final validation at step 150' in out and 'gzip -9' in out and '--- sample 1 ---' in out
+  run = tmp_path / 'run'
+  assert json.loads((run / 'config.json').read_text())['model']['d_model'] == 32
+  assert json.loads((run / 'tokenizer' / 'tokenizer.json').read_text())['kind'] == 'bytes'
+  assert list(run.glob('events.out.tfevents.*'))
+  assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir()) == [50, 100, 150]
+  records = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
+  keys = set().union(*records)
+  assert {'step', 'train/loss', 'val/loss', 'val/bpb', 'perf/tokens_per_sec', 'perf/mfu'} <= keys
+
+
+def cli(config, workdir: Path, **overrides) -> list[str]:
+  flat = {f'{section}.{k}': v for section in ('model', 'data', 'train')
+          for k, v in config[section].items()}
+  flat.update(overrides)
+  return [sys.executable, '-m', 'lm.main', '--config=configs/decoder.py', f'--workdir={workdir}',
+          *[f'--config.{k}={v}' for k, v in flat.items()]]
+
+
+def start_and_wait_for_checkpoint(cmd: list[str], workdir: Path, step: int) -> subprocess.Popen:
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 120
+  while not (workdir / 'checkpoints' / str(step) / 'commit_success.txt').exists():
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, 'no checkpoint within 120s'
+    time.sleep(0.01)
+  return proc
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tmp_path, capsys):
+  # A constant learning rate makes the schedule independent of train.steps, so the killed
+  # run may be started with many more steps than the reference.
+  config.train.update(steps=30, warmup_steps=0, min_lr_ratio=1.0, checkpoint_every=10)
+  reference = tmp_path / 'reference'
+  train.run(config, reference)
+
+  killed = tmp_path / 'killed'
+  proc = start_and_wait_for_checkpoint(cli(config, killed, **{'train.steps': 100000}), killed, 10)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  capsys.readouterr()
+  train.run(config, killed)  # the same config: resumes
+  resumed_from = int(capsys.readouterr().out.split('from step ')[1].split()[0])
+  assert 10 <= resumed_from < 30
+  assert losses(killed) == losses(reference)  # also: lines past the checkpoint were dropped
+  expected, got = restore_params(reference, 30), restore_params(killed, 30)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(config, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = start_and_wait_for_checkpoint(
+      cli(config, workdir, **{'train.steps': 100000, 'train.checkpoint_every': 5}), workdir, 5)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 0, out
+  saved = int(out.split('SIGTERM: saved a checkpoint at step ')[1].split()[0])
+  assert (workdir / 'checkpoints' / str(saved) / 'commit_success.txt').exists()
+
+
+def test_workdir_of_an_incompatible_run_is_refused_and_kept(config, tmp_path):
+  config.train.update(steps=4, eval_every=100, checkpoint_every=2)
+  workdir = tmp_path / 'run'
+  train.run(config, workdir)
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  config.model.d_model = 64
+  with pytest.raises(ConfigError, match=r"holds a run with another config \(model\.d_model: "
+                                        r"32 in the workdir, 64 now\)"):
+    train.run(config, workdir)
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+
+
+def test_longer_run_in_the_same_workdir_resumes(config, tmp_path, capsys):
+  config.train.update(steps=4, eval_every=100, checkpoint_every=2)
+  train.run(config, tmp_path / 'run')
+  config.train.steps = 6
+  result = train.run(config, tmp_path / 'run')
+  assert 'resuming' in capsys.readouterr().out and result['step'] == 6
+
+
+def test_unwritable_workdir(config, tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ConfigError, match=r"--workdir='.*file/run': not writable"):
+    train.run(config, tmp_path / 'file' / 'run')
+
+
+def test_train_step_on_8_devices_gives_the_loss_of_1_device():
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py')], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['devices'] == 8 and result['param_shards'] > 1
+  np.testing.assert_allclose(result['losses_8'], result['losses_1'], rtol=1e-5)
+  assert result['max_param_diff'] < 1e-5
