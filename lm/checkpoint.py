@@ -70,8 +70,11 @@ class Checkpoints:
   """Orbax CheckpointManager over `workdir/checkpoints`: items `state`, `data`, `config`."""
 
   def __init__(self, directory: Path, keep: int):
+    # Synchronous: the train step donates the state's buffers, which an asynchronous save
+    # would still be reading.
     self.manager = ocp.CheckpointManager(
-        directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        directory.absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

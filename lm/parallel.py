@@ -7,12 +7,15 @@ embed whole, while a parameter `(embed, mlp)` is sharded over fsdp x tensor.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lm.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 RULES = (
@@ -37,6 +40,19 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, RULES)
+
+
+def check_even(abstract_tree: Any, mesh: Mesh) -> None:
+  """Every sharded dimension must split evenly over its mesh axes; says which does not."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    for dim, axes in zip(leaf.shape, leaf.sharding.spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if dim % ways:
+        raise ConfigError(
+            f'mesh.shape={tuple(mesh.shape.values())}: {jax.tree_util.keystr(path)} of shape '
+            f'{leaf.shape} has a dimension of {dim} split {ways} ways over {axes}; choose a '
+            f'mesh whose {"x".join(axes)} size divides {dim}, or resize the model')
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -138,6 +138,9 @@ class Run:
   splits: dict[str, store.Split]
   mesh: jax.sharding.Mesh
   model: nn.Module
+  init_fn: Callable  # () -> TrainState, laid out on the mesh
+  abstract: Any  # the TrainState's ShapeDtypeStructs with shardings
+  shardings: Any
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -151,10 +154,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
   splits = store.load_or_build(cfg.data, tokenizer)
+  mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
+  model = models.build(cfg.model)
+  init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train), cfg.data.seq_len,
+                                                cfg.train.seed, mesh)
+  parallel.check_even(abstract, mesh)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
   tokenizer.save(workdir / 'tokenizer')
-  mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
-  return Run(cfg, workdir, tokenizer, splits, mesh, models.build(cfg.model))
+  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -162,8 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
   r = setup(config, workdir)
   cfg, t = r.cfg, r.cfg.train
   is_main = jax.process_index() == 0
-  tx = make_optimizer(t)
-  init_fn, abstract, shardings = abstract_state(r.model, tx, cfg.data.seq_len, t.seed, r.mesh)
+  abstract, shardings = r.abstract, r.shardings
   batch_sharding = parallel.batch_sharding(r.mesh)
   loss_fn = functools.partial(objectives.clm_loss, apply_fn=r.model.apply,
                               pad_id=r.tokenizer.pad_id)
@@ -192,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
       data_iter.set_state(data_state)
       print(f'resuming {r.workdir} from step {start}')
     else:
-      state = init_fn()
+      state = r.init_fn()
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
     flops_per_token = decoder.train_flops_per_token(cfg.model, cfg.data.seq_len)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))

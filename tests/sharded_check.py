@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib, models, objectives, parallel, train
-from tests.conftest import load_config
+from tests.conftest import load_config, tiny_config
 
 
 def main():
@@ -50,7 +50,16 @@ def main():
       shards = len({str(s.index) for s in kernel.addressable_shards})
   diff = max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))
-  print(json.dumps({'devices': jax.device_count(), 'param_shards': shards,
+  # The byte vocabulary of 259 cannot split over tensor=2: a clear error, nothing written.
+  workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
+  c = tiny_config(corpus, workdir.parent / 'cache')
+  c.mesh.shape = (2, 2, 2)
+  try:
+    train.setup(c, workdir)
+    uneven_error = ''
+  except config_lib.ConfigError as e:
+    uneven_error = str(e)
+  print(json.dumps({'uneven_error': uneven_error, 'devices': jax.device_count(), 'param_shards': shards,
                     'losses_8': results['8'][0], 'losses_1': results['1'][0],
                     'max_param_diff': diff}))
 

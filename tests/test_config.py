@@ -39,6 +39,7 @@ def test_d_model_not_divisible_by_num_heads():
 
 def test_seq_len_larger_than_max_len():
   c = load_config()
+  c.model.max_len = 256
   c.data.seq_len = 512
   with pytest.raises(ConfigError, match=r'data\.seq_len=512: exceeds model\.max_len=256'):
     parse(c)

@@ -18,10 +18,11 @@ def test_greedy_generation_equals_argmax_decoding_for_prompts_of_different_lengt
   out = sampling.generate(model.apply, params, prompts, max_len=12, max_new_tokens=5,
                           rng=jax.random.PRNGKey(1), pad_id=258,
                           filter_fn=sampling.temperature(0.0))
+  apply = jax.jit(model.apply)
   for prompt, got in zip(prompts, out):
     seq = list(prompt)
     for _ in range(5):
-      logits = model.apply({'params': params}, jnp.asarray([seq]))
+      logits = apply({'params': params}, jnp.asarray([seq]))
       seq.append(int(np.argmax(logits[0, -1])))
     assert got == seq
 

@@ -125,13 +125,18 @@ def test_unwritable_workdir(config, tmp_path):
     train.run(config, tmp_path / 'file' / 'run')
 
 
-def test_train_step_on_8_devices_gives_the_loss_of_1_device():
+def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-         'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py')], cwd=ROOT,
+         'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py'),
+                         str(tmp_path / 'run'), str(corpus)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['devices'] == 8 and result['param_shards'] > 1
   np.testing.assert_allclose(result['losses_8'], result['losses_1'], rtol=1e-5)
   assert result['max_param_diff'] < 1e-5
+  assert result['uneven_error'].startswith(
+      "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (259, 32) has a dimension "
+      "of 259 split 2 ways over ('tensor',)")
+  assert not (tmp_path / 'run' / 'config.json').exists()
