@@ -42,7 +42,7 @@ def write_atomic(path: Path, text: str) -> None:
 def prepare_workdir(workdir: Path, cfg: Config) -> None:
   """Creates the workdir, or checks that the run it holds has a compatible config.
 
-  Raises ConfigError for an unwritable workdir or an incompatible run, touching nothing.
+  Raises ConfigError for an unwritable workdir or an incompatible run, writing nothing.
   """
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,6 @@ def prepare_workdir(workdir: Path, cfg: Config) -> None:
       raise ConfigError(f'--workdir={str(workdir)!r} holds a run with another config ('
                         + '; '.join(diffs) + '): give a new --workdir, or the same config to '
                         'resume it')
-  write_atomic(saved_path, cfg.to_json())
 
 
 class Checkpoints:
