@@ -6,8 +6,10 @@ code takes `Config` and trusts it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 from typing import Any, Sequence
 
 import ml_collections
@@ -137,6 +139,16 @@ def _coerce(field: str, value: Any, default: Any) -> Any:
   elif isinstance(default, str):
     require(isinstance(value, str), field, value, 'give a string')
   return value
+
+
+def from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as configs/decoder.py, as the CLI loads it."""
+  spec = importlib.util.spec_from_file_location('lm_config_file', path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f'--config={str(path)!r}: no such file; give a path like configs/decoder.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def parse(config: ml_collections.ConfigDict | dict[str, Any], *, vocab_size: int,

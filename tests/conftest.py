@@ -1,7 +1,6 @@
 """Shared fixtures: a small synthetic corpus and a tiny config derived from configs/decoder.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -10,14 +9,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import ml_collections
 import pytest
 
+from lm.config import from_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str = 'decoder') -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f'configs.{name}', ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return from_file(ROOT / 'configs' / f'{name}.py')
 
 
 def write_corpus(directory: Path, num_files: int = 24) -> Path:

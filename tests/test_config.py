@@ -93,3 +93,23 @@ def test_cli_prints_user_error_without_traceback_and_exits_2(tmp_path):
   assert 'error: model.d_model=250: must be divisible' in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_config_file_that_does_not_exist(tmp_path):
+  with pytest.raises(ConfigError, match=r"--config='.*nope\.py': no such file"):
+    config_lib.from_file(tmp_path / 'nope.py')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/decoder.py', '--config.model.nope=3'],
+     "--config.model.nope=3: model has no key 'nope'; it has ['d_model'"),
+    (['--config=configs/decoder.py', '--config.train.steps=abc'],
+     'flag --config.train.steps=abc: invalid literal for int()'),
+    (['--config=configs/nope.py'],
+     "--config='configs/nope.py': cannot load it ([Errno 2] No such file"),
+])
+def test_cli_flag_mistakes_are_one_line_errors(args, message, tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'lm.main', f'--workdir={tmp_path / "run"}', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.startswith('error: ' + message), proc.stderr
+  assert 'Traceback' not in proc.stderr
