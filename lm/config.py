@@ -191,7 +191,6 @@ def validate(cfg: Config, device_count: int) -> None:
   require(t.peak_flops >= 0, 'train.peak_flops', t.peak_flops, 'use 0 to measure it')
   require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',
           (t.num_samples, t.sample_len), 'must be >= 0')
-  mesh_shape(cfg.mesh.shape, device_count)  # raises on a bad mesh
   data_parallel = math.prod(mesh_shape(cfg.mesh.shape, device_count)[:2])
   require(t.batch_size % data_parallel == 0, 'train.batch_size', t.batch_size,
           f'must be divisible by the data x fsdp mesh size {data_parallel}')

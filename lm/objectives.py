@@ -3,6 +3,7 @@ once the model's apply function is bound with functools.partial.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -44,4 +45,4 @@ def clm_eval_sums(params, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, pad
 def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
   """Added-up sums -> mean loss per token and bits per UTF-8 byte."""
   return {'loss': sums['nll'] / max(sums['tokens'], 1),
-          'bpb': sums['text_nll'] / (jnp.log(2.0).item() * max(sums['bytes'], 1))}
+          'bpb': sums['text_nll'] / (math.log(2) * max(sums['bytes'], 1))}
