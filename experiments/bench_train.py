@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers

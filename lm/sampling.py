@@ -35,9 +35,9 @@ def generate(apply_fn: Callable, params, prompts: Sequence[Sequence[int]], *, ma
   buffer_BxT = np.full((len(prompts), max_len), pad_id, np.int32)
   for b, p in enumerate(prompts):
     buffer_BxT[b, :len(p)] = p
-  out_BxT = _sample_loop(apply_fn, params, jnp.asarray(buffer_BxT), jnp.asarray(lengths_B),
-                         rng, steps, filter_fn)
-  return [np.asarray(out_BxT[b, :n + steps]).tolist() for b, n in enumerate(lengths_B)]
+  out_BxT = np.asarray(_sample_loop(apply_fn, params, jnp.asarray(buffer_BxT),
+                                    jnp.asarray(lengths_B), rng, steps, filter_fn))
+  return [out_BxT[b, :n + steps].tolist() for b, n in enumerate(lengths_B)]
 
 
 def _sample_loop(apply_fn, params, buffer_BxT, lengths_B, rng, steps, filter_fn):

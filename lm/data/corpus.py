@@ -82,9 +82,12 @@ def read_documents(source: SourceFile) -> Iterator[str]:
   A binary or non-UTF-8 file is skipped with a CorpusWarning, never an exception.
   """
   raw = source.path.read_bytes()
+  nul = raw.find(b'\0')
+  if nul >= 0:
+    warnings.warn(f'skipping {source.path}: not UTF-8 text (NUL byte at byte {nul}: binary)',
+                  CorpusWarning, stacklevel=2)
+    return
   try:
-    if b'\0' in raw:
-      raise UnicodeDecodeError('utf-8', raw, raw.index(b'\0'), raw.index(b'\0') + 1, 'NUL byte')
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
     warnings.warn(f'skipping {source.path}: not UTF-8 text ({e.reason} at byte {e.start})',
