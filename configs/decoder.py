@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = dict(num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=128,
                  tie_embeddings=True, dtype='float32')
   c.data = dict(paths='', seq_len=128, val_fraction=0.02, cache_dir='')
-  c.tokenizer = dict(kind='bytes')
+  c.tokenizer = dict(kind='bytes', vocab_size=8192)  # vocab_size: for kind=bpe only
   c.train = dict(steps=1000, batch_size=32, learning_rate=5e-3, warmup_steps=50,
                  min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
                  log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,

@@ -1,8 +1,9 @@
 """Train-step throughput of lm against Hugging Face transformers' GPT2LMHeadModel in PyTorch.
 
 Same shape for both (vocab 8192, d_model 384, 6 layers, 6 heads, sequence 256, batch 16,
-float32, AdamW with gradient clipping), run in one invocation, alternating rounds so that both
-see the same machine. MFU is model FLOPs (lm.models.decoder.train_flops_per_token) over the
+float32, AdamW with gradient clipping), run in one invocation: each framework in a worker process
+of its own (so neither's thread pool spins on the other's cores), the parent alternating timed
+rounds between them so that both see the same machine. MFU is model FLOPs (lm.models.decoder.train_flops_per_token) over the
 measured matmul peak of the machine (the better of JAX's and PyTorch's float32 matmul).
 
   python experiments/bench_train.py [--steps=5] [--rounds=2]
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,23 +102,49 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
+RUNNERS = {'lm (JAX)': lm_step_fn, 'transformers (PyTorch)': torch_step_fn}
+
+
+def worker(name: str) -> None:
+  """Builds one framework's step, warms it up, then for each line `n` on stdin runs n steps
+  and answers the seconds per step."""
+  torch.set_num_threads(os.cpu_count() or 1)
+  run, state = RUNNERS[name](ModelConfig(**SHAPE), TrainConfig(steps=1000, learning_rate=1e-3))
+  state = run(state, 2)  # compile, warm up
+  print('ready', flush=True)
+  for line in sys.stdin:
+    start = time.perf_counter()
+    state = run(state, int(line))
+    print((time.perf_counter() - start) / int(line), flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--worker', choices=list(RUNNERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    return worker(args.worker)
   torch.set_num_threads(os.cpu_count() or 1)
-  cfg, t = ModelConfig(**SHAPE), TrainConfig(steps=1000, learning_rate=1e-3)
-  peak = max(train.measure_peak_flops('float32'), torch_peak_flops())
+  cfg = ModelConfig(**SHAPE)
   flops_per_token = decoder.train_flops_per_token(cfg, SEQ_LEN)
-  runners = {'lm (JAX)': lm_step_fn(cfg, t), 'transformers (PyTorch)': torch_step_fn(cfg, t)}
-  states = {name: runner[0](runner[1], 2) for name, runner in runners.items()}  # compile, warm
-  times: dict[str, list[float]] = {name: [] for name in runners}
+  workers = {name: subprocess.Popen([sys.executable, __file__, f'--worker={name}'],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for name in RUNNERS}
+  for proc in workers.values():
+    if proc.stdout.readline().strip() != 'ready':
+      sys.exit(f'a benchmark worker failed (exit {proc.wait()})')
+  peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with both idle
+  times: dict[str, list[float]] = {name: [] for name in workers}
   for _ in range(args.rounds):
-    for name, (run, _) in runners.items():
-      start = time.perf_counter()
-      states[name] = run(states[name], args.steps)
-      times[name].append((time.perf_counter() - start) / args.steps)
+    for name, proc in workers.items():
+      proc.stdin.write(f'{args.steps}\n')
+      proc.stdin.flush()
+      times[name].append(float(proc.stdout.readline()))
+  for proc in workers.values():
+    proc.stdin.close()
+    proc.wait()
   tokens = BATCH * SEQ_LEN
   rows = {name: {'step_ms': 1e3 * statistics.median(ts),
                  'tokens_per_sec': tokens / statistics.median(ts)} for name, ts in times.items()}

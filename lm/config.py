@@ -10,7 +10,7 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -54,7 +54,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-  kind: str = 'bytes'
+  kind: str = 'bytes'  # bytes | bpe | cl100k
+  vocab_size: int = 8192  # bpe only: ids in all, special tokens included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +152,17 @@ def from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def parse(config: ml_collections.ConfigDict | dict[str, Any], *, vocab_size: int,
-          device_count: int) -> Config:
-  """ConfigDict -> frozen Config, validated. Raises ConfigError naming field, value and fix."""
+def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
+          vocab_size: int | Callable[[TokenizerConfig], int], device_count: int) -> Config:
+  """ConfigDict -> frozen Config, validated. Raises ConfigError naming field, value and fix.
+
+  `vocab_size` is the model's, or a function of the tokenizer section that gives it.
+  """
   raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   for key in raw:
     require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
-  extra = {'model': {'vocab_size': vocab_size}}
+  tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
+  extra = {'model': {'vocab_size': vocab_size(tokenizer) if callable(vocab_size) else vocab_size}}
   cfg = Config(**{name: _section(name, cls, dict(raw.get(name, {})), extra.get(name, {}))
                   for name, cls in SECTIONS.items()})
   validate(cfg, device_count)

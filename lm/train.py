@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lm import checkpoint, config as config_lib, models, objectives, parallel, sampling
 from lm import tokenizers
-from lm.config import Config, ConfigError
+from lm.config import Config
 from lm.data import clm, store
 from lm.models import decoder
 
@@ -145,14 +145,11 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
-  kind = config.tokenizer.kind if 'tokenizer' in config else 'bytes'
-  if kind not in tokenizers.KINDS:
-    raise ConfigError(f'tokenizer.kind={kind!r}: use one of {tokenizers.KINDS}')
-  tokenizer = tokenizers.load(kind)
-  cfg = config_lib.parse(config, vocab_size=tokenizer.vocab_size,
-                         device_count=jax.device_count())
+  cfg = config_lib.parse(config, device_count=jax.device_count(),
+                         vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
+  tokenizer = store.load_or_train_tokenizer(cfg.tokenizer, cfg.data)
   splits = store.load_or_build(cfg.data, tokenizer)
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)

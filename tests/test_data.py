@@ -11,10 +11,10 @@ from lm import config as config_lib
 from lm.config import ConfigError
 from lm.data import clm, corpus, store
 from lm.data.corpus import CorpusWarning
-from lm.tokenizers.bytes import ByteTokenizer
+from lm import tokenizers
 from tests.conftest import load_config, write_corpus
 
-TOK = ByteTokenizer()
+TOK = tokenizers.load("bytes")
 
 
 def data_config(paths, cache_dir, **kw):

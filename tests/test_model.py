@@ -9,7 +9,7 @@ import pytest
 
 from lm import models
 from lm.config import ModelConfig
-from lm.models import decoder
+from lm.models import decoder, layers
 from lm.train import is_matrix
 
 CFG = ModelConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
@@ -114,3 +114,15 @@ def test_logits_equal_hugging_face_gpt2_with_the_same_weights():
     expected = hf(torch.tensor(tokens)).logits.numpy()
   logits = model.apply({'params': params}, jnp.asarray(tokens))
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('length,block', [(10, 4), (8, 8), (5, 128)])
+def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, length, 3, 4)).astype(np.float32) for _ in range(3))
+  logits = np.einsum('bthd,bshd->bhts', q, k) / 2.0
+  logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum('bhts,bshd->bthd', weights / weights.sum(-1, keepdims=True), v)
+  out = layers.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)

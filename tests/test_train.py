@@ -137,6 +137,45 @@ def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   np.testing.assert_allclose(result['losses_8'], result['losses_1'], rtol=1e-5)
   assert result['max_param_diff'] < 1e-5
   assert result['uneven_error'].startswith(
-      "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (259, 32) has a dimension "
-      "of 259 split 2 ways over ('tensor',)")
+      "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (269, 32) has a dimension "
+      "of 269 split 2 ways over ('tensor',)")
   assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+@pytest.mark.parametrize('user_flags,expected', [
+    ('--xla_force_host_platform_device_count=2',
+     '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type='),
+    ('--xla_cpu_experimental_ynn_fusion_type=dot', '--xla_cpu_experimental_ynn_fusion_type=dot'),
+])
+def test_importing_lm_picks_eigen_cpu_matmuls_unless_the_user_chose(user_flags, expected):
+  code = 'import os, lm, jax; jax.devices(); print(os.environ["XLA_FLAGS"])'
+  out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'XLA_FLAGS': user_flags},
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == expected
+
+
+def test_a_run_trains_its_bpe_once_and_keeps_it_in_the_workdir(config, tmp_path, capsys):
+  from lm import tokenizers
+  config.tokenizer.update(kind='bpe', vocab_size=290)
+  config.train.update(steps=4, eval_every=4, checkpoint_every=4)
+  first = train.run(config, tmp_path / 'a')
+  assert 'training a byte-level BPE of 290 ids' in capsys.readouterr().out
+  tokenizer = tokenizers.load(tmp_path / 'a' / 'tokenizer')
+  assert tokenizer.kind == 'bpe' and tokenizer.vocab_size == 290
+  assert np.isfinite(first['val/bpb'])
+  train.run(config, tmp_path / 'b')  # the same corpus and size: the cached tokenizer
+  assert 'training a byte-level BPE' not in capsys.readouterr().out
+  assert tokenizers.load(tmp_path / 'b' / 'tokenizer').fingerprint() == tokenizer.fingerprint()
+
+
+def test_bad_tokenizer_config_fails_before_anything_is_written(config, tmp_path):
+  config.tokenizer.update(kind='bpe', vocab_size=200)
+  with pytest.raises(ConfigError, match='tokenizer.vocab_size=200'):
+    train.run(config, tmp_path / 'run')
+  config.tokenizer.update(kind='wordpiece', vocab_size=8192)
+  with pytest.raises(ConfigError, match="tokenizer.kind='wordpiece'"):
+    train.run(config, tmp_path / 'run')
+  config.tokenizer.update(kind='bpe', vocab_size=5000)  # more than the tiny corpus can learn
+  with pytest.raises(ConfigError, match='tokenizer.vocab_size=5000: this corpus has only'):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').iterdir())

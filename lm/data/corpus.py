@@ -50,7 +50,7 @@ def glob_root(pattern: str) -> str:
   return str(Path(*parts[:literal])) if literal else '.'
 
 
-def glob_files(patterns: Sequence[str]) -> list[SourceFile]:
+def glob_files(patterns: Sequence[str], field: str = 'data.paths') -> list[SourceFile]:
   """Files matched by the user's globs (`**` recurses), deduplicated and sorted by key."""
   files = {}
   for pattern in patterns:
@@ -58,16 +58,16 @@ def glob_files(patterns: Sequence[str]) -> list[SourceFile]:
     root = glob_root(pattern)
     matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
     if not matches:
-      raise ConfigError(f'data.paths={pattern!r}: matches no file; check the path, or leave '
-                        'data.paths empty for the default corpus (the Python stdlib)')
+      raise ConfigError(f'{field}={pattern!r}: matches no file; check the path, or leave '
+                        f'{field} empty for the default corpus (the Python stdlib)')
     for m in matches:
       key = Path(os.path.relpath(m, root)).as_posix()
       files.setdefault(key, SourceFile(key, Path(m)))
   return [files[k] for k in sorted(files)]
 
 
-def list_files(patterns: Sequence[str]) -> list[SourceFile]:
-  return glob_files(patterns) if patterns else stdlib_files()
+def list_files(patterns: Sequence[str], field: str = 'data.paths') -> list[SourceFile]:
+  return glob_files(patterns, field) if patterns else stdlib_files()
 
 
 def is_validation(key: str, val_fraction: float) -> bool:

@@ -14,12 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from lm.config import ConfigError, DataConfig
+from lm import tokenizers
+from lm.config import ConfigError, DataConfig, TokenizerConfig
 from lm.data import corpus
+from lm.tokenizers import bpe
 
 SPLITS = ('train', 'val')
 
@@ -35,20 +38,41 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'lm' / 'tokens'
 
 
-def fingerprint(files: list[corpus.SourceFile], tokenizer, val_fraction: float) -> str:
+def fingerprint(files: list[corpus.SourceFile], what: str, val_fraction: float) -> str:
+  """Names what is built (`what`) from these files, as they are now, split so."""
   h = hashlib.sha256()
-  h.update(json.dumps({'tokenizer': tokenizer.fingerprint(), 'val_fraction': val_fraction,
-                       'format': 1}).encode())
+  h.update(json.dumps({'tokenizer': what, 'val_fraction': val_fraction, 'format': 1}).encode())
   for f in files:
     st = f.path.stat()
     h.update(f'{f.key}\0{f.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()[:20]
 
 
-def load_or_build(cfg: DataConfig, tokenizer) -> dict[str, Split]:
+def cache_dir(cfg: DataConfig) -> Path:
+  return Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
+
+
+def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizers.Tokenizer:
+  """`bytes` and `cl100k` as they are; a `bpe` trained on the train split of the corpus,
+  cached under a fingerprint of that split and the vocabulary size."""
+  if tcfg.kind != 'bpe':
+    return tokenizers.load(tcfg.kind)
+  files = [f for f in corpus.list_files(cfg.paths)
+           if not corpus.is_validation(f.key, cfg.val_fraction)]
+  what = f'bpe-{tcfg.vocab_size}-{tokenizers.GPT4_PATTERN}'
+  directory = cache_dir(cfg) / f'bpe-{fingerprint(files, what, cfg.val_fraction)}'
+  if not (directory / 'tokenizer.json').is_file():
+    print(f'training a byte-level BPE of {tcfg.vocab_size} ids on the train split '
+          f'({len(files)} files)', flush=True)
+    tokenizer = bpe.train((doc for f in files for doc in corpus.read_documents(f)),
+                          tcfg.vocab_size, field='tokenizer.vocab_size')
+    _publish(directory, tokenizer.save)
+  return tokenizers.load(directory)
+
+
+def load_or_build(cfg: DataConfig, tokenizer: tokenizers.Tokenizer) -> dict[str, Split]:
   files = corpus.list_files(cfg.paths)
-  where = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
-  directory = where / fingerprint(files, tokenizer, cfg.val_fraction)
+  directory = cache_dir(cfg) / fingerprint(files, tokenizer.fingerprint(), cfg.val_fraction)
   if not (directory / 'meta.json').is_file():
     _build(files, tokenizer, cfg, directory)
   splits = _load(directory)
@@ -68,30 +92,37 @@ def _load(directory: Path) -> dict[str, Split]:
 
 def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory: Path) -> None:
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix='.building-'))
-  try:
+
+  def write(tmp: Path) -> None:
     meta = {'dtype': np.dtype(dtype).name, 'files': len(files)}
-    outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
     counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0} for name in SPLITS}
+    outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
     for f in tqdm(files, desc='tokenizing corpus', unit='file', leave=False):
       name = 'val' if corpus.is_validation(f.key, cfg.val_fraction) else 'train'
-      docs = 0
-      for doc in corpus.read_documents(f):
-        ids = [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
-        outs[name].write(np.asarray(ids, dtype).tobytes())
-        counts[name]['num_tokens'] += len(ids)
+      docs = list(corpus.read_documents(f))
+      for doc, ids in zip(docs, tokenizer.encode_batch(docs)):
+        outs[name].write(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype).tobytes())
+        counts[name]['num_tokens'] += len(ids) + 2
         counts[name]['num_bytes'] += len(doc.encode('utf-8', errors='replace'))
-        docs += 1
-      counts[name]['num_files'] += docs > 0
+      counts[name]['num_files'] += bool(docs)
     for out in outs.values():
       out.close()
     meta.update(counts)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
+  _publish(directory, write)
+
+
+def _publish(directory: Path, write: Callable[[Path], None]) -> None:
+  """write(tmp) fills a temporary directory beside `directory`, then it is renamed into place:
+  an interrupted build leaves nothing half-written, and a concurrent one the first result."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix='.building-'))
+  try:
+    write(tmp)
     try:
       os.replace(tmp, directory)
-    except OSError:  # another process built the same store first
-      if not (directory / 'meta.json').is_file():
+    except OSError:  # another process built the same directory first
+      if not directory.is_dir():
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

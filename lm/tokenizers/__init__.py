@@ -1,48 +1,47 @@
 """Tokenizers behind one interface: `load(name_or_dir)` -> Tokenizer.
 
-Kinds so far: `bytes`. A tokenizer is saved into a directory (`tokenizer.json` names its kind)
-and loaded back from it, so a run's workdir carries the tokenizer its model was trained with.
+Kinds: `bytes`, `bpe` (trained on a corpus: `lm.tokenizers.bpe.train`, or
+`python -m lm.tokenizers train`), `cl100k` (pretrained, offline). A tokenizer is saved into a
+directory (`tokenizer.json` names its kind; a `bpe` adds `ranks.tiktoken`) and loaded back
+from it, so a run's workdir carries the tokenizer its model was trained with.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Protocol, Sequence
-
-import numpy as np
 
 from lm.config import ConfigError
-from lm.tokenizers.bytes import ByteTokenizer
+from lm.tokenizers import bpe
+from lm.tokenizers.tokenizer import (GPT4_PATTERN, SPECIAL_TOKENS, StreamDecoder, Tokenizer,
+                                     byte_tokenizer, cl100k, load_dir, special_text)
 
-KINDS = ('bytes',)
+KINDS = ('bytes', 'bpe', 'cl100k')
+
+__all__ = ['GPT4_PATTERN', 'KINDS', 'SPECIAL_TOKENS', 'StreamDecoder', 'Tokenizer', 'load',
+           'special_text', 'vocab_size_of']
 
 
-class Tokenizer(Protocol):
-  kind: str
-  vocab_size: int
-  bos_id: int
-  eos_id: int
-  pad_id: int
-
-  def encode(self, text: str) -> list[int]: ...
-  def decode(self, ids: Sequence[int]) -> str: ...
-  def token_bytes(self) -> np.ndarray: ...  # [V] UTF-8 byte length of each id, 0 for specials
-  def fingerprint(self) -> str: ...
-  def save(self, directory: str | os.PathLike) -> None: ...
+def vocab_size_of(kind: str, vocab_size: int) -> int:
+  """The vocabulary a `tokenizer.kind` gives, `tokenizer.vocab_size` for a bpe; checked."""
+  if kind not in KINDS:
+    raise ConfigError(f'tokenizer.kind={kind!r}: use one of {KINDS}')
+  if kind == 'bpe':
+    bpe.check_vocab_size(vocab_size, 'tokenizer.vocab_size')
+    return vocab_size
+  return load(kind).vocab_size
 
 
 def load(name_or_dir: str | os.PathLike) -> Tokenizer:
-  """`load('bytes')`, or a directory written by `save` (a run's `workdir/tokenizer`)."""
+  """`load('bytes')`, `load('cl100k')`, or a directory written by `Tokenizer.save` (a trained
+  BPE, or a run's `workdir/tokenizer`)."""
   name = str(name_or_dir)
   if name == 'bytes':
-    return ByteTokenizer()
-  path = Path(name) / 'tokenizer.json'
-  if not path.is_file():
-    raise ConfigError(f'tokenizer={name!r}: not a kind {KINDS} nor a directory holding '
-                      'tokenizer.json; give a kind or a run\'s workdir/tokenizer')
-  try:
-    kind = json.loads(path.read_text())['kind']
-  except (ValueError, KeyError) as e:
-    raise ConfigError(f'tokenizer={name!r}: {path} is corrupt ({e}); re-create it') from e
-  return load(kind)
+    return byte_tokenizer()
+  if name == 'cl100k':
+    return cl100k()
+  if not (Path(name) / 'tokenizer.json').is_file():
+    hint = (' a bpe is trained first: python -m lm.tokenizers train --input=GLOB '
+            '--vocab_size=N --out=DIR, then load(DIR)' if name == 'bpe' else '')
+    raise ConfigError(f'tokenizer={name!r}: not bytes, cl100k, nor a directory holding '
+                      f'tokenizer.json;{hint or " give a kind or a tokenizer directory"}')
+  return load_dir(Path(name))
