@@ -149,7 +149,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
                          vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
-  tokenizer = store.load_or_train_tokenizer(cfg.tokenizer, cfg.data)
+  saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
+  tokenizer = (tokenizers.load(saved) if (saved / 'tokenizer.json').is_file()
+               else store.load_or_train_tokenizer(cfg.tokenizer, cfg.data))
   splits = store.load_or_build(cfg.data, tokenizer)
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)

@@ -57,8 +57,8 @@ def test_reference_trainer_by_hand():
 
 def test_tiktoken_ids_equal_rustbpe_ids_on_the_whole_default_corpus():
   texts = [doc for f in corpus.stdlib_files() for doc in corpus.read_documents(f)]
-  trainer = bpe.train_rustbpe(texts, 4096 - len(SPECIAL_TOKENS))
-  tokenizer = bpe.from_rustbpe(trainer, 4096)
+  trainer = bpe.train_rustbpe(texts, 8192 - len(SPECIAL_TOKENS))
+  tokenizer = bpe.from_rustbpe(trainer, 8192)
   assert tokenizer.encode_batch(texts) == trainer.batch_encode(texts)
   assert all(tokenizer.ranks[bytes([b])] == b for b in range(256))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,11 @@ def test_a_run_trains_its_bpe_once_and_keeps_it_in_the_workdir(config, tmp_path,
   train.run(config, tmp_path / 'b')  # the same corpus and size: the cached tokenizer
   assert 'training a byte-level BPE' not in capsys.readouterr().out
   assert tokenizers.load(tmp_path / 'b' / 'tokenizer').fingerprint() == tokenizer.fingerprint()
+  for cached in Path(config.data.cache_dir).glob('bpe-*'):
+    shutil.rmtree(cached)
+  config.train.update(steps=6)
+  train.run(config, tmp_path / 'a')  # resumes with the tokenizer in its workdir
+  assert 'training a byte-level BPE' not in capsys.readouterr().out
 
 
 def test_bad_tokenizer_config_fails_before_anything_is_written(config, tmp_path):
