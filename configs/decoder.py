@@ -11,8 +11,10 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = dict(num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=128,
-                 tie_embeddings=True, dtype='float32')
+  c.model = dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=0, mlp_dim=512,
+                 max_len=128, positions='learned', rope_theta=10000.0, norm='layernorm',
+                 norm_eps=1e-5, mlp='gelu', use_bias=True, window=0, tie_embeddings=True,
+                 dtype='float32')
   c.data = dict(paths='', seq_len=128, val_fraction=0.02, cache_dir='')
   c.tokenizer = dict(kind='bytes', vocab_size=8192)  # vocab_size: for kind=bpe only
   c.train = dict(steps=1000, batch_size=32, learning_rate=5e-3, warmup_steps=50,

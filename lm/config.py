@@ -25,23 +25,39 @@ def require(ok: bool, field: str, value: Any, fix: str) -> None:
 
 
 DTYPES = ('float32', 'bfloat16')
+POSITIONS = ('learned', 'rope')
+NORMS = ('layernorm', 'rmsnorm')
+MLPS = ('gelu', 'swiglu')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A GPT-style decoder. `vocab_size` comes from the tokenizer, not from the user."""
+  """A decoder-only transformer, GPT-2 style by default, Llama/Mistral style by its options.
+  `vocab_size` comes from the tokenizer, not from the user."""
   vocab_size: int
   num_layers: int = 4
   d_model: int = 256
   num_heads: int = 4
+  num_kv_heads: int = 0  # key/value heads; 0: num_heads (multi-head), 1: multi-query
   mlp_dim: int = 1024
   max_len: int = 256
+  positions: str = 'learned'  # learned | rope
+  rope_theta: float = 10000.0
+  norm: str = 'layernorm'  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'  # gelu (tanh approximation) | swiglu
+  use_bias: bool = True  # biases of every projection
+  window: int = 0  # sliding-window attention: a query sees its last `window` positions; 0: all
   tie_embeddings: bool = True
   dtype: str = 'float32'  # compute dtype; parameters stay float32
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +198,7 @@ def validate(cfg: Config, device_count: int) -> None:
           f'must be divisible by model.num_heads={m.num_heads}; '
           f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
   require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'use one of {DTYPES}')
+  validate_model(m)
   _positive(d, 'data', ['seq_len'])
   require(d.seq_len <= m.max_len, 'data.seq_len', d.seq_len,
           f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
@@ -199,6 +216,20 @@ def validate(cfg: Config, device_count: int) -> None:
   data_parallel = math.prod(mesh_shape(cfg.mesh.shape, device_count)[:2])
   require(t.batch_size % data_parallel == 0, 'train.batch_size', t.batch_size,
           f'must be divisible by the data x fsdp mesh size {data_parallel}')
+
+
+def validate_model(m: ModelConfig) -> None:
+  """The architecture options of a ModelConfig (also for one read from Hugging Face)."""
+  for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS)):
+    require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
+  require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',
+          m.num_kv_heads, f'must divide model.num_heads={m.num_heads} (0 means num_heads)')
+  require(m.window >= 0, 'model.window', m.window,
+          'must be >= 1 for sliding-window attention, or 0 for full attention')
+  require(m.positions != 'rope' or m.head_dim % 2 == 0, 'model.d_model', m.d_model,
+          f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
+  require(m.rope_theta > 0 and m.norm_eps > 0, 'model.rope_theta/norm_eps',
+          (m.rope_theta, m.norm_eps), 'must be positive')
 
 
 def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:

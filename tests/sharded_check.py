@@ -46,7 +46,7 @@ def main():
         losses.append(float(metrics['loss']))
     results[name] = (losses, jax.device_get(state.params))
     if name == '8':
-      kernel = state.params['block_0']['GeluMlp_0']['up']['kernel']
+      kernel = state.params['block_0']['mlp']['up']['kernel']
       shards = len({str(s.index) for s in kernel.addressable_shards})
   diff = max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))

@@ -45,6 +45,21 @@ def test_seq_len_larger_than_max_len():
     parse(c)
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (dict(num_heads=4, num_kv_heads=3), r'model\.num_kv_heads=3: must divide model\.num_heads=4'),
+    (dict(window=-1), r'model\.window=-1: must be >= 1 for sliding-window attention, or 0'),
+    (dict(positions='rope', d_model=12, num_heads=4),
+     r'model\.d_model=12: RoPE rotates pairs: head width d_model / num_heads = 3 must be even'),
+    (dict(norm='batchnorm'), r"model\.norm='batchnorm': use one of \('layernorm', 'rmsnorm'\)"),
+    (dict(mlp='relu'), r"model\.mlp='relu': use one of"),
+])
+def test_bad_architecture_options(overrides, message):
+  c = load_config()
+  c.model.update(overrides)
+  with pytest.raises(ConfigError, match=message):
+    parse(c)
+
+
 @pytest.mark.parametrize('shape', [(3, 1, 1), (2, 2, 1), (-1, -1, 1), (3, -1, 1), (8, 1)])
 def test_mesh_shape_whose_product_is_not_the_device_count(shape):
   c = load_config()

@@ -1,4 +1,5 @@
-"""The GPT decoder: causality, logical axes, FLOP count, and parity with Hugging Face GPT-2."""
+"""The decoder: causality, logical axes, FLOP counts, attention variants (GQA, window, RoPE).
+Parity with Hugging Face models is in test_hf.py."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -65,57 +66,6 @@ def test_flop_count_matches_the_parameters_and_a_hand_count():
   assert decoder.train_flops_per_token(CFG, 16) == 148032 + 12288
 
 
-def to_gpt2(params, cfg: ModelConfig):
-  """Our parameters in GPT-2's layout (Conv1D weights are [in, out])."""
-  p = jax.tree.map(np.asarray, nn.meta.unbox(params))
-  d = cfg.d_model
-  sd = {'transformer.wte.weight': p['embed']['embedding'],
-        'transformer.wpe.weight': p['pos_embed']['embedding'],
-        'transformer.ln_f.weight': p['LayerNorm_0']['scale'],
-        'transformer.ln_f.bias': p['LayerNorm_0']['bias']}
-  for i in range(cfg.num_layers):
-    b, h = p[f'block_{i}'], f'transformer.h.{i}.'
-    att = b['Attention_0']
-    sd[h + 'attn.c_attn.weight'] = np.concatenate(
-        [att[n]['kernel'].reshape(d, d) for n in ('query', 'key', 'value')], axis=1)
-    sd[h + 'attn.c_attn.bias'] = np.concatenate(
-        [att[n]['bias'].reshape(d) for n in ('query', 'key', 'value')])
-    sd[h + 'attn.c_proj.weight'] = att['out']['kernel'].reshape(d, d)
-    sd[h + 'attn.c_proj.bias'] = att['out']['bias']
-    for n, ln in (('ln_1', 'LayerNorm_0'), ('ln_2', 'LayerNorm_1')):
-      sd[h + n + '.weight'], sd[h + n + '.bias'] = b[ln]['scale'], b[ln]['bias']
-    mlp = b['GeluMlp_0']
-    sd[h + 'mlp.c_fc.weight'], sd[h + 'mlp.c_fc.bias'] = mlp['up']['kernel'], mlp['up']['bias']
-    sd[h + 'mlp.c_proj.weight'] = mlp['down']['kernel']
-    sd[h + 'mlp.c_proj.bias'] = mlp['down']['bias']
-  return sd
-
-
-def test_logits_equal_hugging_face_gpt2_with_the_same_weights():
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
-  cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': 3})
-  model, boxed = init(cfg, seed=3)
-  # Random, not-small weights everywhere, so every parameter matters to the logits.
-  leaves, tree = jax.tree.flatten(nn.meta.unbox(boxed))
-  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-  params = tree.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
-      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
-      activation_function='gelu_new', layer_norm_epsilon=1e-5, tie_word_embeddings=True))
-  state = {k: torch.tensor(v) for k, v in to_gpt2(params, cfg).items()}
-  missing, unexpected = hf.load_state_dict(state, strict=False)
-  assert not unexpected and set(missing) <= {'lm_head.weight'}
-  hf.tie_weights()
-  hf.eval()
-  tokens = np.random.default_rng(0).integers(0, 259, (2, 16))
-  with torch.no_grad():
-    expected = hf(torch.tensor(tokens)).logits.numpy()
-  logits = model.apply({'params': params}, jnp.asarray(tokens))
-  np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
-
-
 @pytest.mark.parametrize('length,block', [(10, 4), (8, 8), (5, 128)])
 def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
   rng = np.random.default_rng(0)
@@ -126,3 +76,70 @@ def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
   expected = np.einsum('bhts,bshd->bthd', weights / weights.sum(-1, keepdims=True), v)
   out = layers.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def reference_attention(q, k, v, window=0):
+  """numpy: multi-head attention with k and v repeated over each group of query heads."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  t = np.arange(q.shape[1])
+  visible = (t[None] <= t[:, None]) & ((t[:, None] - t[None] < window) if window else True)
+  logits = np.where(visible, np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1]), -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum('bhts,bshd->bthd', weights / weights.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize('kv_heads,window,block', [(4, 0, 4), (2, 0, 4), (1, 0, 8), (2, 3, 4),
+                                                   (4, 5, 2), (1, 1, 4)])
+def test_grouped_query_and_sliding_window_attention_equal_a_numpy_reference(kv_heads, window,
+                                                                            block):
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((2, 11, 4, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 11, kv_heads, 8)).astype(np.float32) for _ in range(2))
+  out = layers.causal_attention(*map(jnp.asarray, (q, k, v)), window=window, block=block)
+  np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, window), atol=1e-5)
+
+
+def test_a_query_is_unaffected_by_keys_before_its_window():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 2, 4)), jnp.float32) for _ in range(3))
+  window, t = 4, 9
+  base = layers.causal_attention(q, k, v, window=window, block=4)
+  early = slice(0, t - window + 1)  # keys 0 .. t - window: outside the window of t
+  moved = layers.causal_attention(q, k.at[:, early].add(5.0), v.at[:, early].add(5.0),
+                                  window=window, block=4)
+  np.testing.assert_array_equal(moved[:, t:], base[:, t:])
+  assert not np.allclose(moved[:, t - 1], base[:, t - 1])
+
+
+def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
+  cfg = ModelConfig(**{**CFG.__dict__, 'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu'})
+  explicit = ModelConfig(**{**cfg.__dict__, 'num_kv_heads': cfg.num_heads})
+  model, params = init(cfg)
+  tokens = jnp.arange(16)[None] % 256
+  np.testing.assert_array_equal(model.apply({'params': params}, tokens),
+                                models.build(explicit).apply({'params': params}, tokens))
+
+
+def test_rope_rotates_pairs_by_position():
+  x = jnp.ones((1, 3, 1, 4))
+  out = layers.rope(x, jnp.arange(3), theta=100.0)
+  # Pair (0, 2) turns by t radians, pair (1, 3) by t / 10 (= t * 100^(-2/4)).
+  for t in range(3):
+    for i, angle in ((0, t), (1, t / 10)):
+      c, s = np.cos(angle), np.sin(angle)
+      np.testing.assert_allclose(out[0, t, 0, [i, i + 2]], [c - s, s + c], atol=1e-6)
+
+
+def test_llama_style_counts_by_hand():
+  cfg = ModelConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_len=16, positions='rope', norm='rmsnorm', mlp='swiglu',
+                    use_bias=False, window=8, tie_embeddings=False)
+  _, boxed = init(cfg)
+  kernels = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed))
+                if is_matrix(path) and 'embed' not in jax.tree_util.keystr(path))
+  # Per layer: q and out 32*32 each, k and v 32*(2*8) each, gate/up/down 32*64 each:
+  # 2048 + 1024 + 6144 = 9216; head 32*100 = 3200.
+  assert decoder.matmul_params(cfg) == kernels == 2 * 9216 + 3200
+  # Attention over min(16, window 8) keys: 12 * 2 layers * 8 * 32 = 6144.
+  assert decoder.train_flops_per_token(cfg, 16) == 6 * (2 * 9216 + 3200) + 6144
