@@ -48,6 +48,9 @@ class ModelConfig:
   mlp: str = 'gelu'  # gelu (tanh approximation) | swiglu
   use_bias: bool = True  # biases of every projection
   window: int = 0  # sliding-window attention: a query sees its last `window` positions; 0: all
+  num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
+  experts_per_token: int = 2
+  moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
   tie_embeddings: bool = True
   dtype: str = 'float32'  # compute dtype; parameters stay float32
 
@@ -228,6 +231,13 @@ def validate_model(m: ModelConfig) -> None:
           'must be >= 1 for sliding-window attention, or 0 for full attention')
   require(m.positions != 'rope' or m.head_dim % 2 == 0, 'model.d_model', m.d_model,
           f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
+  if m.num_experts:
+    require(m.num_experts >= 1 and 1 <= m.experts_per_token <= m.num_experts,
+            'model.experts_per_token', m.experts_per_token,
+            f'must be in [1, model.num_experts={m.num_experts}]')
+    require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
+  require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
+          (m.num_experts, m.moe_aux_coef), 'must be >= 0')
   require(m.rope_theta > 0 and m.norm_eps > 0, 'model.rope_theta/norm_eps',
           (m.rope_theta, m.norm_eps), 'must be positive')
 

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: local directories of config.json plus safetensors.
 
-  cfg, params = lm.hf.load('path/to/hf_model')      # GPT2LMHeadModel, LlamaForCausalLM,
-  logits_BxTxV = lm.models.build(cfg).apply({'params': params}, tokens_BxT)  # MistralForCausalLM
+  cfg, params = lm.hf.load('path/to/hf_model')  # GPT2LMHeadModel, LlamaForCausalLM,
+  logits_BxTxV = lm.models.build(cfg).apply(     # MistralForCausalLM, MixtralForCausalLM
+      {'params': params}, tokens_BxT)
   lm.hf.save(cfg, params, 'path/out')                # transformers' from_pretrained reads it
 
 Weights are converted exactly (float32); nothing is downloaded. `transformers` itself is not
@@ -23,7 +24,7 @@ from lm.config import ConfigError, ModelConfig, validate_model
 from lm.models import decoder
 
 ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
-                 'mistral': 'MistralForCausalLM'}
+                 'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
 WEIGHTS = 'model.safetensors'
 
 
@@ -56,8 +57,9 @@ def architecture_of(cfg: ModelConfig) -> str:
   if (cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias, cfg.window) == (
       'learned', 'layernorm', 'gelu', True, 0) and cfg.kv_heads == cfg.num_heads:
     return 'gpt2'
-  if (cfg.positions, cfg.norm, cfg.mlp) == ('rope', 'rmsnorm', 'swiglu'):
-    return 'mistral' if cfg.window else 'llama'
+  if (cfg.positions, cfg.norm, cfg.mlp) == ('rope', 'rmsnorm', 'swiglu') and not (
+      cfg.num_experts and cfg.use_bias):
+    return 'mixtral' if cfg.num_experts else 'mistral' if cfg.window else 'llama'
   raise ConfigError(
       f'model: positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, '
       f'use_bias={cfg.use_bias}, window={cfg.window}: no supported Hugging Face architecture '
@@ -103,7 +105,10 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
           positions='rope', rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
           norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), mlp='swiglu',
           use_bias=hf.get('attention_bias', False),
-          window=(hf.get('sliding_window') or 0) if model_type == 'mistral' else 0,
+          window=(hf.get('sliding_window') or 0) if model_type != 'llama' else 0,
+          num_experts=hf['num_local_experts'] if model_type == 'mixtral' else 0,
+          experts_per_token=hf.get('num_experts_per_tok', 2),
+          moe_aux_coef=hf.get('router_aux_loss_coef', 0.01),
           tie_embeddings=hf.get('tie_word_embeddings', False))
   except KeyError as e:
     raise ConfigError(f'{where}: the {model_type} config lacks {e}; the file is incomplete') from e
@@ -128,8 +133,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
          'rms_norm_eps': cfg.norm_eps, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias,
          'rope_theta': cfg.rope_theta,
          'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta}}
-  if model_type == 'mistral':
-    out['sliding_window'] = cfg.window
+  if model_type in ('mistral', 'mixtral'):
+    out['sliding_window'] = cfg.window or None
+  if model_type == 'mixtral':
+    out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+               router_aux_loss_coef=cfg.moe_aux_coef)
   return out
 
 
@@ -160,6 +168,13 @@ def _llama_to_hf(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
       state[f'{h}self_attn.{theirs}.weight'] = _linear_to_hf(b['attn'][ours]['kernel'], num_in)
       if cfg.use_bias:
         state[f'{h}self_attn.{theirs}.bias'] = b['attn'][ours]['bias'].reshape(-1)
+    if cfg.num_experts:  # Mixtral's fused layout: gate_up [E, 2F, D], down [E, D, F]
+      moe = b['moe']
+      state[f'{h}mlp.gate.weight'] = moe['router'].T
+      state[f'{h}mlp.experts.gate_up_proj'] = np.concatenate(
+          [moe['gate'], moe['up']], axis=2).transpose(0, 2, 1)
+      state[f'{h}mlp.experts.down_proj'] = moe['down'].transpose(0, 2, 1)
+      continue
     for name in ('gate', 'up', 'down'):
       state[f'{h}mlp.{name}_proj.weight'] = b['mlp'][name]['kernel'].T
       if cfg.use_bias:
@@ -233,15 +248,35 @@ def _llama_from_hf(cfg: ModelConfig, tensors: dict, directory: Path) -> dict:
         bias = get(f'{h}self_attn.{theirs}.bias')
         attn[ours]['bias'] = _reshape(bias, shapes[ours][1:] if ours != 'out' else (d,),
                                       f'{h}self_attn.{theirs}.bias', directory)
+    p[f'block_{i}'] = {'attn_norm': _norm_from_hf(get, h + 'input_layernorm', cfg),
+                       'mlp_norm': _norm_from_hf(get, h + 'post_attention_layernorm', cfg),
+                       'attn': attn}
+    if cfg.num_experts:
+      p[f'block_{i}']['moe'] = _experts_from_hf(get, h, cfg)
+      continue
     mlp = {}
     for name in ('gate', 'up', 'down'):
       mlp[name] = {'kernel': get(f'{h}mlp.{name}_proj.weight').T}
       if cfg.use_bias:
         mlp[name]['bias'] = get(f'{h}mlp.{name}_proj.bias')
-    p[f'block_{i}'] = {'attn_norm': _norm_from_hf(get, h + 'input_layernorm', cfg),
-                       'mlp_norm': _norm_from_hf(get, h + 'post_attention_layernorm', cfg),
-                       'attn': attn, 'mlp': mlp}
+    p[f'block_{i}']['mlp'] = mlp
   return p
+
+
+def _experts_from_hf(get: _State, h: str, cfg: ModelConfig) -> dict:
+  """Mixtral's experts: the fused layout of transformers 5, or the per-expert w1 (gate), w3
+  (up), w2 (down) of checkpoints written before it."""
+  f = cfg.mlp_dim
+  if f'{h}mlp.experts.gate_up_proj' in get.tensors:
+    gate_up_ExDx2F = get(f'{h}mlp.experts.gate_up_proj').transpose(0, 2, 1)
+    return {'router': get(f'{h}mlp.gate.weight').T, 'gate': gate_up_ExDx2F[..., :f],
+            'up': gate_up_ExDx2F[..., f:],
+            'down': get(f'{h}mlp.experts.down_proj').transpose(0, 2, 1)}
+  legacy = f'{h}block_sparse_moe.'
+  stack = lambda w: np.stack([get(f'{legacy}experts.{e}.{w}.weight').T
+                              for e in range(cfg.num_experts)])
+  return {'router': get(legacy + 'gate.weight').T, 'gate': stack('w1'), 'up': stack('w3'),
+          'down': stack('w2')}
 
 
 def _gpt2_from_hf(cfg: ModelConfig, tensors: dict, directory: Path) -> dict:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.models import layers
+
 ApplyFn = Callable[..., jax.Array]
 
 
@@ -20,13 +22,27 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 
 def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
-             pad_id: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Causal LM: mean NLL of next tokens, padding targets left out."""
+             pad_id: int, aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal LM: mean NLL of next tokens, padding targets left out; with `aux_coef`, plus that
+  times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`)."""
   del rng  # the decoder has no dropout
-  nll_BxT = token_nll(apply_fn({'params': params}, batch['inputs']), batch['targets'])
+  if aux_coef:
+    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], mutable=['intermediates'])
+  else:
+    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs']), {}
+  nll_BxT = token_nll(logits_BxTxV, batch['targets'])
   mask_BxT = batch['targets'] != pad_id
-  loss = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
-  return loss, {'loss': loss}
+  nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
+  if not aux_coef:
+    return nll, {'loss': nll}
+  aux = layers.load_balancing_loss(_sown(state, 'router_probs'), _sown(state, 'expert_mask'))
+  loss = nll + aux_coef * aux
+  return loss, {'loss': loss, 'nll': nll, 'moe_aux': aux}
+
+
+def _sown(state: dict, name: str) -> list[jax.Array]:
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+          if name in jax.tree_util.keystr(path)]
 
 
 def clm_eval_sums(params, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, pad_id: int,

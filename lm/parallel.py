@@ -27,6 +27,7 @@ RULES = (
     ('kv_heads', 'tensor'),
     ('head_dim', None),
     ('vocab', 'tensor'),
+    ('experts', None),
 )
 
 

@@ -48,8 +48,9 @@ def make_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
 
 
 def is_matrix(path: tuple) -> bool:
-  """Kernels and embeddings, by name: a bias or a norm scale may have 2 dims too."""
-  return any(getattr(key, 'key', None) in ('kernel', 'embedding') for key in path)
+  """Kernels, embeddings and expert weights, by the parameter's name: a bias or a norm scale
+  may have 2 dims too."""
+  return getattr(path[-1], 'key', None) in ('kernel', 'embedding', 'router', 'gate', 'up', 'down')
 
 
 def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
@@ -171,7 +172,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
   abstract, shardings = r.abstract, r.shardings
   batch_sharding = parallel.batch_sharding(r.mesh)
   loss_fn = functools.partial(objectives.clm_loss, apply_fn=r.model.apply,
-                              pad_id=r.tokenizer.pad_id)
+                              pad_id=r.tokenizer.pad_id,
+                              aux_coef=cfg.model.moe_aux_coef if cfg.model.num_experts else 0.0)
   eval_fn = functools.partial(objectives.clm_eval_sums, apply_fn=r.model.apply,
                               pad_id=r.tokenizer.pad_id,
                               token_bytes_V=jnp.asarray(r.tokenizer.token_bytes()))

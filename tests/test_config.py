@@ -52,6 +52,9 @@ def test_seq_len_larger_than_max_len():
      r'model\.d_model=12: RoPE rotates pairs: head width d_model / num_heads = 3 must be even'),
     (dict(norm='batchnorm'), r"model\.norm='batchnorm': use one of \('layernorm', 'rmsnorm'\)"),
     (dict(mlp='relu'), r"model\.mlp='relu': use one of"),
+    (dict(mlp='swiglu', num_experts=4, experts_per_token=5),
+     r'model\.experts_per_token=5: must be in \[1, model\.num_experts=4\]'),
+    (dict(mlp='gelu', num_experts=4), r"model\.mlp='gelu': experts are SwiGLU MLPs"),
 ])
 def test_bad_architecture_options(overrides, message):
   c = load_config()
@@ -128,3 +131,26 @@ def test_cli_flag_mistakes_are_one_line_errors(args, message, tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith('error: ' + message), proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('name, vocab, params', [
+    ('gpt2', 50257, 124_439_808),  # GPT-2 small, as published
+    # Llama: embed + head 2*32768*512, per layer q/out 2*512^2 + k/v 2*512*128 + 3*512*1536
+    # + 2 norms of 512, final norm 512.
+    ('llama', 32768, 2 * 32768 * 512 + 8 * (2 * 512**2 + 2 * 512 * 128 + 3 * 512 * 1536
+                                            + 2 * 512) + 512),
+    # moe: the llama preset with 8 experts of 3*512*1536 and a 512x8 router per layer
+    ('moe', 32768, 2 * 32768 * 512 + 8 * (2 * 512**2 + 2 * 512 * 128 + 8 * 3 * 512 * 1536
+                                          + 512 * 8 + 2 * 512) + 512),
+])
+def test_presets_parse_and_have_their_published_sizes(name, vocab, params):
+  import jax
+  import flax.linen as nn
+  from lm import models, tokenizers
+  c = load_config(name)
+  cfg = config_lib.parse(c, device_count=1,
+                         vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
+  assert cfg.model.vocab_size == vocab
+  shapes = jax.eval_shape(lambda: models.build(cfg.model).init(
+      jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), 'int32')))
+  assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes))) == params

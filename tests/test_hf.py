@@ -30,6 +30,10 @@ def hf_model(arch: str):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
         tie_word_embeddings=True, rope_parameters=ROPE))
+  elif arch == 'mixtral':  # 4 experts, 2 per token
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        rope_parameters=ROPE))
   else:  # multi-query, a window shorter than the sequence
     model = transformers.MistralForCausalLM(transformers.MistralConfig(
         **SMALL, num_key_value_heads=1, sliding_window=5, rope_parameters=ROPE))
@@ -48,7 +52,7 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 TOKENS = np.random.default_rng(0).integers(0, 101, (2, 16))
 
 
-@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'llama-biases-tied', 'mistral'])
+@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'llama-biases-tied', 'mistral', 'mixtral'])
 def test_load_and_save_match_transformers_logits(arch, tmp_path):
   theirs = hf_model(arch)
   theirs.save_pretrained(tmp_path / 'hf')
@@ -63,6 +67,31 @@ def test_load_and_save_match_transformers_logits(arch, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
   assert type(reloaded).__name__ == type(theirs).__name__
   np.testing.assert_allclose(hf_logits(reloaded, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+def test_mixtral_auxiliary_loss_and_its_older_checkpoint_layout(tmp_path):
+  from safetensors.numpy import load_file
+  from lm import objectives
+  theirs = hf_model('mixtral')
+  with torch.no_grad():
+    expected = theirs(torch.tensor(TOKENS), output_router_logits=True).aux_loss.item()
+  theirs.save_pretrained(tmp_path / 'hf')
+  cfg, params = hf.load(tmp_path / 'hf')
+  model = models.build(cfg)
+  loss, metrics = objectives.clm_loss(params, {'inputs': TOKENS, 'targets': TOKENS}, None,
+                                      apply_fn=model.apply, pad_id=-1, aux_coef=0.5)
+  np.testing.assert_allclose(float(metrics['moe_aux']), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(metrics['nll']) + 0.5 * expected, rtol=1e-5)
+  # transformers writes each expert's w1 (gate), w3 (up), w2 (down) under block_sparse_moe;
+  # lm.hf.save writes the fused gate_up_proj / down_proj that transformers 5 holds in memory.
+  assert 'model.layers.0.block_sparse_moe.experts.3.w2.weight' in load_file(
+      tmp_path / 'hf' / 'model.safetensors')
+  hf.save(cfg, params, tmp_path / 'ours')
+  assert 'model.layers.0.mlp.experts.gate_up_proj' in load_file(
+      tmp_path / 'ours' / 'model.safetensors')
+  _, fused = hf.load(tmp_path / 'ours')
+  np.testing.assert_array_equal(model.apply({'params': fused}, TOKENS),
+                                model.apply({'params': params}, TOKENS))
 
 
 def test_a_directory_missing_files_or_unsupported(tmp_path):

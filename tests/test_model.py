@@ -143,3 +143,57 @@ def test_llama_style_counts_by_hand():
   assert decoder.matmul_params(cfg) == kernels == 2 * 9216 + 3200
   # Attention over min(16, window 8) keys: 12 * 2 layers * 8 * 32 = 6144.
   assert decoder.train_flops_per_token(cfg, 16) == 6 * (2 * 9216 + 3200) + 6144
+
+
+VARIANTS = {
+    'gpt2': {},
+    'llama-gqa': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                      num_kv_heads=2, tie_embeddings=False),
+    'mistral-window': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                           num_kv_heads=1, window=3),
+    'mixtral-window': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                           num_kv_heads=2, window=4, num_experts=4, experts_per_token=2),
+}
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_prefill_then_decode_steps_equal_the_full_forward(variant):
+  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  model, boxed = init(cfg, seed=2)
+  params = nn.meta.unbox(boxed)
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 14), 0, 256)
+  full = model.apply({'params': params}, tokens)
+  prompt = 5  # longer than the window: the rolling cache wraps during prefill and decoding
+  logits, cache = decoder.prefill(cfg, params, tokens[:, :prompt], max_len=16)
+  np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-5)
+  step = jax.jit(lambda token, cache: decoder.decode_step(cfg, params, token, cache))
+  for t in range(prompt, tokens.shape[1]):
+    logits_t, cache = step(tokens[:, t], cache)
+    np.testing.assert_allclose(logits_t, full[:, t], atol=1e-5)
+  slots = cache['layers'][0]['k'].shape[1]
+  assert slots == (cfg.window or 16)  # a window's cache does not grow with the sequence
+
+
+def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
+  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS['mixtral-window']})
+  mlp = layers.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
+  p = nn.meta.unbox(mlp.init(jax.random.PRNGKey(1), x)['params'])
+  out = np.asarray(mlp.apply({'params': p}, x)).reshape(-1, cfg.d_model)
+  silu = lambda z: z / (1 + np.exp(-z))
+  for n, token in enumerate(np.asarray(x).reshape(-1, cfg.d_model)):
+    probs = np.exp(token @ p['router'])
+    probs /= probs.sum()
+    top = np.argsort(-probs)[:2]
+    expected = sum(probs[e] / probs[top].sum()
+                   * (silu(token @ p['gate'][e]) * (token @ p['up'][e])) @ p['down'][e]
+                   for e in top)
+    np.testing.assert_allclose(out[n], expected, atol=1e-5)
+
+
+def test_moe_counts_active_parameters():
+  dense = ModelConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+                      positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False)
+  moe = ModelConfig(**{**dense.__dict__, 'num_experts': 8, 'experts_per_token': 2})
+  # Per layer the router adds 32*8 and the two active experts double the MLP's 3*32*64.
+  assert decoder.matmul_params(moe) - decoder.matmul_params(dense) == 2 * (32 * 8 + 3 * 32 * 64)

@@ -86,8 +86,12 @@ class Attention(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    d_model = x_BxTxD.shape[-1]
+  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None,
+               index: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, dict]:
+    """Training: x_BxTxD -> y_BxTxD. Decoding (with a `cache` from `init_kv_cache`): the T new
+    positions start at `index`; T > 1 is a prefill into an empty cache, T = 1 a decode step.
+    Returns (y_BxTxD, cache)."""
+    d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     def proj(heads: int, name: str) -> jax.Array:
       return nn.Einsum((d_model, heads, self.head_dim), 'btd,dhk->bthk', name=name,
@@ -97,15 +101,60 @@ class Attention(nn.Module):
     q_BxTxHxDh = proj(self.num_heads, 'query')
     k_BxTxKxDh = proj(self.num_kv_heads, 'key')
     v_BxTxKxDh = proj(self.num_kv_heads, 'value')
+    positions_T = index + jnp.arange(length)
     if self.rope_theta:
-      positions_T = jnp.arange(x_BxTxD.shape[1])
       q_BxTxHxDh = rope(q_BxTxHxDh, positions_T, self.rope_theta)
       k_BxTxKxDh = rope(k_BxTxKxDh, positions_T, self.rope_theta)
-    out_BxTxHxDh = causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, self.window)
-    return nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
-                     dtype=self.dtype, use_bias=self.use_bias,
-                     kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
-                     bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
+    if cache is not None and length == 1:
+      cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, positions_T)
+      out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, positions_T[0], self.window)
+    else:
+      out_BxTxHxDh = causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, self.window)
+      if cache is not None:
+        cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, positions_T)
+    y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
+                        dtype=self.dtype, use_bias=self.use_bias,
+                        kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
+                        bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
+    return y_BxTxD if cache is None else (y_BxTxD, cache)
+
+
+def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, window: int = 0,
+                  dtype=jnp.float32) -> dict:
+  """Keys and values of up to max_len positions; with a window, a rolling buffer of `window`
+  slots (position p in slot p % window), so memory does not grow with the sequence. `pos_S`
+  is the position each slot holds, -1 while empty."""
+  slots = min(max_len, window) if window else max_len
+  return {'k': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+          'v': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+          'pos': jnp.full((slots,), -1, jnp.int32)}
+
+
+def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
+                   positions_T: jax.Array) -> dict:
+  slots = cache['pos'].shape[0]
+  keep = min(slots, k_BxTxKxDh.shape[1])  # a prefill longer than the window keeps its last
+  k_BxTxKxDh, v_BxTxKxDh, positions_T = (k_BxTxKxDh[:, -keep:], v_BxTxKxDh[:, -keep:],
+                                         positions_T[-keep:])
+  where_T = positions_T % slots
+  return {'k': cache['k'].at[:, where_T].set(k_BxTxKxDh.astype(cache['k'].dtype)),
+          'v': cache['v'].at[:, where_T].set(v_BxTxKxDh.astype(cache['v'].dtype)),
+          'pos': cache['pos'].at[where_T].set(positions_T.astype(jnp.int32))}
+
+
+def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array, window: int = 0):
+  """The query at position t over the cached keys it may see."""
+  batch, _, heads, head_dim = q_Bx1xHxDh.shape
+  kv_heads = cache['k'].shape[2]
+  q_BxKxGxDh = q_Bx1xHxDh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  logits_BxKxGxS = jnp.einsum('bkgd,bskd->bkgs', q_BxKxGxDh, cache['k'],
+                              preferred_element_type=jnp.float32) * head_dim ** -0.5
+  pos_S = cache['pos']
+  visible_S = (pos_S >= 0) & (pos_S <= t) & ((t - pos_S < window) if window else True)
+  logits_BxKxGxS = jnp.where(visible_S, logits_BxKxGxS, jnp.finfo(jnp.float32).min)
+  att_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(cache['v'].dtype)
+  out_BxKxGxDh = jnp.einsum('bkgs,bskd->bkgd', att_BxKxGxS, cache['v'])
+  return out_BxKxGxDh.reshape(batch, 1, heads, head_dim)
 
 
 class Mlp(nn.Module):
@@ -129,3 +178,51 @@ class Mlp(nn.Module):
       h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
     return dense(x_BxTxD.shape[-1], ('mlp', 'embed'), 'down', self.out_std)(h_BxTxF)
+
+
+class MoeMlp(nn.Module):
+  """A mixture of SwiGLU experts, as Mixtral: a softmax router picks each token's top
+  `experts_per_token` experts, their weights renormalised to sum to 1; no token is dropped.
+  The assignments are sorted by expert and each expert multiplies only its own tokens
+  (`jax.lax.ragged_dot`), so compute follows the active, not the total, parameters.
+  Sows `router_probs` and `expert_mask` ([N, E]) for `load_balancing_loss`."""
+  num_experts: int
+  experts_per_token: int
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+  out_std: float = INIT_STD
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    batch, length, d_model = x_BxTxD.shape
+    e, k, f = self.num_experts, self.experts_per_token, self.mlp_dim
+    x_NxD = x_BxTxD.reshape(-1, d_model)
+    router_DxE = self.param('router', normal(('embed', 'experts')), (d_model, e))
+    probs_NxE = jax.nn.softmax(x_NxD.astype(jnp.float32) @ router_DxE, axis=-1)
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
+    weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
+    self.sow('intermediates', 'router_probs', probs_NxE)
+    self.sow('intermediates', 'expert_mask', jax.nn.one_hot(experts_NxK, e).sum(axis=1))
+    gate_ExDxF = self.param('gate', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
+    up_ExDxF = self.param('up', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
+    down_ExFxD = self.param('down', normal(('experts', 'mlp', 'embed'), self.out_std),
+                            (e, f, d_model))
+    order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
+    group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)
+    xs_MxD = x_NxD[order_M // k].astype(self.dtype)
+    cast = lambda w: w.astype(self.dtype)
+    h_MxF = (nn.silu(jax.lax.ragged_dot(xs_MxD, cast(gate_ExDxF), group_sizes_E))
+             * jax.lax.ragged_dot(xs_MxD, cast(up_ExDxF), group_sizes_E))
+    ys_MxD = jax.lax.ragged_dot(h_MxF, cast(down_ExFxD), group_sizes_E)
+    y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
+    y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+    return y_NxD.reshape(batch, length, d_model)
+
+
+def load_balancing_loss(router_probs: list[jax.Array], expert_masks: list[jax.Array]):
+  """Switch/Mixtral auxiliary loss over all MoE layers' tokens together:
+  E * sum_e (share of assignments to e) * (mean router probability of e); 1 * k when balanced.
+  """
+  probs_NxE = jnp.concatenate(router_probs)
+  mask_NxE = jnp.concatenate(expert_masks)
+  return probs_NxE.shape[-1] * jnp.sum(jnp.mean(mask_NxE, 0) * jnp.mean(probs_NxE, 0))
