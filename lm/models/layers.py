@@ -1,9 +1,8 @@
 """Layers shared by the model families. They know nothing of families, training or the mesh,
-only logical axis names: `embed`, `mlp`, `heads`, `head_dim`, `vocab`, `batch`, `length`.
+only logical axis names: `embed`, `mlp`, `heads`, `head_dim`, `vocab`, `experts`, `batch`,
+`length`.
 """
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -29,11 +28,6 @@ def norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
                       bias_init=zeros(('embed',)), name=name)
 
 
-def causal_mask(length: int) -> jax.Array:
-  """[T, T] booleans: query t may attend to keys s <= t."""
-  return jnp.tril(jnp.ones((length, length), bool))
-
-
 def rope(x_BxTxHxDh: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, in the half-split layout of Llama and Hugging Face: dimension
   i and i + Dh/2 form a pair rotated by position * theta^(-2i/Dh)."""
@@ -44,6 +38,11 @@ def rope(x_BxTxHxDh: jax.Array, positions_T: jax.Array, theta: float) -> jax.Arr
   x1, x2 = x_BxTxHxDh[..., :half].astype(jnp.float32), x_BxTxHxDh[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxDh.dtype)
+
+
+def visible(t: jax.Array, s: jax.Array, window: int) -> jax.Array:
+  """Whether a query at position t sees the key at position s: s <= t, within the window."""
+  return (s <= t) & ((t - s < window) if window else True)
 
 
 def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
@@ -65,8 +64,7 @@ def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: j
     logits_BxKxGxQxS = jnp.einsum('bqkgd,bskd->bkgqs', q_BxTxKxGxDh[:, start:end],
                                   k_BxTxKxDh[:, lo:end],
                                   preferred_element_type=jnp.float32) * head_dim ** -0.5
-    t_Qx1, s_1xS = jnp.arange(start, end)[:, None], jnp.arange(lo, end)[None, :]
-    visible_QxS = (s_1xS <= t_Qx1) & ((t_Qx1 - s_1xS < window) if window else True)
+    visible_QxS = visible(jnp.arange(start, end)[:, None], jnp.arange(lo, end)[None, :], window)
     logits_BxKxGxQxS = jnp.where(visible_QxS, logits_BxKxGxQxS, jnp.finfo(jnp.float32).min)
     att_BxKxGxQxS = jax.nn.softmax(logits_BxKxGxQxS, axis=-1).astype(v_BxTxKxDh.dtype)
     outs.append(jnp.einsum('bkgqs,bskd->bqkgd', att_BxKxGxQxS, v_BxTxKxDh[:, lo:end]))
@@ -149,8 +147,7 @@ def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array, window: i
   q_BxKxGxDh = q_Bx1xHxDh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
   logits_BxKxGxS = jnp.einsum('bkgd,bskd->bkgs', q_BxKxGxDh, cache['k'],
                               preferred_element_type=jnp.float32) * head_dim ** -0.5
-  pos_S = cache['pos']
-  visible_S = (pos_S >= 0) & (pos_S <= t) & ((t - pos_S < window) if window else True)
+  visible_S = (cache['pos'] >= 0) & visible(t, cache['pos'], window)  # -1: an empty slot
   logits_BxKxGxS = jnp.where(visible_S, logits_BxKxGxS, jnp.finfo(jnp.float32).min)
   att_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(cache['v'].dtype)
   out_BxKxGxDh = jnp.einsum('bkgs,bskd->bkgd', att_BxKxGxS, cache['v'])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from lm.config import ConfigError
 from lm.tokenizers import bpe
-from lm.tokenizers.tokenizer import (GPT4_PATTERN, SPECIAL_TOKENS, StreamDecoder, Tokenizer,
-                                     byte_tokenizer, cl100k, load_dir, special_text)
+from lm.tokenizers.tokenizer import (BYTES_FIRST_SPECIAL, CL100K_FIRST_SPECIAL, GPT4_PATTERN,
+                                     SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_tokenizer,
+                                     cl100k, load_dir, special_text)
 
 KINDS = ('bytes', 'bpe', 'cl100k')
 
@@ -28,7 +29,8 @@ def vocab_size_of(kind: str, vocab_size: int) -> int:
   if kind == 'bpe':
     bpe.check_vocab_size(vocab_size, 'tokenizer.vocab_size')
     return vocab_size
-  return load(kind).vocab_size
+  first_special = BYTES_FIRST_SPECIAL if kind == 'bytes' else CL100K_FIRST_SPECIAL
+  return first_special + len(SPECIAL_TOKENS)  # without reading cl100k's ranks twice
 
 
 def load(name_or_dir: str | os.PathLike) -> Tokenizer:

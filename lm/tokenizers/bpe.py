@@ -25,14 +25,13 @@ from lm.tokenizers.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer, bpe
 Pair = tuple[int, int]
 
 
-def min_vocab_size() -> int:
-  return 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 def check_vocab_size(vocab_size: int, field: str = 'vocab_size') -> None:
-  if not isinstance(vocab_size, int) or vocab_size < min_vocab_size():
+  if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
     raise ConfigError(f'{field}={vocab_size!r}: a byte-level BPE needs at least 256 byte ids '
-                      f'plus {len(SPECIAL_TOKENS)} special tokens; use {min_vocab_size()} or '
+                      f'plus {len(SPECIAL_TOKENS)} special tokens; use {MIN_VOCAB_SIZE} or '
                       'more (e.g. 8192)')
 
 

@@ -34,6 +34,7 @@ GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| 
 SPECIAL_TOKENS = ('bos', 'eos', 'pad', 'cls', 'sep', 'mask',  # documents, BERT
                   'begin_of_text', 'end_of_turn', 'start_header', 'end_header',  # chat
                   'fim_prefix', 'fim_suffix', 'fim_middle')  # fill-in-the-middle
+BYTES_FIRST_SPECIAL = 256
 CL100K_FIRST_SPECIAL = 100277  # after cl100k_base's own ids, special ones included
 FORMAT = 1
 
@@ -135,7 +136,7 @@ class StreamDecoder:
 
 
 def byte_tokenizer() -> Tokenizer:
-  return Tokenizer('bytes', {bytes([b]): b for b in range(256)}, first_special=256)
+  return Tokenizer('bytes', {bytes([b]): b for b in range(256)}, first_special=BYTES_FIRST_SPECIAL)
 
 
 def cl100k() -> Tokenizer:
