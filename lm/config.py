@@ -28,6 +28,7 @@ DTYPES = ('float32', 'bfloat16')
 POSITIONS = ('learned', 'rope')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu')
+REMATS = ('none', 'full', 'dots')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +48,31 @@ class ModelConfig:
   norm_eps: float = 1e-5
   mlp: str = 'gelu'  # gelu (tanh approximation) | swiglu
   use_bias: bool = True  # biases of every projection
-  window: int = 0  # sliding-window attention: a query sees its last `window` positions; 0: all
+  window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
+  window_pattern: str = ''  # per layer, repeated over the depth: L local (window), G global; '': all L
   num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
   tie_embeddings: bool = True
   dtype: str = 'float32'  # compute dtype; parameters stay float32
+  remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
+  scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def period(self) -> int:
+    """Layers in one repeat of window_pattern: the unit that scan_layers repeats."""
+    return len(self.window_pattern) or 1
+
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """The attention window of each layer (None: full causal attention)."""
+    pattern = self.window_pattern or 'L'
+    return tuple(self.window if pattern[i % len(pattern)] == 'L' else None
+                 for i in range(self.num_layers))
 
   @property
   def kv_heads(self) -> int:
@@ -80,6 +96,7 @@ class TokenizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 1000
+  init_from: str = ''  # a Hugging Face model directory to start from (fine-tuning); '': random init
   batch_size: int = 16
   learning_rate: float = 1e-3
   warmup_steps: int = 100
@@ -142,6 +159,10 @@ def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any])
 
 def _coerce(field: str, value: Any, default: Any) -> Any:
   """Checks the type against the default's and turns lists into tuples."""
+  if default is None:  # an optional integer, such as model.window
+    require(value is None or (isinstance(value, int) and not isinstance(value, bool)), field,
+            value, 'give an integer, or leave it unset (None)')
+    return value
   if isinstance(default, tuple):
     if isinstance(value, str):  # 'a/*.txt,b/*.jsonl' from a command line
       value = tuple(v for v in value.split(',') if v)
@@ -227,8 +248,17 @@ def validate_model(m: ModelConfig) -> None:
     require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
   require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',
           m.num_kv_heads, f'must divide model.num_heads={m.num_heads} (0 means num_heads)')
-  require(m.window >= 0, 'model.window', m.window,
-          'must be >= 1 for sliding-window attention, or 0 for full attention')
+  require(m.window is None or m.window >= 1, 'model.window', m.window,
+          'a query sees its last `window` positions, itself included: give >= 1, or leave it '
+          'unset (None) for full causal attention')
+  require(set(m.window_pattern) <= set('LG'), 'model.window_pattern', m.window_pattern,
+          "use the letters L (a sliding-window layer) and G (a global layer), e.g. 'LLLG'")
+  require(m.window is not None or 'L' not in m.window_pattern, 'model.window_pattern',
+          m.window_pattern, 'local (L) layers need model.window; set it, or use only G')
+  require(m.remat in REMATS, 'model.remat', m.remat, f'use one of {REMATS}')
+  require(not m.scan_layers or m.num_layers % m.period == 0, 'model.num_layers', m.num_layers,
+          f'scan_layers repeats model.window_pattern={m.window_pattern!r}: num_layers must be a '
+          f'multiple of its length {m.period}')
   require(m.positions != 'rope' or m.head_dim % 2 == 0, 'model.d_model', m.d_model,
           f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
   if m.num_experts:

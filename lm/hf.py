@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from lm.checkpoint import write_atomic
 from lm.config import ConfigError, ModelConfig, validate_model
 from lm.models import decoder
 
@@ -28,8 +29,14 @@ ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
 WEIGHTS = 'model.safetensors'
 
 
+def load_config(path: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig of a local Hugging Face model directory, weights unread."""
+  return config_from_hf(_read_config(Path(path)), Path(path))
+
+
 def load(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
-  """(ModelConfig, params) of a local Hugging Face model directory."""
+  """(ModelConfig, params) of a local Hugging Face model directory, in the plain layer layout
+  (stack them with lm.models.decoder.stack_layers for scan_layers)."""
   directory = Path(path)
   hf = _read_config(directory)
   cfg = config_from_hf(hf, directory)
@@ -43,23 +50,29 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
   from safetensors.numpy import save_file
   model_type = architecture_of(cfg)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(params))
+  if cfg.scan_layers:
+    params = decoder.unstack_layers(cfg, params)
   state = (_gpt2_to_hf if model_type == 'gpt2' else _llama_to_hf)(cfg, params)
   directory = Path(path)
   directory.mkdir(parents=True, exist_ok=True)
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
             str(directory / (WEIGHTS + '.tmp')), metadata={'format': 'pt'})
   os.replace(directory / (WEIGHTS + '.tmp'), directory / WEIGHTS)
-  (directory / 'config.json').write_text(json.dumps(config_to_hf(cfg), indent=2))
+  write_atomic(directory / 'config.json', json.dumps(config_to_hf(cfg), indent=2))
 
 
 def architecture_of(cfg: ModelConfig) -> str:
   """The Hugging Face model_type that has exactly this architecture."""
-  if (cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias, cfg.window) == (
-      'learned', 'layernorm', 'gelu', True, 0) and cfg.kv_heads == cfg.num_heads:
+  if len(set(cfg.layer_windows)) > 1:
+    raise ConfigError(f'model.window_pattern={cfg.window_pattern!r}: the supported Hugging Face '
+                      'architectures use one window in every layer; use a pattern of one letter')
+  if (cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias, cfg.layer_windows[0]) == (
+      'learned', 'layernorm', 'gelu', True, None) and cfg.kv_heads == cfg.num_heads:
     return 'gpt2'
   if (cfg.positions, cfg.norm, cfg.mlp) == ('rope', 'rmsnorm', 'swiglu') and not (
       cfg.num_experts and cfg.use_bias):
-    return 'mixtral' if cfg.num_experts else 'mistral' if cfg.window else 'llama'
+    return ('mixtral' if cfg.num_experts else
+            'mistral' if cfg.layer_windows[0] is not None else 'llama')
   raise ConfigError(
       f'model: positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, '
       f'use_bias={cfg.use_bias}, window={cfg.window}: no supported Hugging Face architecture '
@@ -105,7 +118,7 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
           positions='rope', rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
           norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), mlp='swiglu',
           use_bias=hf.get('attention_bias', False),
-          window=(hf.get('sliding_window') or 0) if model_type != 'llama' else 0,
+          window=hf.get('sliding_window') if model_type != 'llama' else None,
           num_experts=hf['num_local_experts'] if model_type == 'mixtral' else 0,
           experts_per_token=hf.get('num_experts_per_tok', 2),
           moe_aux_coef=hf.get('router_aux_loss_coef', 0.01),
@@ -134,7 +147,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
          'rope_theta': cfg.rope_theta,
          'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta}}
   if model_type in ('mistral', 'mixtral'):
-    out['sliding_window'] = cfg.window or None
+    out['sliding_window'] = cfg.layer_windows[0]
   if model_type == 'mixtral':
     out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
                router_aux_loss_coef=cfg.moe_aux_coef)

@@ -28,6 +28,7 @@ RULES = (
     ('head_dim', None),
     ('vocab', 'tensor'),
     ('experts', None),
+    ('layers', None),  # the stacked axis of scan_layers
 )
 
 

@@ -27,7 +27,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from lm import checkpoint, config as config_lib, models, objectives, parallel, sampling
+from lm import checkpoint, config as config_lib, hf, models, objectives, parallel, sampling
 from lm import tokenizers
 from lm.config import Config
 from lm.data import clm, store
@@ -142,12 +142,14 @@ class Run:
   init_fn: Callable  # () -> TrainState, laid out on the mesh
   abstract: Any  # the TrainState's ShapeDtypeStructs with shardings
   shardings: Any
+  pretrained: Any = None  # params read from train.init_from, in the model's layout
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
   cfg = config_lib.parse(config, device_count=jax.device_count(),
                          vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
+  cfg, pretrained = from_pretrained(cfg, jax.device_count())
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
@@ -161,7 +163,37 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   parallel.check_even(abstract, mesh)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
   tokenizer.save(workdir / 'tokenizer')
-  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings)
+  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings,
+             pretrained)
+
+
+PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config
+
+
+def from_pretrained(cfg: Config, device_count: int) -> tuple[Config, Any]:
+  """With train.init_from, the model of that Hugging Face directory: its architecture and
+  params (the config's dtype, remat, scan_layers and moe_aux_coef kept). Else (cfg, None)."""
+  path = cfg.train.init_from
+  if not path:
+    return cfg, None
+  config_lib.require(Path(path).is_dir(), 'train.init_from', path,
+                     'no such directory; give a Hugging Face model directory (config.json and '
+                     'model.safetensors), or \'\' to start from random weights')
+  pretrained, params = hf.load(path)
+  model = dataclasses.replace(pretrained, **{k: getattr(cfg.model, k)
+                                             for k in PRETRAINING_CHOICES})
+  config_lib.require(
+      cfg.model.vocab_size <= model.vocab_size, 'tokenizer.kind', cfg.tokenizer.kind,
+      f'its {cfg.model.vocab_size} ids do not fit the {model.vocab_size}-row embedding of '
+      f'train.init_from={path!r}; use the tokenizer the weights were trained with')
+  changed = [f'{f.name} {getattr(cfg.model, f.name)!r} -> {getattr(model, f.name)!r}'
+             for f in dataclasses.fields(model)
+             if getattr(cfg.model, f.name) != getattr(model, f.name)]
+  if changed:
+    print(f'train.init_from={path}: the model is the checkpoint\'s ({", ".join(changed)})')
+  cfg = dataclasses.replace(cfg, model=model)
+  config_lib.validate(cfg, device_count)
+  return cfg, (decoder.stack_layers(model, params) if model.scan_layers else params)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -200,6 +232,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
       print(f'resuming {r.workdir} from step {start}')
     else:
       state = r.init_fn()
+      if r.pretrained is not None:
+        state = state.replace(params=jax.device_put(r.pretrained, shardings.params))
+        print(f'starting from the weights of {cfg.train.init_from}')
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
     flops_per_token = decoder.train_flops_per_token(cfg.model, cfg.data.seq_len)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -298,7 +333,8 @@ def _samples(r: Run, params) -> list[str]:
     outs = sampling.generate(r.model.apply, params, [[tok.bos_id, *tok.encode(p)] for p in prompts],
                              max_len=r.cfg.data.seq_len, max_new_tokens=t.sample_len,
                              rng=jax.random.PRNGKey(t.seed), pad_id=tok.pad_id,
-                             filter_fn=sampling.temperature(0.8))
+                             filter_fn=lambda logits_BxV: sampling.temperature(0.8)(
+                                 logits_BxV[:, :tok.vocab_size]))  # init_from: V may be larger
   texts = []
   for ids in outs:
     ids = ids[1:]

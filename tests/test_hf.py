@@ -129,3 +129,25 @@ def test_an_architecture_with_no_hugging_face_equivalent(tmp_path):
 def _saved(tmp_path):
   hf_model('llama').save_pretrained(tmp_path / 'm')
   return tmp_path / 'm'
+
+
+def test_a_local_global_pattern_has_no_hugging_face_equivalent(tmp_path):
+  cfg, params = hf.load(_saved(tmp_path))
+  patterned = type(cfg)(**{**cfg.__dict__, 'window': 4, 'window_pattern': 'LG'})
+  with pytest.raises(ConfigError, match=r"window_pattern='LG': the supported Hugging Face"):
+    hf.save(patterned, params, tmp_path / 'out')
+
+
+def test_scanned_parameters_save_in_the_plain_layout(tmp_path):
+  from lm.models import decoder
+  theirs = hf_model('mistral')
+  theirs.save_pretrained(tmp_path / 'hf')
+  cfg, params = hf.load(tmp_path / 'hf')
+  scanned = type(cfg)(**{**cfg.__dict__, 'scan_layers': True})
+  stacked = decoder.stack_layers(scanned, params)
+  np.testing.assert_allclose(models.build(scanned).apply({'params': stacked}, TOKENS),
+                             hf_logits(theirs, TOKENS), atol=1e-4, rtol=0)
+  hf.save(scanned, stacked, tmp_path / 'ours')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+  np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(theirs, TOKENS), atol=1e-4,
+                             rtol=0)

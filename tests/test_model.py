@@ -75,18 +75,18 @@ def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
-def reference_attention(q, k, v, window=0):
+def reference_attention(q, k, v, window=None):
   """numpy: multi-head attention with k and v repeated over each group of query heads."""
   groups = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
   t = np.arange(q.shape[1])
-  visible = (t[None] <= t[:, None]) & ((t[:, None] - t[None] < window) if window else True)
+  visible = (t[None] <= t[:, None]) & ((t[:, None] - t[None] < window) if window is not None else True)
   logits = np.where(visible, np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1]), -np.inf)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   return np.einsum('bhts,bshd->bthd', weights / weights.sum(-1, keepdims=True), v)
 
 
-@pytest.mark.parametrize('kv_heads,window,block', [(4, 0, 4), (2, 0, 4), (1, 0, 8), (2, 3, 4),
+@pytest.mark.parametrize('kv_heads,window,block', [(4, None, 4), (2, None, 4), (1, None, 8), (2, 3, 4),
                                                    (4, 5, 2), (1, 1, 4)])
 def test_grouped_query_and_sliding_window_attention_equal_a_numpy_reference(kv_heads, window,
                                                                             block):
@@ -142,6 +142,7 @@ def test_llama_style_counts_by_hand():
   assert decoder.train_flops_per_token(cfg, 16) == 6 * (2 * 9216 + 3200) + 6144
 
 
+LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, num_kv_heads=2)
 VARIANTS = {
     'gpt2': {},
     'llama-gqa': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
@@ -150,6 +151,9 @@ VARIANTS = {
                            num_kv_heads=1, window=3),
     'mixtral-window': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
                            num_kv_heads=2, window=4, num_experts=4, experts_per_token=2),
+    'local-global': dict(LLAMA, num_layers=3, window=3, window_pattern='LLG'),
+    'scanned-local-global': dict(LLAMA, num_layers=4, window=3, window_pattern='GL',
+                                 scan_layers=True),
 }
 
 
@@ -167,8 +171,10 @@ def test_prefill_then_decode_steps_equal_the_full_forward(variant):
   for t in range(prompt, tokens.shape[1]):
     logits_t, cache = step(tokens[:, t], cache)
     np.testing.assert_allclose(logits_t, full[:, t], atol=1e-5)
-  slots = cache['layers'][0]['k'].shape[1]
-  assert slots == (cfg.window or 16)  # a window's cache does not grow with the sequence
+  # A window's cache does not grow with the sequence; a global layer's holds max_len.
+  period_windows = cfg.layer_windows[:cfg.period] if cfg.scan_layers else cfg.layer_windows
+  for layer_cache, window in zip(cache['layers'], period_windows):
+    assert layer_cache['pos'].shape[-1] == (16 if window is None else window)
 
 
 def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
@@ -194,3 +200,64 @@ def test_moe_counts_active_parameters():
   moe = ModelConfig(**{**dense.__dict__, 'num_experts': 8, 'experts_per_token': 2})
   # Per layer the router adds 32*8 and the two active experts double the MLP's 3*32*64.
   assert decoder.matmul_params(moe) - decoder.matmul_params(dense) == 2 * (32 * 8 + 3 * 32 * 64)
+
+
+def test_a_window_pattern_gives_each_layer_its_window_and_flops():
+  cfg = ModelConfig(**{**CFG.__dict__, **LLAMA, 'num_layers': 5, 'window': 4,
+                       'window_pattern': 'LLG'})
+  assert cfg.layer_windows == (4, 4, None, 4, 4)
+  full = ModelConfig(**{**cfg.__dict__, 'window': None, 'window_pattern': ''})
+  # Attention FLOPs: 12 * H * Dh per key; local layers see 4 of 16 keys: 12 less per layer.
+  saved = decoder.train_flops_per_token(full, 16) - decoder.train_flops_per_token(cfg, 16)
+  assert saved == 12 * 32 * 4 * (16 - 4)
+  _, boxed = init(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 16), 0, 256)
+  params = nn.meta.unbox(boxed)
+  # Layer 2 is global: it differs from an all-local model only because it sees more keys.
+  local = ModelConfig(**{**cfg.__dict__, 'window_pattern': ''})
+  assert not np.allclose(models.build(cfg).apply({'params': params}, tokens),
+                         models.build(local).apply({'params': params}, tokens))
+
+
+REMAT_SCAN = {
+    'remat-full': dict(remat='full'),
+    'remat-dots': dict(remat='dots'),
+    'scan': dict(scan_layers=True),
+    'scan-remat-pattern': dict(scan_layers=True, remat='full', window=3, window_pattern='LG'),
+    'scan-moe': dict(scan_layers=True, num_experts=4, experts_per_token=2),
+}
+
+
+@pytest.mark.parametrize('variant', list(REMAT_SCAN))
+def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
+  plain = ModelConfig(**{**CFG.__dict__, **LLAMA, 'num_layers': 4,
+                         **{k: v for k, v in REMAT_SCAN[variant].items()
+                            if k not in ('remat', 'scan_layers')}})
+  cfg = ModelConfig(**{**plain.__dict__, **REMAT_SCAN[variant]})
+  _, boxed = init(plain, seed=4)
+  params = nn.meta.unbox(boxed)
+  moved = decoder.stack_layers(cfg, params) if cfg.scan_layers else params
+  _, scanned_boxed = init(cfg)  # the layouts agree, shapes and logical axes included
+  assert jax.tree.map(np.shape, nn.meta.unbox(scanned_boxed)) == jax.tree.map(np.shape, moved)
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 16), 0, 256)
+
+  def loss(cfg, params):
+    logits, state = models.build(cfg).apply({'params': params}, tokens[:, :-1],
+                                            mutable=['intermediates'])
+    nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    probs = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'router' in str(p)]
+    masks = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'mask' in str(p)]
+    aux = layers.load_balancing_loss(probs, masks) if probs else 0.0
+    return nll + 0.01 * aux, logits
+
+  (want, want_logits), want_grads = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
+      params)
+  (got, got_logits), got_grads = jax.jit(jax.value_and_grad(
+      lambda p: loss(cfg, p), has_aux=True))(moved)
+  np.testing.assert_allclose(got_logits, want_logits, atol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  if cfg.scan_layers:
+    got_grads = decoder.unstack_layers(cfg, got_grads)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6), got_grads, want_grads)
+  if cfg.scan_layers:
+    jax.tree.map(np.testing.assert_array_equal, decoder.unstack_layers(cfg, moved), params)

@@ -52,7 +52,7 @@ def test_tiny_model_overfits_a_tiny_corpus_and_writes_its_outputs(config, tmp_pa
 
 def cli(config, workdir: Path, **overrides) -> list[str]:
   flat = {f'{section}.{k}': v for section in ('model', 'data', 'train')
-          for k, v in config[section].items()}
+          for k, v in config[section].items() if v is not None}
   flat.update(overrides)
   return [sys.executable, '-m', 'lm.main', '--config=configs/decoder.py', f'--workdir={workdir}',
           *[f'--config.{k}={v}' for k, v in flat.items()]]
@@ -185,3 +185,55 @@ def test_bad_tokenizer_config_fails_before_anything_is_written(config, tmp_path)
   with pytest.raises(ConfigError, match='tokenizer.vocab_size=5000: this corpus has only'):
     train.run(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').iterdir())
+
+
+def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from lm.data import clm
+
+  def llama(vocab_size):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    with torch.no_grad():  # large weights: a loss far from a fresh model's log(V)
+      for p in model.parameters():
+        p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+  theirs = llama(300)  # the byte tokenizer's 269 ids fit
+  theirs.save_pretrained(tmp_path / 'hf')
+  # One step at a negligible learning rate: the final validation is that of the HF model.
+  config.model.scan_layers = True  # the checkpoint's layers are stacked for nn.scan
+  config.train.update(init_from=str(tmp_path / 'hf'), steps=1, learning_rate=1e-12,
+                      warmup_steps=0, eval_every=100)
+  result = train.run(config, tmp_path / 'run')
+  out = capsys.readouterr().out
+  assert 'the model is the checkpoint\'s (' in out and 'num_heads 2 -> 4' in out
+  assert 'starting from the weights of' in out
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']
+  assert (saved['vocab_size'], saved['num_heads'], saved['scan_layers']) == (300, 4, True)
+
+  r = train.setup(config, tmp_path / 'run')
+  nll, count = 0.0, 0
+  for batch in clm.eval_batches(r.splits['val'].tokens, seq_len=32, batch_size=8,
+                                pad_id=r.tokenizer.pad_id):
+    with torch.no_grad():
+      logits = theirs(torch.tensor(np.asarray(batch['inputs']))).logits.double()
+    targets = torch.tensor(np.asarray(batch['targets'])).long()
+    mask = targets != r.tokenizer.pad_id
+    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0),
+                                                  reduction='none')
+    nll, count = nll + float(token_nll[mask].sum()), count + int(mask.sum())
+  assert abs(nll / count - np.log(300)) > 0.5
+  np.testing.assert_allclose(result['val/loss'], nll / count, rtol=1e-4)
+
+  llama(100).save_pretrained(tmp_path / 'small')
+  config.train.init_from = str(tmp_path / 'small')
+  with pytest.raises(ConfigError, match=r"tokenizer\.kind='bytes': its 269 ids do not fit the "
+                                        r"100-row embedding of train\.init_from="):
+    train.run(config, tmp_path / 'other')
+  config.train.init_from = str(tmp_path / 'nowhere')
+  with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere': no such directory"):
+    train.run(config, tmp_path / 'other')
+  assert not (tmp_path / 'other').exists()

@@ -1,6 +1,8 @@
 """The decoder-only language model: pre-norm blocks of attention and MLP, configured by
 ModelConfig into GPT-2 (learned positions, LayerNorm, GELU, biases) or Llama / Mistral (RoPE,
-RMSNorm, SwiGLU, grouped-query attention, sliding window), tied or untied embeddings.
+RMSNorm, SwiGLU, grouped-query attention, sliding window in all layers or a local/global
+pattern, mixture of experts), tied or untied embeddings; optionally rematerialised and
+scanned over layers.
 """
 from __future__ import annotations
 
@@ -16,8 +18,13 @@ from lm.models import layers
 ACTIVATION = ('batch', 'length', 'embed')
 
 
+REMAT_POLICIES = {'full': None,  # keep only each block's input
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class Block(nn.Module):
   cfg: ModelConfig
+  window: int | None  # this layer's attention window; None: full causal attention
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0):
@@ -26,7 +33,7 @@ class Block(nn.Module):
     h_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'attn_norm')(x_BxTxD)
     attended = layers.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
-        cfg.rope_theta if cfg.positions == 'rope' else 0.0, cfg.window, dtype, out_std,
+        cfg.rope_theta if cfg.positions == 'rope' else 0.0, self.window, dtype, out_std,
         name='attn')(h_BxTxD, cache, index)
     h_BxTxD, cache = attended if cache is not None else (attended, None)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
@@ -41,8 +48,38 @@ class Block(nn.Module):
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
+def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
+  """Block, or Block rematerialised as cfg.remat asks when training (decoding keeps nothing
+  for a backward pass). The parameters are the same either way."""
+  if cfg.remat == 'none' or decoding:
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Period(nn.Module):
+  """Blocks block_0 .. block_{P-1}: one repeat of the window pattern, the unit nn.scan
+  repeats. Scanned, `caches` holds each block's cache and comes back updated."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int):
+    cls = block_class(self.cfg, decoding=caches is not None)
+    new_caches = []
+    for j, window in enumerate(self.cfg.layer_windows[:self.cfg.period]):
+      block = cls(self.cfg, window, name=f'block_{j}')
+      if caches is None:
+        x_BxTxD = block(x_BxTxD)
+      else:
+        x_BxTxD, cache = block(x_BxTxD, caches[j], index)
+        new_caches.append(cache)
+    return x_BxTxD, (None if caches is None else tuple(new_caches))
+
+
 class Decoder(nn.Module):
-  """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache."""
+  """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache.
+  Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
+  scan_layers, `layers/block_j` stacked over the L / P repeats of the pattern), final_norm,
+  head (untied)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -57,14 +94,24 @@ class Decoder(nn.Module):
                            embedding_init=layers.normal((None, 'embed'), 0.01))
       x_BxTxD = x_BxTxD + pos_embed(index + jnp.arange(tokens_BxT.shape[1]))[None]
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
-    new_layers = []
-    for i in range(cfg.num_layers):
-      block = Block(cfg, name=f'block_{i}')
-      if cache is None:
-        x_BxTxD = block(x_BxTxD)
-      else:
-        x_BxTxD, layer_cache = block(x_BxTxD, cache['layers'][i], index)
-        new_layers.append(layer_cache)
+    caches = None if cache is None else cache['layers']
+    if cfg.scan_layers:
+      stack = nn.scan(Period, variable_axes={'params': 0, 'intermediates': 0},
+                      split_rngs={'params': True}, in_axes=(0, nn.broadcast),
+                      length=cfg.num_layers // cfg.period,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index)
+    else:
+      cls = block_class(cfg, decoding=cache is not None)
+      new_caches = []
+      for i, window in enumerate(cfg.layer_windows):
+        block = cls(cfg, window, name=f'block_{i}')
+        if cache is None:
+          x_BxTxD = block(x_BxTxD)
+        else:
+          x_BxTxD, layer_cache = block(x_BxTxD, caches[i], index)
+          new_caches.append(layer_cache)
+      caches = new_caches
     x_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
@@ -75,7 +122,28 @@ class Decoder(nn.Module):
                                               ('batch', 'length', 'vocab'))
     if cache is None:
       return logits_BxTxV
-    return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'layers': new_layers}
+    return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'layers': caches}
+
+
+def stack_layers(cfg: ModelConfig, params: dict) -> dict:
+  """Parameters of the plain layout (block_i) in the scan_layers layout (layers/block_j with a
+  leading axis of the L / P repeats): block g * P + j is layers/block_j[g]."""
+  repeats, p = cfg.num_layers // cfg.period, cfg.period
+  out = {k: v for k, v in params.items() if not k.startswith('block_')}
+  out['layers'] = {f'block_{j}': jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[params[f'block_{g * p + j}'] for g in range(repeats)])
+      for j in range(p)}
+  return out
+
+
+def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
+  """The inverse of stack_layers."""
+  repeats, p = cfg.num_layers // cfg.period, cfg.period
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for g in range(repeats):
+    for j in range(p):
+      out[f'block_{g * p + j}'] = jax.tree.map(lambda x: x[g], params['layers'][f'block_{j}'])
+  return out
 
 
 # --- the decoding interface: init_cache, prefill, decode_step ------------------------------
@@ -84,9 +152,15 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
   """An empty cache for sequences of up to max_len positions (prompt included). A layer with a
   sliding window keeps `window` slots whatever max_len is."""
   dtype = jnp.dtype(cfg.dtype)
-  return {'index': jnp.zeros((), jnp.int32),
-          'layers': [layers.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
-                                          cfg.window, dtype) for _ in range(cfg.num_layers)]}
+  make = lambda window: layers.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                                             window, dtype)
+  if cfg.scan_layers:  # per block of the period, stacked over its repeats
+    repeats = cfg.num_layers // cfg.period
+    stacked = lambda c: jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats, *x.shape)), c)
+    caches = tuple(stacked(make(w)) for w in cfg.layer_windows[:cfg.period])
+  else:
+    caches = [make(w) for w in cfg.layer_windows]
+  return {'index': jnp.zeros((), jnp.int32), 'layers': caches}
 
 
 def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array,
@@ -118,8 +192,9 @@ def matmul_params(cfg: ModelConfig) -> int:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's
   scores and weighted values (2 matmuls of keys x Dh per query head, forward 2 FLOPs per
-  multiply-add, backward twice that), over all keys a query may see (seq_len, or the window),
+  multiply-add, backward twice that), over all keys a query may see in each layer (seq_len,
+  or that layer's window),
   as in PaLM's MFU: not halved for causality.
   """
-  keys = min(seq_len, cfg.window) if cfg.window else seq_len
-  return 6 * matmul_params(cfg) + 12 * cfg.num_layers * keys * cfg.num_heads * cfg.head_dim
+  keys = sum(seq_len if w is None else min(seq_len, w) for w in cfg.layer_windows)
+  return 6 * matmul_params(cfg) + 12 * keys * cfg.num_heads * cfg.head_dim

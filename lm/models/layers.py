@@ -40,17 +40,17 @@ def rope(x_BxTxHxDh: jax.Array, positions_T: jax.Array, theta: float) -> jax.Arr
   return out.astype(x_BxTxHxDh.dtype)
 
 
-def visible(t: jax.Array, s: jax.Array, window: int) -> jax.Array:
+def visible(t: jax.Array, s: jax.Array, window: int | None) -> jax.Array:
   """Whether a query at position t sees the key at position s: s <= t, within the window."""
-  return (s <= t) & ((t - s < window) if window else True)
+  return (s <= t) & ((t - s < window) if window is not None else True)
 
 
 def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
-                     window: int = 0, block: int = 128) -> jax.Array:
+                     window: int | None = None, block: int = 128) -> jax.Array:
   """Softmax(q k^T / sqrt(Dh)) v, causal, over query blocks of `block` rows.
 
   K key/value heads serve H = K * G query heads (grouped-query attention; K = H is multi-head,
-  K = 1 multi-query): query head k * G + g reads key/value head k. With `window` > 0 a query
+  K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` a query
   at t sees keys t - window + 1 .. t only. Query block [i, i + block) scores only the keys it
   can see, [i - window + 1, i + block): key blocks wholly outside are skipped, not masked.
   """
@@ -60,7 +60,7 @@ def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: j
   outs = []
   for start in range(0, length, block):
     end = min(start + block, length)
-    lo = max(0, start - window + 1) if window else 0
+    lo = max(0, start - window + 1) if window is not None else 0
     logits_BxKxGxQxS = jnp.einsum('bqkgd,bskd->bkgqs', q_BxTxKxGxDh[:, start:end],
                                   k_BxTxKxDh[:, lo:end],
                                   preferred_element_type=jnp.float32) * head_dim ** -0.5
@@ -79,7 +79,7 @@ class Attention(nn.Module):
   head_dim: int
   use_bias: bool = True
   rope_theta: float = 0.0  # 0: no RoPE
-  window: int = 0
+  window: int | None = None
   dtype: jnp.dtype = jnp.float32
   out_std: float = INIT_STD
 
@@ -117,12 +117,13 @@ class Attention(nn.Module):
     return y_BxTxD if cache is None else (y_BxTxD, cache)
 
 
-def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, window: int = 0,
+def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
+                  window: int | None = None,
                   dtype=jnp.float32) -> dict:
   """Keys and values of up to max_len positions; with a window, a rolling buffer of `window`
   slots (position p in slot p % window), so memory does not grow with the sequence. `pos_S`
   is the position each slot holds, -1 while empty."""
-  slots = min(max_len, window) if window else max_len
+  slots = min(max_len, window) if window is not None else max_len
   return {'k': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
           'v': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
           'pos': jnp.full((slots,), -1, jnp.int32)}
@@ -140,7 +141,8 @@ def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
           'pos': cache['pos'].at[where_T].set(positions_T.astype(jnp.int32))}
 
 
-def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array, window: int = 0):
+def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
+                     window: int | None = None):
   """The query at position t over the cached keys it may see."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
   kv_heads = cache['k'].shape[2]
@@ -220,6 +222,6 @@ def load_balancing_loss(router_probs: list[jax.Array], expert_masks: list[jax.Ar
   """Switch/Mixtral auxiliary loss over all MoE layers' tokens together:
   E * sum_e (share of assignments to e) * (mean router probability of e); 1 * k when balanced.
   """
-  probs_NxE = jnp.concatenate(router_probs)
-  mask_NxE = jnp.concatenate(expert_masks)
+  flat = lambda xs: jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])  # scan: [L, N, E]
+  probs_NxE, mask_NxE = flat(router_probs), flat(expert_masks)
   return probs_NxE.shape[-1] * jnp.sum(jnp.mean(mask_NxE, 0) * jnp.mean(probs_NxE, 0))
