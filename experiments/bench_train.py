@@ -1,12 +1,18 @@
-"""Train-step throughput of lm against Hugging Face transformers' GPT2LMHeadModel in PyTorch.
+"""Train-step throughput of lm against Hugging Face transformers' model of the same
+architecture in PyTorch.
 
-Same shape for both (vocab 8192, d_model 384, 6 layers, 6 heads, sequence 256, batch 16,
-float32, AdamW with gradient clipping), run in one invocation: each framework in a worker process
-of its own (so neither's thread pool spins on the other's cores), the parent alternating timed
-rounds between them so that both see the same machine. MFU is model FLOPs (lm.models.decoder.train_flops_per_token) over the
-measured matmul peak of the machine (the better of JAX's and PyTorch's float32 matmul).
+One benchmark shape (vocab 8192, d_model 384, 6 layers, 6 heads, sequence 256, batch 16,
+float32, AdamW with gradient clipping) in three variants:
+  gpt2   learned positions, LayerNorm, GELU MLP 1536, biases, tied   vs GPT2LMHeadModel
+  llama  RoPE, RMSNorm, SwiGLU MLP 1024, 2 KV heads, no biases        vs LlamaForCausalLM
+  moe    llama with 8 SwiGLU experts of 512, 2 per token (+ the       vs MixtralForCausalLM
+         load-balancing loss): the active parameters of llama, 4x its MLP weights
+Each (variant, framework) runs in a worker process of its own (so no thread pool spins on
+another's cores); the parent alternates timed rounds between them so that all see the same
+machine. MFU is model FLOPs (lm.models.decoder.train_flops_per_token, active parameters for the
+MoE) over the measured matmul peak of the machine (the better of JAX's and PyTorch's).
 
-  python experiments/bench_train.py [--steps=5] [--rounds=2]
+  python experiments/bench_train.py [--variants=gpt2,llama,moe] [--steps=5] [--rounds=2]
 
 Prints a table, then one JSON line with the figures.
 """
@@ -31,11 +37,15 @@ import numpy as np
 import torch
 import transformers
 
-from lm import models, objectives, parallel, train
+from lm import hf, models, objectives, parallel, train
 from lm.config import ModelConfig, TrainConfig
 from lm.models import decoder
 
 SHAPE = dict(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, max_len=256)
+LLAMA = dict(SHAPE, mlp_dim=1024, num_kv_heads=2, positions='rope', norm='rmsnorm', mlp='swiglu',
+             use_bias=False, tie_embeddings=False)
+VARIANTS = {'gpt2': ModelConfig(**SHAPE), 'llama': ModelConfig(**LLAMA),
+            'moe': ModelConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2))}
 SEQ_LEN, BATCH = 256, 16
 
 
@@ -43,7 +53,8 @@ def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
   """A compiled lm train step on a mesh of every device, and its initial state."""
   model = models.build(cfg)
   mesh = parallel.make_mesh((jax.device_count(), 1, 1))
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=-1)
+  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=-1,
+                              aux_coef=cfg.moe_aux_coef if cfg.num_experts else 0.0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
     init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t), SEQ_LEN, 0, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
@@ -60,11 +71,15 @@ def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
   return run, state
 
 
+def torch_model(cfg: ModelConfig):
+  """transformers' model of the same architecture (lm.hf writes its config)."""
+  hf_config = hf.config_to_hf(cfg)
+  config_class = transformers.AutoConfig.for_model(hf_config.pop('model_type'), **hf_config)
+  return transformers.AutoModelForCausalLM.from_config(config_class)
+
+
 def torch_step_fn(cfg: ModelConfig, t: TrainConfig):
-  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
-      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
-      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+  model = torch_model(cfg)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2),
                           weight_decay=t.weight_decay)
@@ -72,9 +87,11 @@ def torch_step_fn(cfg: ModelConfig, t: TrainConfig):
 
   def run(state, n):
     for _ in range(n):
-      logits = model(batch['inputs']).logits
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
+      out = model(batch['inputs'], output_router_logits=bool(cfg.num_experts))
+      loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
                                                batch['targets'].reshape(-1))
+      if cfg.num_experts:  # the same load-balancing term as lm's objective
+        loss = loss + cfg.moe_aux_coef * out.aux_loss
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -102,14 +119,15 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-RUNNERS = {'lm (JAX)': lm_step_fn, 'transformers (PyTorch)': torch_step_fn}
+RUNNERS = {'lm': lm_step_fn, 'transformers': torch_step_fn}
 
 
-def worker(name: str) -> None:
-  """Builds one framework's step, warms it up, then for each line `n` on stdin runs n steps
-  and answers the seconds per step."""
+def worker(spec: str) -> None:
+  """Builds one (variant, framework)'s step, warms it up, then for each line `n` on stdin runs
+  n steps and answers the seconds per step."""
+  variant, framework = spec.split(':')
   torch.set_num_threads(os.cpu_count() or 1)
-  run, state = RUNNERS[name](ModelConfig(**SHAPE), TrainConfig(steps=1000, learning_rate=1e-3))
+  run, state = RUNNERS[framework](VARIANTS[variant], TrainConfig(steps=1000, learning_rate=1e-3))
   state = run(state, 2)  # compile, warm up
   print('ready', flush=True)
   for line in sys.stdin:
@@ -120,54 +138,70 @@ def worker(name: str) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variants', default='gpt2,llama,moe',
+                      help=f'comma-separated, of {sorted(VARIANTS)}')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
-  parser.add_argument('--worker', choices=list(RUNNERS), help=argparse.SUPPRESS)
+  parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args.worker)
+  variants = args.variants.split(',')
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    parser.error(f'--variants: unknown {unknown}; use some of {sorted(VARIANTS)}')
   torch.set_num_threads(os.cpu_count() or 1)
-  cfg = ModelConfig(**SHAPE)
-  flops_per_token = decoder.train_flops_per_token(cfg, SEQ_LEN)
-  workers = {name: subprocess.Popen([sys.executable, __file__, f'--worker={name}'],
+  specs = [f'{v}:{f}' for v in variants for f in RUNNERS]
+  workers = {spec: subprocess.Popen([sys.executable, __file__, f'--worker={spec}'],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for name in RUNNERS}
-  for proc in workers.values():
+             for spec in specs}
+  for spec, proc in workers.items():
     if proc.stdout.readline().strip() != 'ready':
-      sys.exit(f'a benchmark worker failed (exit {proc.wait()})')
-  peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with both idle
-  times: dict[str, list[float]] = {name: [] for name in workers}
+      sys.exit(f'the benchmark worker {spec} failed (exit {proc.wait()})')
+  peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with all idle
+  times: dict[str, list[float]] = {spec: [] for spec in workers}
   for _ in range(args.rounds):
-    for name, proc in workers.items():
+    for spec, proc in workers.items():
       proc.stdin.write(f'{args.steps}\n')
       proc.stdin.flush()
-      times[name].append(float(proc.stdout.readline()))
+      times[spec].append(float(proc.stdout.readline()))
   for proc in workers.values():
     proc.stdin.close()
     proc.wait()
-  tokens = BATCH * SEQ_LEN
-  rows = {name: {'step_ms': 1e3 * statistics.median(ts),
-                 'tokens_per_sec': tokens / statistics.median(ts)} for name, ts in times.items()}
-  for row in rows.values():
-    row['mfu'] = row['tokens_per_sec'] * flops_per_token / peak
-  lm_row, peer_row = rows['lm (JAX)'], rows['transformers (PyTorch)']
-  ratio = lm_row['tokens_per_sec'] / peer_row['tokens_per_sec']
   machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
-  print(f'train step, GPT-2 shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
-  print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; '
-        f'{flops_per_token / 1e6:.1f} MFLOP/token; median of {args.rounds} rounds of '
-        f'{args.steps} steps')
-  print(f'| {"framework":<24} | {"step ms":>8} | {"tokens/s":>9} | {"MFU":>6} |')
-  print(f'|{"-" * 26}|{"-" * 10}|{"-" * 11}|{"-" * 8}|')
-  for name, row in rows.items():
-    print(f'| {name:<24} | {row["step_ms"]:>8.0f} | {row["tokens_per_sec"]:>9,.0f} | '
-          f'{row["mfu"]:>6.1%} |')
-  print(f'ratio lm / transformers tokens/s: {ratio:.2f} (bar 1.0, goal 1.2)')
-  print(json.dumps({'lm_tokens_per_sec': lm_row['tokens_per_sec'],
-                    'peer_tokens_per_sec': peer_row['tokens_per_sec'], 'ratio': ratio,
-                    'lm_mfu': lm_row['mfu'], 'peer_mfu': peer_row['mfu'],
-                    'peak_flops_per_sec': peak, 'flops_per_token': flops_per_token,
-                    'machine': machine, 'jax': jax.__version__, 'torch': torch.__version__}))
+  print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
+  print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.rounds} '
+        f'rounds of {args.steps} steps')
+  print(f'| {"variant":<6} | {"params":>7} | {"MFLOP/tok":>9} | {"lm step ms":>10} | '
+        f'{"lm tok/s":>8} | {"lm MFU":>6} | {"HF step ms":>10} | {"HF tok/s":>8} | '
+        f'{"HF MFU":>6} | {"lm/HF":>5} |')
+  print('|' + '|'.join('-' * (w + 2) for w in (6, 7, 9, 10, 8, 6, 10, 8, 6, 5)) + '|')
+  results = {}
+  for variant in variants:
+    cfg = VARIANTS[variant]
+    flops_per_token = decoder.train_flops_per_token(cfg, SEQ_LEN)
+    params = sum(p.numel() for p in torch_model(cfg).parameters())
+    row = {}
+    for framework in RUNNERS:
+      seconds = statistics.median(times[f'{variant}:{framework}'])
+      tokens_per_sec = BATCH * SEQ_LEN / seconds
+      row[framework] = {'step_ms': 1e3 * seconds, 'tokens_per_sec': tokens_per_sec,
+                        'mfu': tokens_per_sec * flops_per_token / peak}
+    ratio = row['lm']['tokens_per_sec'] / row['transformers']['tokens_per_sec']
+    ours, theirs = row['lm'], row['transformers']
+    print(f'| {variant:<6} | {params / 1e6:>6.1f}M | {flops_per_token / 1e6:>9.1f} | '
+          f'{ours["step_ms"]:>10.0f} | {ours["tokens_per_sec"]:>8,.0f} | {ours["mfu"]:>6.1%} | '
+          f'{theirs["step_ms"]:>10.0f} | {theirs["tokens_per_sec"]:>8,.0f} | '
+          f'{theirs["mfu"]:>6.1%} | {ratio:>5.2f} |')
+    results[variant] = {**row, 'ratio': ratio, 'params': params,
+                        'flops_per_token': flops_per_token}
+  if 'moe' in results and 'llama' in results:
+    moe, dense = results['moe'], results['llama']
+    print(f'moe / dense llama of equal active parameters, tokens/s: lm '
+          f'{moe["lm"]["tokens_per_sec"] / dense["lm"]["tokens_per_sec"]:.2f}, transformers '
+          f'{moe["transformers"]["tokens_per_sec"] / dense["transformers"]["tokens_per_sec"]:.2f}')
+  print(json.dumps({'results': results, 'peak_flops_per_sec': peak, 'machine': machine,
+                    'jax': jax.__version__, 'torch': torch.__version__}))
 
 
 if __name__ == '__main__':

@@ -133,7 +133,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   model_type = architecture_of(cfg)
   common = {'model_type': model_type, 'architectures': [ARCHITECTURES[model_type]],
             'vocab_size': cfg.vocab_size, 'tie_word_embeddings': cfg.tie_embeddings,
-            'torch_dtype': 'float32'}
+            'torch_dtype': 'float32',
+            'bos_token_id': None, 'eos_token_id': None}  # lm's tokenizer holds its special ids
   if model_type == 'gpt2':
     return {**common, 'n_layer': cfg.num_layers, 'n_embd': cfg.d_model,
             'n_head': cfg.num_heads, 'n_inner': cfg.mlp_dim, 'n_positions': cfg.max_len,

@@ -142,7 +142,7 @@ def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
   out = {k: v for k, v in params.items() if k != 'layers'}
   for g in range(repeats):
     for j in range(p):
-      out[f'block_{g * p + j}'] = jax.tree.map(lambda x: x[g], params['layers'][f'block_{j}'])
+      out[f'block_{g * p + j}'] = jax.tree.map(lambda x, g=g: x[g], params['layers'][f'block_{j}'])
   return out
 
 
