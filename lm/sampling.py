@@ -1,55 +1,358 @@
-"""Sampling: a filter is a pure function logits_BxV -> logits_BxV that masks with -inf.
+"""Generation on the decoding interface (prefill, decode_step): sampling, beam search, streaming.
 
-`generate` runs a `jax.lax.fori_loop` that recomputes the full forward over a fixed-size
-buffer each step (no KV cache yet), so it serves any model `apply(params, tokens_BxT)`.
+A filter is a pure function logits_BxV -> logits_BxV that masks what may not be drawn with
+-inf; `chain` composes them in order. Writing one function adds a method:
+
+  def ban(ids):                                         # never emit these tokens
+    return lambda logits_BxV: logits_BxV.at[:, ids].set(-jnp.inf)
+  generate(cfg, params, prompts, max_new_tokens=64, rng=key,
+           filter_fn=chain(ban([0, 1]), temperature(0.8), top_p(0.95)))
+
+The filters here are frozen dataclasses, so equal filters hash equal and `generate` compiles
+once per shape; a user's function compiles once per function object.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+import functools
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.config import ModelConfig, require
+from lm.models import decoder
+from lm.tokenizers.tokenizer import StreamDecoder
+
 Filter = Callable[[jax.Array], jax.Array]
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer shapes to compile
+
+
+def _probs(logits_BxV: jax.Array) -> jax.Array:
+  return jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+  t: float
+
+  def __call__(self, logits_BxV: jax.Array) -> jax.Array:
+    if self.t == 0:  # greedy: the most likely tokens (all of them, if tied)
+      top_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+      return jnp.where(logits_BxV >= top_Bx1, 0.0, -jnp.inf)
+    return logits_BxV / self.t
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+  k: int
+
+  def __call__(self, logits_BxV: jax.Array) -> jax.Array:
+    """Keeps the k most likely tokens, and every token tied with the k-th."""
+    k = min(self.k, logits_BxV.shape[-1])
+    kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+    return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+  p: float
+
+  def __call__(self, logits_BxV: jax.Array) -> jax.Array:
+    """Nucleus: in order of probability, tokens are kept while the mass before them is below
+    p (so the token that reaches p is kept), and so is every token tied with the last kept."""
+    if self.p >= 1.0:
+      return logits_BxV
+    probs_BxV = _probs(logits_BxV)
+    sorted_BxV = -jnp.sort(-probs_BxV, axis=-1)
+    before_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV
+    last_kept_Bx1 = jnp.min(jnp.where(before_BxV < self.p, sorted_BxV, jnp.inf), axis=-1,
+                            keepdims=True)
+    return jnp.where(probs_BxV >= last_kept_Bx1, logits_BxV, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinP:
+  alpha: float
+
+  def __call__(self, logits_BxV: jax.Array) -> jax.Array:
+    """Drops tokens less likely than alpha times the most likely one."""
+    probs_BxV = _probs(logits_BxV)
+    floor_Bx1 = self.alpha * jnp.max(probs_BxV, axis=-1, keepdims=True)
+    return jnp.where(probs_BxV >= floor_Bx1, logits_BxV, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  filters: tuple[Filter, ...]
+
+  def __call__(self, logits_BxV: jax.Array) -> jax.Array:
+    for f in self.filters:
+      logits_BxV = f(logits_BxV)
+    return logits_BxV
 
 
 def temperature(t: float) -> Filter:
-  """t == 0 is greedy: everything but the most likely token is masked."""
-  def apply(logits_BxV: jax.Array) -> jax.Array:
-    if t == 0:
-      top_B = jnp.max(logits_BxV, axis=-1, keepdims=True)
-      return jnp.where(logits_BxV >= top_B, 0.0, -jnp.inf)
-    return logits_BxV / t
-  return apply
+  """Divides the logits by t; t = 0 is greedy."""
+  require(t >= 0, 'temperature', t, 'must be >= 0 (0 is greedy)')
+  return Temperature(float(t))
 
 
-def generate(apply_fn: Callable, params, prompts: Sequence[Sequence[int]], *, max_len: int,
-             max_new_tokens: int, rng: jax.Array, pad_id: int,
-             filter_fn: Filter = temperature(1.0)) -> list[list[int]]:
-  """Continues each prompt by up to max_new_tokens (fewer if max_len is reached)."""
-  lengths_B = np.array([len(p) for p in prompts])
-  if lengths_B.min() < 1 or lengths_B.max() >= max_len:
-    raise ValueError(f'prompt lengths {lengths_B.tolist()} must be in [1, max_len={max_len})')
-  steps = int(min(max_new_tokens, max_len - lengths_B.max()))
-  buffer_BxT = np.full((len(prompts), max_len), pad_id, np.int32)
+def top_k(k: int) -> Filter:
+  require(isinstance(k, (int, np.integer)) and k >= 1, 'top_k', k,
+          'must be an integer >= 1 (a k of the vocabulary size or more keeps every token)')
+  return TopK(int(k))
+
+
+def top_p(p: float) -> Filter:
+  require(0 < p <= 1, 'top_p', p, 'must be in (0, 1] (1 keeps every token)')
+  return TopP(float(p))
+
+
+def min_p(alpha: float) -> Filter:
+  require(0 <= alpha < 1, 'min_p', alpha, 'must be in [0, 1) (0 keeps every token)')
+  return MinP(float(alpha))
+
+
+def chain(*filters: Filter) -> Filter:
+  """The filters applied in order."""
+  return Chain(tuple(filters))
+
+
+def make_filter(temperature_: float = 1.0, top_k_: int = 0, top_p_: float = 1.0,
+                min_p_: float = 0.0) -> Filter:
+  """The usual chain, each step only when it does something: temperature, top-k (0: off),
+  top-p, min-p. A temperature of 0 is greedy and the rest is moot."""
+  if temperature_ == 0:
+    return temperature(0.0)
+  steps = [temperature(temperature_)]
+  if top_k_:
+    steps.append(top_k(top_k_))
+  if top_p_ != 1.0:
+    steps.append(top_p(top_p_))
+  if min_p_:
+    steps.append(min_p(min_p_))
+  return chain(*steps)
+
+
+GREEDY = Temperature(0.0)
+
+
+# --- batches of prompts --------------------------------------------------------------------
+
+def fit_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                truncate: bool = False) -> list[list[int]]:
+  """Checks that each prompt and its new tokens fit the model's context (cfg.max_len);
+  `truncate` keeps a long prompt's last tokens instead of refusing it."""
+  require(len(prompts) > 0, 'prompts', prompts, 'give at least one prompt')
+  require(1 <= max_new_tokens < cfg.max_len, 'max_new_tokens', max_new_tokens,
+          f'must be in [1, the model context {cfg.max_len})')
+  room = cfg.max_len - max_new_tokens
+  out = []
+  for i, prompt in enumerate(prompts):
+    prompt = [int(t) for t in prompt]
+    require(len(prompt) > 0, f'prompts[{i}]', prompt,
+            'is empty: give at least one token (lm.sample starts every prompt with BOS)')
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    require(not bad, f'prompts[{i}]', bad[:5], f'ids outside the vocabulary [0, {cfg.vocab_size})')
+    if len(prompt) > room:
+      require(truncate, f'prompts[{i}]', f'{len(prompt)} tokens',
+              f'with max_new_tokens={max_new_tokens} it exceeds the model context '
+              f'{cfg.max_len}: shorten it, lower max_new_tokens, or truncate to keep its last '
+              f'{room} tokens')
+      prompt = prompt[-room:]
+    out.append(prompt)
+  return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """tokens_BxT, right-aligned (T: the longest, rounded up to PROMPT_BUCKET), and lengths_B."""
+  lengths_B = np.array([len(p) for p in prompts], np.int32)
+  width = -(-int(lengths_B.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
+  tokens_BxT = np.full((len(prompts), width), pad_id, np.int32)
   for b, p in enumerate(prompts):
-    buffer_BxT[b, :len(p)] = p
-  out_BxT = np.asarray(_sample_loop(apply_fn, params, jnp.asarray(buffer_BxT),
-                                    jnp.asarray(lengths_B), rng, steps, filter_fn))
-  return [out_BxT[b, :n + steps].tolist() for b, n in enumerate(lengths_B)]
+    tokens_BxT[b, width - len(p):] = p
+  return tokens_BxT, lengths_B
 
 
-def _sample_loop(apply_fn, params, buffer_BxT, lengths_B, rng, steps, filter_fn):
-  @jax.jit
-  def loop(params, buffer_BxT, rng):
-    rows_B = jnp.arange(buffer_BxT.shape[0])
+# --- sampling ------------------------------------------------------------------------------
 
-    def body(i, carry):
-      buffer_BxT, rng = carry
-      rng, key = jax.random.split(rng)
-      logits_BxV = apply_fn({'params': params}, buffer_BxT)[rows_B, lengths_B + i - 1]
-      next_B = jax.random.categorical(key, filter_fn(logits_BxV))
-      return buffer_BxT.at[rows_B, lengths_B + i].set(next_B.astype(buffer_BxT.dtype)), rng
-    return jax.lax.fori_loop(0, steps, body, (buffer_BxT, rng))[0]
-  return loop(params, buffer_BxT, rng)
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # each row's new tokens, through its EOS if it drew one
+  logprobs: list[list[float]] | None  # each token's log-probability under the model (unfiltered)
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             rng: jax.Array | None = None, filter_fn: Filter = GREEDY, eos_id: int | None = None,
+             pad_id: int = 0, truncate: bool = False) -> Generation:
+  """Continues each prompt by up to max_new_tokens: a prefill of the left-padded batch, then
+  one jax.lax.while_loop of decode steps that ends when every row has drawn eos_id or the
+  budget is spent. Deterministic for a given rng (step i draws with fold_in(rng, i))."""
+  prompts = fit_prompts(cfg, prompts, max_new_tokens, truncate)
+  tokens_BxT, lengths_B = left_pad(prompts, pad_id)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  out_BxN, logprobs_BxN, count_B = jax.device_get(_sample_loop(
+      cfg, params, tokens_BxT, lengths_B, rng, max_new_tokens=max_new_tokens,
+      filter_fn=filter_fn, eos_id=-1 if eos_id is None else eos_id))
+  return Generation([out_BxN[b, :n].tolist() for b, n in enumerate(count_B)],
+                    [logprobs_BxN[b, :n].tolist() for b, n in enumerate(count_B)])
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id'))
+def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id):
+  batch, width = tokens_BxT.shape
+  logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + max_new_tokens,
+                                        lengths_B)
+
+  def draw(i, logits_BxV, done_B):
+    token_B = jax.random.categorical(jax.random.fold_in(rng, i), filter_fn(logits_BxV))
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], -1)[:, 0]
+    return jnp.where(done_B, 0, token_B).astype(jnp.int32), logprob_B
+
+  def cond(carry):
+    i, _, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, logits_BxV, cache, out_BxN, logprobs_BxN, done_B, count_B = carry
+    token_B, logprob_B = draw(i, logits_BxV, done_B)
+    out_BxN = out_BxN.at[:, i].set(token_B)
+    logprobs_BxN = logprobs_BxN.at[:, i].set(logprob_B)
+    count_B = count_B + ~done_B
+    done_B = done_B | (token_B == eos_id)
+    logits_BxV, cache = decoder.decode_step(cfg, params, token_B, cache)
+    return i + 1, logits_BxV, cache, out_BxN, logprobs_BxN, done_B, count_B
+
+  carry = (jnp.int32(0), logits_BxTxV[:, -1], cache, jnp.zeros((batch, max_new_tokens), jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), bool),
+           jnp.zeros((batch,), jnp.int32))
+  _, _, _, out_BxN, logprobs_BxN, _, count_B = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, logprobs_BxN, count_B
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_new_tokens: int,
+           rng: jax.Array | None = None, filter_fn: Filter = GREEDY,
+           truncate: bool = False) -> Iterator[str]:
+  """Yields the continuation's text as it is drawn (the tokens `generate` draws for this prompt
+  and key), through the tokenizer's StreamDecoder; stops at the tokenizer's EOS."""
+  (prompt,) = fit_prompts(cfg, [prompt], max_new_tokens, truncate)
+  tokens_1xT, lengths_1 = left_pad([prompt], tokenizer.pad_id)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  logits_1xV, cache = _stream_prefill(cfg, params, tokens_1xT, lengths_1,
+                                      tokens_1xT.shape[1] + max_new_tokens)
+  text = StreamDecoder(tokenizer)
+  for i in range(max_new_tokens):
+    token, logits_1xV, cache = _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn)
+    token = int(token)
+    if token == tokenizer.eos_id:
+      break
+    piece = text.feed([token])
+    if piece:
+      yield piece
+  rest = text.flush()
+  if rest:
+    yield rest
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_len'))
+def _stream_prefill(cfg, params, tokens_1xT, lengths_1, max_len):
+  logits_1xTxV, cache = decoder.prefill(cfg, params, tokens_1xT, max_len, lengths_1)
+  return logits_1xTxV[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'filter_fn'))
+def _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn):
+  token_1 = jax.random.categorical(jax.random.fold_in(rng, i), filter_fn(logits_1xV))
+  token_1 = token_1.astype(jnp.int32)
+  logits_1xV, cache = decoder.decode_step(cfg, params, token_1, cache)
+  return token_1[0], logits_1xV, cache
+
+
+# --- beam search ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Beams:
+  tokens: list[list[int]]  # each prompt's best continuation, through EOS if it ended there
+  scores: list[float]  # its log-probability / length ** length_penalty
+
+
+def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, num_beams: int,
+                max_new_tokens: int, eos_id: int | None = None, length_penalty: float = 1.0,
+                pad_id: int = 0, truncate: bool = False) -> Beams:
+  """The num_beams most likely continuations are extended token by token (one
+  jax.lax.while_loop); a beam that draws eos_id becomes a finished hypothesis, scored by its
+  log-probability over length ** length_penalty, as are the beams alive at max_new_tokens.
+  The search ends early once no alive beam can beat the worst of num_beams finished ones."""
+  require(isinstance(num_beams, (int, np.integer)) and num_beams >= 1, 'num_beams', num_beams,
+          'must be an integer >= 1 (1 is greedy)')
+  require(length_penalty >= 0, 'length_penalty', length_penalty,
+          'must be >= 0 (0 ranks by log-probability, 1 by its mean per token)')
+  prompts = fit_prompts(cfg, prompts, max_new_tokens, truncate)
+  tokens_BxT, lengths_B = left_pad(prompts, pad_id)
+  seqs_BxN, lengths_B, scores_B = jax.device_get(_beam_loop(
+      cfg, params, tokens_BxT, lengths_B, num_beams=int(num_beams),
+      max_new_tokens=max_new_tokens, eos_id=-1 if eos_id is None else eos_id,
+      length_penalty=float(length_penalty)))
+  return Beams([seqs_BxN[b, :n].tolist() for b, n in enumerate(lengths_B)],
+               [float(s) for s in scores_B])
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'num_beams', 'max_new_tokens', 'eos_id',
+                                             'length_penalty'))
+def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens, eos_id,
+               length_penalty):
+  batch, width = tokens_BxT.shape
+  k, n = num_beams, max_new_tokens
+  logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + n, lengths_B)
+  vocab = logits_BxTxV.shape[-1]
+  cache = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(batch), k))  # row b * k + j
+  logits_BKxV = jnp.repeat(logits_BxTxV[:, -1], k, axis=0)
+  neg_inf = jnp.float32(-jnp.inf)
+  norm = lambda logp, length: logp / length.astype(jnp.float32) ** length_penalty
+
+  def cond(carry):
+    i, _, _, _, alive_logp_BxK, _, fin_score_BxK, _ = carry
+    # An alive beam's log-probability only falls, and the longest length divides it least.
+    best_alive_B = jnp.max(norm(alive_logp_BxK, jnp.int32(n)), axis=-1)
+    return (i < n) & ~jnp.all(jnp.min(fin_score_BxK, axis=-1) >= best_alive_B)
+
+  def body(carry):
+    i, logits_BKxV, cache, alive_BxKxN, alive_logp_BxK, fin_BxKxN, fin_score_BxK, fin_len_BxK = (
+        carry)
+    logp_BxKxV = jax.nn.log_softmax(logits_BKxV.reshape(batch, k, vocab))
+    cand_BxKV = (alive_logp_BxK[:, :, None] + logp_BxKxV).reshape(batch, k * vocab)
+    cand_logp_BxC, cand_C = jax.lax.top_k(cand_BxKV, min(2 * k, k * vocab))
+    beam_BxC, token_BxC = cand_C // vocab, (cand_C % vocab).astype(jnp.int32)
+    seqs_BxCxN = jnp.take_along_axis(alive_BxKxN, beam_BxC[:, :, None], axis=1)
+    seqs_BxCxN = seqs_BxCxN.at[:, :, i].set(token_BxC)
+    ends_BxC = (token_BxC == eos_id) | (i == n - 1)
+    # Finished hypotheses: the best num_beams of the old ones and those that end now.
+    new_score_BxC = jnp.where(ends_BxC, norm(cand_logp_BxC, i + 1), neg_inf)
+    pool_score = jnp.concatenate([fin_score_BxK, new_score_BxC], axis=1)
+    pool_seqs = jnp.concatenate([fin_BxKxN, seqs_BxCxN], axis=1)
+    pool_len = jnp.concatenate([fin_len_BxK, jnp.full_like(token_BxC, i + 1)], axis=1)
+    fin_score_BxK, best = jax.lax.top_k(pool_score, k)
+    fin_BxKxN = jnp.take_along_axis(pool_seqs, best[:, :, None], axis=1)
+    fin_len_BxK = jnp.take_along_axis(pool_len, best, axis=1)
+    # Alive beams: the best num_beams candidates that did not draw EOS.
+    alive_logp_BxK, keep = jax.lax.top_k(jnp.where(ends_BxC, neg_inf, cand_logp_BxC), k)
+    alive_BxKxN = jnp.take_along_axis(seqs_BxCxN, keep[:, :, None], axis=1)
+    source_BxK = jnp.take_along_axis(beam_BxC, keep, axis=1)
+    rows = (jnp.arange(batch)[:, None] * k + source_BxK).reshape(-1)
+    cache = decoder.select_rows(cfg, cache, rows)
+    token_BK = jnp.take_along_axis(token_BxC, keep, axis=1).reshape(-1)
+    logits_BKxV, cache = decoder.decode_step(cfg, params, token_BK, cache)
+    return (i + 1, logits_BKxV, cache, alive_BxKxN, alive_logp_BxK, fin_BxKxN, fin_score_BxK,
+            fin_len_BxK)
+
+  first_logp_BxK = jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0)
+  carry = (jnp.int32(0), logits_BKxV, cache, jnp.zeros((batch, k, n), jnp.int32),
+           first_logp_BxK, jnp.zeros((batch, k, n), jnp.int32),
+           jnp.full((batch, k), neg_inf), jnp.zeros((batch, k), jnp.int32))
+  carry = jax.lax.while_loop(cond, body, carry)
+  fin_BxKxN, fin_score_BxK, fin_len_BxK = carry[5:]
+  return fin_BxKxN[:, 0], fin_len_BxK[:, 0], fin_score_BxK[:, 0]

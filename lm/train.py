@@ -328,15 +328,14 @@ def _samples(r: Run, params) -> list[str]:
   t, tok = r.cfg.train, r.tokenizer
   if not t.num_samples or not t.sample_len:
     return []
-  prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(t.num_samples)]
+  prompts = [[tok.bos_id, *tok.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)])]
+             for i in range(t.num_samples)]
+  in_vocabulary = lambda logits_BxV: jnp.where(  # init_from: the model's V may be larger
+      jnp.arange(logits_BxV.shape[-1]) < tok.vocab_size, logits_BxV, -jnp.inf)
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
-    outs = sampling.generate(r.model.apply, params, [[tok.bos_id, *tok.encode(p)] for p in prompts],
-                             max_len=r.cfg.data.seq_len, max_new_tokens=t.sample_len,
-                             rng=jax.random.PRNGKey(t.seed), pad_id=tok.pad_id,
-                             filter_fn=lambda logits_BxV: sampling.temperature(0.8)(
-                                 logits_BxV[:, :tok.vocab_size]))  # init_from: V may be larger
-  texts = []
-  for ids in outs:
-    ids = ids[1:]
-    texts.append(tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids))
-  return texts
+    out = sampling.generate(
+        r.cfg.model, params, prompts, rng=jax.random.PRNGKey(t.seed),
+        max_new_tokens=min(t.sample_len, r.cfg.model.max_len - max(map(len, prompts))),
+        filter_fn=sampling.chain(in_vocabulary, sampling.temperature(0.8)),
+        eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return [tok.decode(p[1:] + ids) for p, ids in zip(prompts, out.tokens)]

@@ -261,3 +261,26 @@ def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6), got_grads, want_grads)
   if cfg.scan_layers:
     jax.tree.map(np.testing.assert_array_equal, decoder.unstack_layers(cfg, moved), params)
+
+
+@pytest.mark.parametrize('variant', ['gpt2', 'mistral-window', 'scanned-local-global'])
+def test_left_padded_rows_decode_as_each_row_alone(variant):
+  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  _, boxed = init(cfg, seed=3)
+  params = nn.meta.unbox(boxed)
+  tokens = jax.random.randint(jax.random.PRNGKey(8), (2, 10), 0, 256)
+  lengths = [2, 6]  # row 0 is padded by 4 columns (of token 0: they must not matter)
+  padded = jnp.stack([jnp.pad(tokens[0, :2], (4, 0)), tokens[1, :6]])
+  logits, cache = decoder.prefill(cfg, params, padded, max_len=16, lengths_B=jnp.array(lengths))
+  steps = []
+  for t in range(4):  # then both rows continue with their own next tokens
+    steps.append(logits[:, -1] if t == 0 else logits_t)
+    logits_t, cache = decoder.decode_step(cfg, params, tokens[jnp.arange(2), jnp.array(lengths)
+                                                              + t], cache)
+  for b, n in enumerate(lengths):
+    alone, alone_cache = decoder.prefill(cfg, params, tokens[b:b + 1, :n], max_len=16)
+    np.testing.assert_allclose(logits[b, -n:], alone[0], atol=2e-5)
+    for t in range(4):
+      np.testing.assert_allclose(steps[t][b], alone[0, -1], atol=2e-5)
+      alone, alone_cache = decoder.decode_step(cfg, params, tokens[b:b + 1, n + t], alone_cache)
+      alone = alone[:, None]

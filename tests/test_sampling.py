@@ -1,36 +1,267 @@
-"""The sampler against a step-by-step numpy-driven reference loop."""
+"""Filters against numpy references, draws against the filtered softmax (chi-square), generate
+against full forward passes, beam search against greedy and exhaustive search, streaming."""
 from __future__ import annotations
 
+import itertools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lm import models, sampling
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
+from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 
-CFG = ModelConfig(vocab_size=259, num_layers=1, d_model=16, num_heads=2, mlp_dim=32, max_len=12)
+CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
+LLAMA = ModelConfig(**{**CFG.__dict__, 'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu',
+                       'use_bias': False, 'num_kv_heads': 2, 'window': 6,
+                       'window_pattern': 'LG'})
 
 
-def test_greedy_generation_equals_argmax_decoding_for_prompts_of_different_lengths():
-  model = models.build(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32))['params']
+def params_of(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
+  """Random weights, scaled up so that the next-token distributions are far from uniform."""
+  boxed = models.build(cfg).init(jax.random.PRNGKey(seed),
+                                 jnp.zeros((1, 8), jnp.int32))['params']
+  return jax.tree.map(lambda x: x * scale, nn.meta.unbox(boxed))
+
+
+# --- filters against numpy -----------------------------------------------------------------
+
+def np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_top_k(logits, k):
+  kth = np.sort(logits, -1)[:, ::-1][:, min(k, logits.shape[-1]) - 1:][:, :1]
+  return np.where(logits >= kth, logits, -np.inf)
+
+
+def np_top_p(logits, p):
+  if p == 1.0:  # the rule: p = 1 keeps every token, however little mass rounding leaves it
+    return logits
+  out = np.full_like(logits, -np.inf)
+  for b, row in enumerate(logits):
+    probs = np_softmax(row)
+    order = np.argsort(-probs, kind='stable')
+    mass, kept = 0.0, []
+    for i in order:
+      if mass >= p:
+        break
+      kept.append(i)
+      mass += probs[i]
+    last = probs[kept[-1]]
+    keep = probs >= last - 1e-7  # ties with the last kept token stay
+    out[b, keep] = row[keep]
+  return out
+
+
+def np_min_p(logits, alpha):
+  probs = np_softmax(logits)
+  return np.where(probs >= alpha * probs.max(-1, keepdims=True), logits, -np.inf)
+
+
+LOGITS = np.log(np.array([[0.4, 0.3, 0.2, 0.1, 1e-9],   # distinct
+                          [0.3, 0.2, 0.2, 0.2, 0.1],    # ties at the 2nd..4th value
+                          [1.0, 1e-12, 1e-12, 1e-12, 1e-12],  # one token holds all the mass
+                          [0.25, 0.25, 0.25, 0.25, 1e-9]]), dtype=np.float32)
+RANDOM = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 5, 7, 1000])
+def test_top_k_equals_numpy_ties_at_the_kth_value_all_kept(k):
+  for logits in (LOGITS, RANDOM):
+    np.testing.assert_array_equal(sampling.top_k(k)(jnp.asarray(logits)), np_top_k(logits, k))
+  if k == 2:  # row 1: 0.3 then three tied at 0.2: all four kept
+    assert np.isfinite(np.asarray(sampling.top_k(2)(jnp.asarray(LOGITS)))[1]).sum() == 4
+
+
+@pytest.mark.parametrize('p', [0.05, 0.35, 0.55, 0.8, 0.95, 0.999, 1.0])  # none on a row's
+# exact cumulative mass, where float32 and float64 round differently
+def test_top_p_equals_numpy_boundary_token_and_its_ties_kept(p):
+  for logits in (LOGITS, RANDOM):
+    np.testing.assert_array_equal(sampling.top_p(p)(jnp.asarray(logits)), np_top_p(logits, p))
+  kept = np.isfinite(np.asarray(sampling.top_p(p)(jnp.asarray(LOGITS))))
+  assert kept[2].sum() == (5 if p == 1.0 else 1)  # one token holds all the mass
+  if p == 0.35:  # row 0: 0.4 reaches p alone; row 1: the 0.2 that reaches p, and its ties
+    assert kept[0].tolist() == [True, False, False, False, False]
+    assert kept[1].tolist() == [True, True, True, True, False]
+  if p == 0.55:  # row 0: 0.4 < 0.55, so the 0.3 that reaches 0.7 is kept too
+    assert kept[0].tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.1, 0.5, 0.75, 0.99])
+def test_min_p_equals_numpy(alpha):
+  for logits in (LOGITS, RANDOM):
+    np.testing.assert_array_equal(sampling.min_p(alpha)(jnp.asarray(logits)),
+                                  np_min_p(logits, alpha))
+
+
+def test_temperature_and_greedy():
+  np.testing.assert_allclose(sampling.temperature(0.5)(jnp.asarray(RANDOM)), RANDOM / 0.5,
+                             rtol=1e-6)
+  greedy = np.asarray(sampling.temperature(0)(jnp.asarray(LOGITS)))
+  assert np.isfinite(greedy).sum(-1).tolist() == [1, 1, 1, 4]  # ties at the top all kept
+
+
+def test_chained_filters_apply_in_order():
+  f = sampling.chain(sampling.temperature(2.0), sampling.top_k(3), sampling.min_p(0.9))
+  expected = np_min_p(np_top_k(RANDOM / 2.0, 3), 0.9)
+  np.testing.assert_allclose(f(jnp.asarray(RANDOM)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('make, value, message', [
+    (sampling.temperature, -0.1, r'temperature=-0\.1: must be >= 0'),
+    (sampling.top_k, 0, r'top_k=0: must be an integer >= 1'),
+    (sampling.top_p, 0.0, r'top_p=0\.0: must be in \(0, 1\]'),
+    (sampling.top_p, 1.5, r'top_p=1\.5: must be in \(0, 1\]'),
+    (sampling.min_p, 1.0, r'min_p=1\.0: must be in \[0, 1\)'),
+    (sampling.min_p, -0.5, r'min_p=-0\.5: must be in \[0, 1\)'),
+])
+def test_bad_filter_arguments(make, value, message):
+  with pytest.raises(ConfigError, match=message):
+    make(value)
+
+
+@pytest.mark.parametrize('name, make', [
+    ('temperature 0.7', lambda: sampling.temperature(0.7)),
+    ('top-k 5', lambda: sampling.top_k(5)),
+    ('top-p 0.8', lambda: sampling.top_p(0.8)),
+    ('min-p 0.2', lambda: sampling.min_p(0.2)),
+])
+def test_draws_follow_the_filtered_softmax_chi_square(name, make):
+  logits_V = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05], np.float32))
+  filtered = np.asarray(make()(jnp.asarray(logits_V[None])))[0]
+  expected = np_softmax(np.where(np.isfinite(filtered), filtered, -1e30))
+  n = 20000
+  draws = jax.random.categorical(jax.random.PRNGKey(0), make()(jnp.tile(logits_V, (n, 1))))
+  counts = np.bincount(np.asarray(draws), minlength=7)
+  assert counts[expected == 0].sum() == 0  # nothing filtered out is ever drawn
+  support = expected > 0
+  chi2 = ((counts[support] - n * expected[support]) ** 2 / (n * expected[support])).sum()
+  # 99.9% quantile of chi-square with up to 6 degrees of freedom is 22.5. The unfiltered
+  # softmax fails it whenever the filter removes or reshapes mass:
+  assert chi2 < 22.5, (name, chi2)
+  unfiltered = np_softmax(logits_V)
+  wrong = ((counts - n * unfiltered) ** 2 / (n * unfiltered)).sum()
+  assert wrong > 100, (name, wrong)
+
+
+# --- generate ------------------------------------------------------------------------------
+
+def argmax_continuation(cfg, params, prompt, n):
+  """Greedy decoding with a full forward pass per token: the reference."""
+  apply = jax.jit(models.build(cfg).apply)
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(np.argmax(apply({'params': params}, jnp.asarray([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize('cfg', [CFG, LLAMA], ids=['gpt2', 'llama-local-global'])
+def test_greedy_generate_equals_full_forward_argmax_and_rows_equal_each_row_alone(cfg):
+  params = params_of(cfg, scale=3.0)
+  prompts = [[256, 5, 6, 7, 8, 9, 10, 11, 12], [256, 9], [256, 40, 41, 42, 43]]
+  out = sampling.generate(cfg, params, prompts, max_new_tokens=12)
+  for prompt, got in zip(prompts, out.tokens):
+    assert got == argmax_continuation(cfg, params, prompt, 12)
+  for b, prompt in enumerate(prompts):  # also sampled, each row alone with the same key
+    key = jax.random.PRNGKey(3)
+    together = sampling.generate(cfg, params, prompts, max_new_tokens=12, rng=key,
+                                 filter_fn=sampling.temperature(1.0))
+    alone = sampling.generate(cfg, params, [prompt] * 3, max_new_tokens=12, rng=key,
+                              filter_fn=sampling.temperature(1.0))
+    assert together.tokens[b] == alone.tokens[b]
+
+
+def test_rows_stop_at_their_eos_and_logprobs_are_the_models():
+  params = params_of(CFG, scale=3.0)
+  prompts = [[256, 1, 2], [256, 7]]
+  free = sampling.generate(CFG, params, prompts, max_new_tokens=10)
+  eos = free.tokens[0][3]  # row 0 draws it 4th; row 1 may draw it later or never
+  out = sampling.generate(CFG, params, prompts, max_new_tokens=10, eos_id=eos)
+  assert out.tokens[0] == free.tokens[0][:4]
+  stop = free.tokens[1].index(eos) + 1 if eos in free.tokens[1] else 10
+  assert out.tokens[1] == free.tokens[1][:stop]
+  apply = models.build(CFG).apply
+  for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
+    logits = apply({'params': params}, jnp.asarray([prompt + tokens]))[0, len(prompt) - 1:-1]
+    expected = jax.nn.log_softmax(logits)[jnp.arange(len(tokens)), jnp.asarray(tokens)]
+    np.testing.assert_allclose(logprobs, expected, atol=1e-4)
+
+
+def test_sampling_is_deterministic_for_a_key():
+  params = params_of(CFG)
+  run = lambda seed: sampling.generate(CFG, params, [[256, 1, 2]], max_new_tokens=20,
+                                       rng=jax.random.PRNGKey(seed),
+                                       filter_fn=sampling.temperature(1.0)).tokens
+  assert run(0) == run(0) and run(0) != run(1) and len(run(0)[0]) == 20
+
+
+def test_bad_prompts():
+  params = params_of(CFG)
+  with pytest.raises(ConfigError, match=r'prompts\[1\]=\[\]: is empty: give at least one token'):
+    sampling.generate(CFG, params, [[1], []], max_new_tokens=4)
+  long = list(range(60))
+  with pytest.raises(ConfigError, match=r"prompts\[0\]='60 tokens': with max_new_tokens=8 it "
+                                        r'exceeds the model context 64: .* or truncate'):
+    sampling.generate(CFG, params, [long], max_new_tokens=8)
+  out = sampling.generate(CFG, params, [long], max_new_tokens=8, truncate=True)
+  assert out.tokens[0] == sampling.generate(CFG, params, [long[-56:]], max_new_tokens=8).tokens[0]
+  with pytest.raises(ConfigError, match=r'max_new_tokens=64: must be in \[1, the model context'):
+    sampling.generate(CFG, params, [[1]], max_new_tokens=64)
+  with pytest.raises(ConfigError, match=r'prompts\[0\]=\[300\]: ids outside the vocabulary'):
+    sampling.generate(CFG, params, [[300]], max_new_tokens=4)
+  with pytest.raises(ConfigError, match=r'num_beams=0: must be an integer >= 1'):
+    sampling.beam_search(CFG, params, [[1]], num_beams=0, max_new_tokens=4)
+
+
+def test_stream_yields_the_text_of_the_tokens_generate_draws():
+  params = params_of(CFG)
+  tok = byte_tokenizer()
+  prompt = [tok.bos_id, *tok.encode('def ')]
+  key = jax.random.PRNGKey(7)
+  pieces = list(sampling.stream(CFG, params, tok, prompt, max_new_tokens=30, rng=key,
+                                filter_fn=sampling.temperature(1.0)))
+  tokens = sampling.generate(CFG, params, [prompt], max_new_tokens=30, rng=key,
+                             filter_fn=sampling.temperature(1.0), eos_id=tok.eos_id).tokens[0]
+  if tokens and tokens[-1] == tok.eos_id:
+    tokens = tokens[:-1]
+  decoder = StreamDecoder(tok)
+  assert ''.join(pieces) == decoder.feed(tokens) + decoder.flush()
+  assert len(pieces) > 1  # it streams: text comes out a piece at a time
+
+
+# --- beam search ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('cfg', [CFG, LLAMA], ids=['gpt2', 'llama-local-global'])
+def test_one_beam_is_greedy(cfg):
+  params = params_of(cfg, scale=3.0)
   prompts = [[256, 5, 6, 7], [256, 9]]
-  out = sampling.generate(model.apply, params, prompts, max_len=12, max_new_tokens=5,
-                          rng=jax.random.PRNGKey(1), pad_id=258,
-                          filter_fn=sampling.temperature(0.0))
-  apply = jax.jit(model.apply)
-  for prompt, got in zip(prompts, out):
-    seq = list(prompt)
-    for _ in range(5):
-      logits = apply({'params': params}, jnp.asarray([seq]))
-      seq.append(int(np.argmax(logits[0, -1])))
-    assert got == seq
+  beams = sampling.beam_search(cfg, params, prompts, num_beams=1, max_new_tokens=10)
+  assert beams.tokens == sampling.generate(cfg, params, prompts, max_new_tokens=10).tokens
 
 
-def test_sampling_is_deterministic_for_a_key_and_stops_at_max_len():
-  model = models.build(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32))['params']
-  run = lambda seed: sampling.generate(model.apply, params, [[256, 1, 2]], max_len=12,
-                                       max_new_tokens=50, rng=jax.random.PRNGKey(seed),
-                                       pad_id=258)
-  assert run(0) == run(0) and len(run(0)[0]) == 12
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+def test_beam_search_finds_the_exhaustive_best_on_a_tiny_vocabulary(length_penalty):
+  cfg = ModelConfig(**{**CFG.__dict__, 'vocab_size': 4})
+  params = params_of(cfg, seed=1, scale=2.0)
+  apply = jax.jit(models.build(cfg).apply)
+  prompt, eos, n = [0, 1], 3, 3
+
+  def score(seq):
+    logits = apply({'params': params}, jnp.asarray([prompt + list(seq)]))[0]
+    logp = jax.nn.log_softmax(logits[len(prompt) - 1:-1])
+    total = float(sum(logp[i, t] for i, t in enumerate(seq)))
+    return total / len(seq) ** length_penalty
+
+  # Every hypothesis: a sequence that ends at its first EOS, or runs to n tokens.
+  hypotheses = {seq[:seq.index(eos) + 1] if eos in seq else seq
+                for seq in itertools.product(range(4), repeat=n)}
+  best = max(hypotheses, key=score)
+  beams = sampling.beam_search(cfg, params, [prompt, [2]], num_beams=16, max_new_tokens=n,
+                               eos_id=eos, length_penalty=length_penalty)
+  assert tuple(beams.tokens[0]) == best
+  np.testing.assert_allclose(beams.scores[0], score(best), rtol=1e-5)

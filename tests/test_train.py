@@ -237,3 +237,54 @@ def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
   with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere': no such directory"):
     train.run(config, tmp_path / 'other')
   assert not (tmp_path / 'other').exists()
+
+
+def sample_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'lm.sample', *args], cwd=ROOT, text=True,
+                        capture_output=True, timeout=300)
+
+
+def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path):
+  from lm import hf, sampling, tokenizers
+  config.train.update(steps=4, eval_every=100, checkpoint_every=4)
+  workdir = tmp_path / 'run'
+  train.run(config, workdir)
+  greedy = sample_cli(f'--workdir={workdir}', '--prompt=def ', '--max_new_tokens=12',
+                      '--temperature=0')
+  assert greedy.returncode == 0, greedy.stderr
+  # The CLI's text is the greedy continuation of BOS + prompt by the checkpoint's params.
+  cfg, params, tok = __import__('lm.sample', fromlist=['x']).load_model(workdir, None)
+  ids = sampling.generate(cfg, params, [[tok.bos_id, *tok.encode('def ')]], max_new_tokens=12,
+                          eos_id=tok.eos_id).tokens[0]
+  assert greedy.stdout == 'def ' + tok.decode(ids) + '\n'
+  streamed = sample_cli(f'--workdir={workdir}', '--prompt=def ', '--max_new_tokens=12',
+                        '--temperature=0', '--stream')
+  assert streamed.returncode == 0 and streamed.stdout.startswith('def ')
+  beams = sample_cli(f'--workdir={workdir}', '--prompt=', '--max_new_tokens=6', '--num_beams=3')
+  assert beams.returncode == 0 and '[beam score ' in beams.stdout, beams.stderr
+  # A Hugging Face directory, with the run's tokenizer named.
+  hf.save(cfg, params, tmp_path / 'hf')
+  from_hf = sample_cli(f'--workdir={tmp_path / "hf"}', f'--tokenizer={workdir / "tokenizer"}',
+                       '--prompt=def ', '--max_new_tokens=12', '--temperature=0')
+  assert from_hf.stdout == greedy.stdout, from_hf.stderr
+  assert tokenizers.load(workdir / 'tokenizer').vocab_size == cfg.vocab_size
+
+  for args, message in [
+      ([f'--workdir={tmp_path / "hf"}'], 'is a Hugging Face directory: name its tokenizer'),
+      ([f'--workdir={tmp_path}'], 'no config.json'),
+      ([f'--workdir={workdir}', '--top_p=1.5'], 'top_p=1.5: must be in (0, 1]'),
+      ([f'--workdir={workdir}', '--temperature=-1'], 'temperature=-1.0: must be >= 0'),
+      ([f'--workdir={workdir}', '--num_beams=0'], 'num_beams=0: must be an integer >= 1'),
+      ([f'--workdir={workdir}', '--num_beams=2', '--top_k=5'], 'beam search is deterministic'),
+      ([f'--workdir={workdir}', '--prompt=' + 'x' * 40, '--max_new_tokens=4'],
+       'exceeds the model context 32'),
+  ]:
+    bad = sample_cli(*args)
+    assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1, (
+        args, bad.stderr)
+  truncated = sample_cli(f'--workdir={workdir}', '--prompt=' + 'x' * 40, '--max_new_tokens=4',
+                         '--truncate')
+  assert truncated.returncode == 0, truncated.stderr
+  shutil.rmtree(workdir / 'checkpoints')
+  empty = sample_cli(f'--workdir={workdir}')
+  assert empty.returncode == 2 and 'holds no checkpoint yet' in empty.stderr

@@ -27,14 +27,15 @@ class Block(nn.Module):
   window: int | None  # this layer's attention window; None: full causal attention
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0):
+  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
+               start_B: jax.Array | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     out_std = layers.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
     h_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'attn_norm')(x_BxTxD)
     attended = layers.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
         cfg.rope_theta if cfg.positions == 'rope' else 0.0, self.window, dtype, out_std,
-        name='attn')(h_BxTxD, cache, index)
+        name='attn')(h_BxTxD, cache, index, start_B)
     h_BxTxD, cache = attended if cache is not None else (attended, None)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
     h_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
@@ -62,7 +63,8 @@ class Period(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int):
+  def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
+               start_B: jax.Array | None):
     cls = block_class(self.cfg, decoding=caches is not None)
     new_caches = []
     for j, window in enumerate(self.cfg.layer_windows[:self.cfg.period]):
@@ -70,13 +72,14 @@ class Period(nn.Module):
       if caches is None:
         x_BxTxD = block(x_BxTxD)
       else:
-        x_BxTxD, cache = block(x_BxTxD, caches[j], index)
+        x_BxTxD, cache = block(x_BxTxD, caches[j], index, start_B)
         new_caches.append(cache)
     return x_BxTxD, (None if caches is None else tuple(new_caches))
 
 
 class Decoder(nn.Module):
-  """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache.
+  """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache,
+  whose rows may be left-padded (cache['start']: the column each row's tokens begin at).
   Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
   scan_layers, `layers/block_j` stacked over the L / P repeats of the pattern), final_norm,
   head (untied)."""
@@ -86,21 +89,25 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxT: jax.Array, cache: dict | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     index = 0 if cache is None else cache['index']
+    start_B = None if cache is None else cache['start']
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, name='embed',
                      embedding_init=layers.normal(('vocab', 'embed')))
     x_BxTxD = embed(tokens_BxT)
     if cfg.positions == 'learned':
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, name='pos_embed',
                            embedding_init=layers.normal((None, 'embed'), 0.01))
-      x_BxTxD = x_BxTxD + pos_embed(index + jnp.arange(tokens_BxT.shape[1]))[None]
+      columns_T = index + jnp.arange(tokens_BxT.shape[1])
+      positions = (columns_T[None] if start_B is None
+                   else jnp.maximum(columns_T - start_B[:, None], 0))  # padding: any position
+      x_BxTxD = x_BxTxD + pos_embed(positions)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
     caches = None if cache is None else cache['layers']
     if cfg.scan_layers:
       stack = nn.scan(Period, variable_axes={'params': 0, 'intermediates': 0},
-                      split_rngs={'params': True}, in_axes=(0, nn.broadcast),
+                      split_rngs={'params': True}, in_axes=(0, nn.broadcast, nn.broadcast),
                       length=cfg.num_layers // cfg.period,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index)
+      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B)
     else:
       cls = block_class(cfg, decoding=cache is not None)
       new_caches = []
@@ -109,7 +116,7 @@ class Decoder(nn.Module):
         if cache is None:
           x_BxTxD = block(x_BxTxD)
         else:
-          x_BxTxD, layer_cache = block(x_BxTxD, caches[i], index)
+          x_BxTxD, layer_cache = block(x_BxTxD, caches[i], index, start_B)
           new_caches.append(layer_cache)
       caches = new_caches
     x_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
@@ -122,7 +129,8 @@ class Decoder(nn.Module):
                                               ('batch', 'length', 'vocab'))
     if cache is None:
       return logits_BxTxV
-    return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'layers': caches}
+    return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'start': start_B,
+                          'layers': caches}
 
 
 def stack_layers(cfg: ModelConfig, params: dict) -> dict:
@@ -160,21 +168,36 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
     caches = tuple(stacked(make(w)) for w in cfg.layer_windows[:cfg.period])
   else:
     caches = [make(w) for w in cfg.layer_windows]
-  return {'index': jnp.zeros((), jnp.int32), 'layers': caches}
+  return {'index': jnp.zeros((), jnp.int32), 'start': jnp.zeros((batch_size,), jnp.int32),
+          'layers': caches}
 
 
-def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array,
-            max_len: int) -> tuple[jax.Array, dict]:
-  """Runs the prompt, returns its logits_BxTxV and the cache to continue from."""
-  if tokens_BxT.shape[1] > max_len:
-    raise ValueError(f'a prompt of {tokens_BxT.shape[1]} tokens does not fit max_len={max_len}')
-  cache = init_cache(cfg, tokens_BxT.shape[0], max_len)
+def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
+  """The cache of rows rows_N of the batch (beam search reorders and repeats its beams)."""
+  batch_axis = 1 if cfg.scan_layers else 0  # scanned: [repeats, batch, ...]
+  take = lambda c: {**c, 'k': jnp.take(c['k'], rows_N, axis=batch_axis),
+                    'v': jnp.take(c['v'], rows_N, axis=batch_axis)}
+  return {**cache, 'start': cache['start'][rows_N],
+          'layers': type(cache['layers'])(take(c) for c in cache['layers'])}
+
+
+def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
+            lengths_B: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Runs the prompts, returns their logits_BxTxV and the cache to continue from. With
+  `lengths_B`, the prompts are left-padded: row b's prompt is its last lengths_B[b] tokens, its
+  positions count from there, and every row's next token goes in the same column T."""
+  batch, length = tokens_BxT.shape
+  if length > max_len:
+    raise ValueError(f'a prompt of {length} tokens does not fit max_len={max_len}')
+  cache = init_cache(cfg, batch, max_len)
+  if lengths_B is not None:
+    cache['start'] = (length - jnp.asarray(lengths_B)).astype(jnp.int32)
   return Decoder(cfg).apply({'params': params}, tokens_BxT, cache)
 
 
 def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
                 cache: dict) -> tuple[jax.Array, dict]:
-  """One new token per row at position cache['index']: logits_BxV and the updated cache."""
+  """One new token per row, in column cache['index']: logits_BxV and the updated cache."""
   logits_Bx1xV, cache = Decoder(cfg).apply({'params': params}, token_B[:, None], cache)
   return logits_Bx1xV[:, 0], cache
 

@@ -28,12 +28,13 @@ def norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
                       bias_init=zeros(('embed',)), name=name)
 
 
-def rope(x_BxTxHxDh: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+def rope(x_BxTxHxDh: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, in the half-split layout of Llama and Hugging Face: dimension
-  i and i + Dh/2 form a pair rotated by position * theta^(-2i/Dh)."""
+  i and i + Dh/2 form a pair rotated by position * theta^(-2i/Dh). `positions` is [T] or, a
+  position per row, [B, T]."""
   half = x_BxTxHxDh.shape[-1] // 2
   freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x_BxTxHxDh.shape[-1])
-  angle_Tx1xF = (positions_T.astype(jnp.float32)[:, None] * freq_F)[:, None, :]
+  angle_Tx1xF = (positions.astype(jnp.float32)[..., None] * freq_F)[..., None, :]
   cos, sin = jnp.cos(angle_Tx1xF), jnp.sin(angle_Tx1xF)
   x1, x2 = x_BxTxHxDh[..., :half].astype(jnp.float32), x_BxTxHxDh[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -46,13 +47,15 @@ def visible(t: jax.Array, s: jax.Array, window: int | None) -> jax.Array:
 
 
 def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
-                     window: int | None = None, block: int = 128) -> jax.Array:
+                     window: int | None = None, block: int = 128,
+                     start_B: jax.Array | None = None) -> jax.Array:
   """Softmax(q k^T / sqrt(Dh)) v, causal, over query blocks of `block` rows.
 
   K key/value heads serve H = K * G query heads (grouped-query attention; K = H is multi-head,
   K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` a query
   at t sees keys t - window + 1 .. t only. Query block [i, i + block) scores only the keys it
   can see, [i - window + 1, i + block): key blocks wholly outside are skipped, not masked.
+  With `start_B` (left-padded rows), row b's keys before start_B[b] are padding, unseen.
   """
   batch, length, heads, head_dim = q_BxTxHxDh.shape
   kv_heads = k_BxTxKxDh.shape[2]
@@ -64,8 +67,13 @@ def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: j
     logits_BxKxGxQxS = jnp.einsum('bqkgd,bskd->bkgqs', q_BxTxKxGxDh[:, start:end],
                                   k_BxTxKxDh[:, lo:end],
                                   preferred_element_type=jnp.float32) * head_dim ** -0.5
-    visible_QxS = visible(jnp.arange(start, end)[:, None], jnp.arange(lo, end)[None, :], window)
-    logits_BxKxGxQxS = jnp.where(visible_QxS, logits_BxKxGxQxS, jnp.finfo(jnp.float32).min)
+    keys_S = jnp.arange(lo, end)
+    visible_1x1x1xQxS = visible(jnp.arange(start, end)[:, None], keys_S[None, :], window)[None,
+                                                                                       None, None]
+    if start_B is not None:
+      visible_1x1x1xQxS = visible_1x1x1xQxS & (keys_S >= start_B[:, None, None, None, None])
+    logits_BxKxGxQxS = jnp.where(visible_1x1x1xQxS, logits_BxKxGxQxS,
+                                 jnp.finfo(jnp.float32).min)
     att_BxKxGxQxS = jax.nn.softmax(logits_BxKxGxQxS, axis=-1).astype(v_BxTxKxDh.dtype)
     outs.append(jnp.einsum('bkgqs,bskd->bqkgd', att_BxKxGxQxS, v_BxTxKxDh[:, lo:end]))
   return jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim)
@@ -84,11 +92,12 @@ class Attention(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None,
-               index: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, dict]:
+  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
+               start_B: jax.Array | None = None) -> jax.Array | tuple[jax.Array, dict]:
     """Training: x_BxTxD -> y_BxTxD. Decoding (with a `cache` from `init_kv_cache`): the T new
-    positions start at `index`; T > 1 is a prefill into an empty cache, T = 1 a decode step.
-    Returns (y_BxTxD, cache)."""
+    columns start at column `index` of the rows; T > 1 is a prefill into an empty cache, T = 1
+    a decode step. Row b is left-padded up to column start_B[b]: its positions count from
+    there and its padding is never attended. Returns (y_BxTxD, cache)."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     def proj(heads: int, name: str) -> jax.Array:
@@ -99,17 +108,19 @@ class Attention(nn.Module):
     q_BxTxHxDh = proj(self.num_heads, 'query')
     k_BxTxKxDh = proj(self.num_kv_heads, 'key')
     v_BxTxKxDh = proj(self.num_kv_heads, 'value')
-    positions_T = index + jnp.arange(length)
+    columns_T = index + jnp.arange(length)
     if self.rope_theta:
-      q_BxTxHxDh = rope(q_BxTxHxDh, positions_T, self.rope_theta)
-      k_BxTxKxDh = rope(k_BxTxKxDh, positions_T, self.rope_theta)
+      positions = columns_T if start_B is None else columns_T - start_B[:, None]
+      q_BxTxHxDh = rope(q_BxTxHxDh, positions, self.rope_theta)
+      k_BxTxKxDh = rope(k_BxTxKxDh, positions, self.rope_theta)
     if cache is not None and length == 1:
-      cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, positions_T)
-      out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, positions_T[0], self.window)
+      cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
+      out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, columns_T[0], self.window, start_B)
     else:
-      out_BxTxHxDh = causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, self.window)
+      out_BxTxHxDh = causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, self.window,
+                                      start_B=start_B)
       if cache is not None:
-        cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, positions_T)
+        cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
     y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
                         dtype=self.dtype, use_bias=self.use_bias,
                         kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
@@ -121,8 +132,8 @@ def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
                   window: int | None = None,
                   dtype=jnp.float32) -> dict:
   """Keys and values of up to max_len positions; with a window, a rolling buffer of `window`
-  slots (position p in slot p % window), so memory does not grow with the sequence. `pos_S`
-  is the position each slot holds, -1 while empty."""
+  slots (column p in slot p % window), so memory does not grow with the sequence. `pos_S`
+  is the column each slot holds, -1 while empty."""
   slots = min(max_len, window) if window is not None else max_len
   return {'k': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
           'v': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
@@ -142,15 +153,18 @@ def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
 
 
 def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
-                     window: int | None = None):
-  """The query at position t over the cached keys it may see."""
+                     window: int | None = None, start_B: jax.Array | None = None):
+  """The query at column t over the cached keys it may see (from column start_B[b] on)."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
   kv_heads = cache['k'].shape[2]
   q_BxKxGxDh = q_Bx1xHxDh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
   logits_BxKxGxS = jnp.einsum('bkgd,bskd->bkgs', q_BxKxGxDh, cache['k'],
                               preferred_element_type=jnp.float32) * head_dim ** -0.5
-  visible_S = (cache['pos'] >= 0) & visible(t, cache['pos'], window)  # -1: an empty slot
-  logits_BxKxGxS = jnp.where(visible_S, logits_BxKxGxS, jnp.finfo(jnp.float32).min)
+  visible_1xS = ((cache['pos'] >= 0) & visible(t, cache['pos'], window))[None]  # -1: empty
+  if start_B is not None:
+    visible_1xS = visible_1xS & (cache['pos'] >= start_B[:, None])
+  logits_BxKxGxS = jnp.where(visible_1xS[:, None, None], logits_BxKxGxS,
+                             jnp.finfo(jnp.float32).min)
   att_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(cache['v'].dtype)
   out_BxKxGxDh = jnp.einsum('bkgs,bskd->bkgd', att_BxKxGxS, cache['v'])
   return out_BxKxGxDh.reshape(batch, 1, heads, head_dim)
