@@ -78,7 +78,7 @@ def test_top_k_equals_numpy_ties_at_the_kth_value_all_kept(k):
     assert np.isfinite(np.asarray(sampling.top_k(2)(jnp.asarray(LOGITS)))[1]).sum() == 4
 
 
-@pytest.mark.parametrize('p', [0.05, 0.35, 0.55, 0.8, 0.95, 0.999, 1.0])  # none on a row's
+@pytest.mark.parametrize('p', [0.05, 0.35, 0.55, 0.8, 0.95, 0.9985, 1.0])  # none on a row's
 # exact cumulative mass, where float32 and float64 round differently
 def test_top_p_equals_numpy_boundary_token_and_its_ties_kept(p):
   for logits in (LOGITS, RANDOM):

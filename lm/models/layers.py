@@ -129,36 +129,42 @@ class Attention(nn.Module):
 
 
 def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
-                  window: int | None = None,
-                  dtype=jnp.float32) -> dict:
-  """Keys and values of up to max_len positions; with a window, a rolling buffer of `window`
-  slots (column p in slot p % window), so memory does not grow with the sequence. `pos_S`
-  is the column each slot holds, -1 while empty."""
+                  window: int | None = None, dtype=jnp.float32) -> dict:
+  """Keys and values of up to max_len columns, [B, K, S, Dh]: a decode step reads them with
+  no transpose. With a window, a rolling buffer of `window` slots (column p in slot
+  p % window), so memory does not grow with the sequence. `pos_S` is the column each slot
+  holds, -1 while empty."""
   slots = min(max_len, window) if window is not None else max_len
-  return {'k': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
-          'v': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+  return {'k': jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
+          'v': jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
           'pos': jnp.full((slots,), -1, jnp.int32)}
 
 
 def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
                    positions_T: jax.Array) -> dict:
   slots = cache['pos'].shape[0]
-  keep = min(slots, k_BxTxKxDh.shape[1])  # a prefill longer than the window keeps its last
-  k_BxTxKxDh, v_BxTxKxDh, positions_T = (k_BxTxKxDh[:, -keep:], v_BxTxKxDh[:, -keep:],
-                                         positions_T[-keep:])
-  where_T = positions_T % slots
-  return {'k': cache['k'].at[:, where_T].set(k_BxTxKxDh.astype(cache['k'].dtype)),
-          'v': cache['v'].at[:, where_T].set(v_BxTxKxDh.astype(cache['v'].dtype)),
-          'pos': cache['pos'].at[where_T].set(positions_T.astype(jnp.int32))}
+  k_BxKxTxDh = k_BxTxKxDh.transpose(0, 2, 1, 3).astype(cache['k'].dtype)
+  v_BxKxTxDh = v_BxTxKxDh.transpose(0, 2, 1, 3).astype(cache['v'].dtype)
+  if k_BxKxTxDh.shape[2] == 1:  # a decode step: an in-place update of one slot, not a scatter
+    slot = positions_T[0] % slots
+    write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, slot, 2)
+    return {'k': write(cache['k'], k_BxKxTxDh), 'v': write(cache['v'], v_BxKxTxDh),
+            'pos': jax.lax.dynamic_update_slice_in_dim(
+                cache['pos'], positions_T.astype(jnp.int32), slot, 0)}
+  keep = min(slots, k_BxKxTxDh.shape[2])  # a prefill longer than the window keeps its last
+  where_T = positions_T[-keep:] % slots
+  return {'k': cache['k'].at[:, :, where_T].set(k_BxKxTxDh[:, :, -keep:]),
+          'v': cache['v'].at[:, :, where_T].set(v_BxKxTxDh[:, :, -keep:]),
+          'pos': cache['pos'].at[where_T].set(positions_T[-keep:].astype(jnp.int32))}
 
 
 def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
                      window: int | None = None, start_B: jax.Array | None = None):
   """The query at column t over the cached keys it may see (from column start_B[b] on)."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
-  kv_heads = cache['k'].shape[2]
+  kv_heads = cache['k'].shape[1]
   q_BxKxGxDh = q_Bx1xHxDh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-  logits_BxKxGxS = jnp.einsum('bkgd,bskd->bkgs', q_BxKxGxDh, cache['k'],
+  logits_BxKxGxS = jnp.einsum('bkgd,bksd->bkgs', q_BxKxGxDh, cache['k'],
                               preferred_element_type=jnp.float32) * head_dim ** -0.5
   visible_1xS = ((cache['pos'] >= 0) & visible(t, cache['pos'], window))[None]  # -1: empty
   if start_B is not None:
@@ -166,7 +172,7 @@ def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
   logits_BxKxGxS = jnp.where(visible_1xS[:, None, None], logits_BxKxGxS,
                              jnp.finfo(jnp.float32).min)
   att_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(cache['v'].dtype)
-  out_BxKxGxDh = jnp.einsum('bkgs,bskd->bkgd', att_BxKxGxS, cache['v'])
+  out_BxKxGxDh = jnp.einsum('bkgs,bksd->bkgd', att_BxKxGxS, cache['v'])
   return out_BxKxGxDh.reshape(batch, 1, heads, head_dim)
 
 
