@@ -44,15 +44,37 @@ class Temperature:
     return logits_BxV / self.t
 
 
+def _sortable(x: jax.Array) -> jax.Array:
+  """float32 -> int32 in the same order (an involution: it also maps back)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _least(ok: Callable[[jax.Array], jax.Array], lo_Bx1: jax.Array, hi_Bx1: jax.Array):
+  """The least int32 t in [lo, hi] with ok(t), for ok False then True along the range (ok(hi)
+  must hold): a bisection of 32 passes over the vocabulary, where a sort is slow on CPU."""
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    good = ok(mid)
+    return jnp.where(good, lo, mid + 1), jnp.where(good, mid, hi)
+  return jax.lax.fori_loop(0, 32, halve, (lo_Bx1, hi_Bx1))[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class TopK:
   k: int
 
   def __call__(self, logits_BxV: jax.Array) -> jax.Array:
-    """Keeps the k most likely tokens, and every token tied with the k-th."""
-    k = min(self.k, logits_BxV.shape[-1])
-    kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
-    return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+    """Keeps the k most likely tokens, and every token tied with the k-th: the least t with
+    fewer than k logits above it is the k-th largest."""
+    if self.k >= logits_BxV.shape[-1]:
+      return logits_BxV
+    keys_BxV = _sortable(logits_BxV)
+    fewer_than_k = lambda t_Bx1: jnp.sum(keys_BxV > t_Bx1, -1, keepdims=True) < self.k
+    kth_Bx1 = _least(fewer_than_k, jnp.min(keys_BxV, -1, keepdims=True),
+                     jnp.max(keys_BxV, -1, keepdims=True))
+    return jnp.where(keys_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,26 +83,17 @@ class TopP:
 
   def __call__(self, logits_BxV: jax.Array) -> jax.Array:
     """Nucleus: in order of probability, tokens are kept while the mass before them is below
-    p (so the token that reaches p is kept), and so is every token tied with the last kept."""
+    p (so the token that reaches p is kept), and so is every token tied with the last kept.
+    That is: token i is kept iff the mass of the tokens more likely than it is below p."""
     if self.p >= 1.0:
       return logits_BxV
-    # Token i is kept iff the mass of the tokens strictly more likely than it is below p: the
-    # kept set is {i: prob_i >= x*}, x* the least probability with mass_above(x*) < p. It is
-    # found by bisection over the bits of non-negative float32s (ordered as integers), 31
-    # passes over the vocabulary instead of a sort, which is slow on CPU.
     probs_BxV = _probs(logits_BxV)
-    mass_above = lambda x_Bx1: jnp.sum(jnp.where(probs_BxV > x_Bx1, probs_BxV, 0.0), -1,
-                                       keepdims=True)
-
-    def halve(_, bounds):
-      lo_Bx1, hi_Bx1 = bounds  # mass_above(hi) < p; mass_above(lo - 1) >= p, or lo is 0
-      mid_Bx1 = lo_Bx1 + (hi_Bx1 - lo_Bx1) // 2
-      below = mass_above(jax.lax.bitcast_convert_type(mid_Bx1, jnp.float32)) < self.p
-      return jnp.where(below, lo_Bx1, mid_Bx1 + 1), jnp.where(below, mid_Bx1, hi_Bx1)
-    top_Bx1 = jax.lax.bitcast_convert_type(jnp.max(probs_BxV, -1, keepdims=True), jnp.int32)
-    _, x_Bx1 = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(top_Bx1), top_Bx1))
-    kept_BxV = probs_BxV >= jax.lax.bitcast_convert_type(x_Bx1, jnp.float32)
-    return jnp.where(kept_BxV, logits_BxV, -jnp.inf)
+    keys_BxV = _sortable(probs_BxV)
+    below_p = lambda t_Bx1: jnp.sum(jnp.where(keys_BxV > t_Bx1, probs_BxV, 0.0), -1,
+                                    keepdims=True) < self.p
+    least_Bx1 = _least(below_p, jnp.zeros_like(keys_BxV[:, :1]),
+                       jnp.max(keys_BxV, -1, keepdims=True))
+    return jnp.where(keys_BxV >= least_Bx1, logits_BxV, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
