@@ -284,3 +284,14 @@ def test_left_padded_rows_decode_as_each_row_alone(variant):
       np.testing.assert_allclose(steps[t][b], alone[0, -1], atol=2e-5)
       alone, alone_cache = decoder.decode_step(cfg, params, tokens[b:b + 1, n + t], alone_cache)
       alone = alone[:, None]
+
+
+@pytest.mark.parametrize('sizes', [[5, 0, 17, 2], [0, 0, 24, 0], [1, 1, 1, 1], [40, 3, 0, 21]])
+def test_grouped_matmul_equals_a_numpy_loop_over_groups(sizes):
+  rng = np.random.default_rng(len(sizes) + sum(sizes))
+  xs = rng.standard_normal((sum(sizes), 6)).astype(np.float32)
+  w = rng.standard_normal((4, 6, 3)).astype(np.float32)
+  expected = np.concatenate([xs[sum(sizes[:e]):sum(sizes[:e + 1])] @ w[e] for e in range(4)])
+  for block in (4, 256):
+    got = layers.grouped_matmul(jnp.asarray(xs), jnp.asarray(w), jnp.asarray(sizes), block)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
