@@ -271,19 +271,20 @@ def test_left_padded_rows_decode_as_each_row_alone(variant):
   tokens = jax.random.randint(jax.random.PRNGKey(8), (2, 10), 0, 256)
   lengths = [2, 6]  # row 0 is padded by 4 columns (of token 0: they must not matter)
   padded = jnp.stack([jnp.pad(tokens[0, :2], (4, 0)), tokens[1, :6]])
-  logits, cache = decoder.prefill(cfg, params, padded, max_len=16, lengths_B=jnp.array(lengths))
-  steps = []
-  for t in range(4):  # then both rows continue with their own next tokens
-    steps.append(logits[:, -1] if t == 0 else logits_t)
-    logits_t, cache = decoder.decode_step(cfg, params, tokens[jnp.arange(2), jnp.array(lengths)
-                                                              + t], cache)
+  prefill = jax.jit(lambda t, n: decoder.prefill(cfg, params, t, max_len=16, lengths_B=n))
+  step = jax.jit(lambda t, c: decoder.decode_step(cfg, params, t, c))
+  logits, cache = prefill(padded, jnp.array(lengths))
+  steps = [logits[:, -1]]
+  for t in range(3):  # then both rows continue with their own next tokens
+    logits_t, cache = step(tokens[jnp.arange(2), jnp.array(lengths) + t], cache)
+    steps.append(logits_t)
   for b, n in enumerate(lengths):
     alone, alone_cache = decoder.prefill(cfg, params, tokens[b:b + 1, :n], max_len=16)
     np.testing.assert_allclose(logits[b, -n:], alone[0], atol=2e-5)
+    alone = alone[:, -1]
     for t in range(4):
-      np.testing.assert_allclose(steps[t][b], alone[0, -1], atol=2e-5)
-      alone, alone_cache = decoder.decode_step(cfg, params, tokens[b:b + 1, n + t], alone_cache)
-      alone = alone[:, None]
+      np.testing.assert_allclose(steps[t][b], alone[0], atol=2e-5)
+      alone, alone_cache = step(tokens[b:b + 1, n + t], alone_cache)
 
 
 @pytest.mark.parametrize('sizes', [[5, 0, 17, 2], [0, 0, 24, 0], [1, 1, 1, 1], [40, 3, 0, 21]])

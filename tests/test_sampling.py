@@ -152,11 +152,13 @@ def test_draws_follow_the_filtered_softmax_chi_square(name, make):
 # --- generate ------------------------------------------------------------------------------
 
 def argmax_continuation(cfg, params, prompt, n):
-  """Greedy decoding with a full forward pass per token: the reference."""
+  """Greedy decoding with a full forward pass per token: the reference. The sequence sits at
+  the start of a fixed buffer (one compile); being causal, the model ignores what follows."""
   apply = jax.jit(models.build(cfg).apply)
   seq = list(prompt)
   for _ in range(n):
-    seq.append(int(np.argmax(apply({'params': params}, jnp.asarray([seq]))[0, -1])))
+    buffer = jnp.asarray([seq + [0] * (len(prompt) + n - len(seq))])
+    seq.append(int(np.argmax(apply({'params': params}, buffer)[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 
@@ -167,10 +169,10 @@ def test_greedy_generate_equals_full_forward_argmax_and_rows_equal_each_row_alon
   out = sampling.generate(cfg, params, prompts, max_new_tokens=12)
   for prompt, got in zip(prompts, out.tokens):
     assert got == argmax_continuation(cfg, params, prompt, 12)
-  for b, prompt in enumerate(prompts):  # also sampled, each row alone with the same key
-    key = jax.random.PRNGKey(3)
-    together = sampling.generate(cfg, params, prompts, max_new_tokens=12, rng=key,
-                                 filter_fn=sampling.temperature(1.0))
+  key = jax.random.PRNGKey(3)  # also sampled: each row as it is drawn alone, with the same key
+  together = sampling.generate(cfg, params, prompts, max_new_tokens=12, rng=key,
+                               filter_fn=sampling.temperature(1.0))
+  for b, prompt in enumerate(prompts):
     alone = sampling.generate(cfg, params, [prompt] * 3, max_new_tokens=12, rng=key,
                               filter_fn=sampling.temperature(1.0))
     assert together.tokens[b] == alone.tokens[b]

@@ -244,7 +244,18 @@ def sample_cli(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, timeout=300)
 
 
-def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path):
+def sample_in_process(capsys, *args: str) -> tuple[int, str, str]:
+  from lm import sample
+  try:
+    sample.main(list(args))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path, capsys):
   from lm import hf, sampling, tokenizers
   config.train.update(steps=4, eval_every=100, checkpoint_every=4)
   workdir = tmp_path / 'run'
@@ -257,16 +268,19 @@ def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path):
   ids = sampling.generate(cfg, params, [[tok.bos_id, *tok.encode('def ')]], max_new_tokens=12,
                           eos_id=tok.eos_id).tokens[0]
   assert greedy.stdout == 'def ' + tok.decode(ids) + '\n'
-  streamed = sample_cli(f'--workdir={workdir}', '--prompt=def ', '--max_new_tokens=12',
-                        '--temperature=0', '--stream')
-  assert streamed.returncode == 0 and streamed.stdout.startswith('def ')
-  beams = sample_cli(f'--workdir={workdir}', '--prompt=', '--max_new_tokens=6', '--num_beams=3')
-  assert beams.returncode == 0 and '[beam score ' in beams.stdout, beams.stderr
+  capsys.readouterr()
+  code, out, err = sample_in_process(capsys, f'--workdir={workdir}', '--prompt=def ',
+                                     '--max_new_tokens=12', '--temperature=0', '--stream')
+  assert code == 0 and out == greedy.stdout, err  # the same text, streamed
+  code, out, err = sample_in_process(capsys, f'--workdir={workdir}', '--prompt=',
+                                     '--max_new_tokens=6', '--num_beams=3')
+  assert code == 0 and '[beam score ' in out, err
   # A Hugging Face directory, with the run's tokenizer named.
   hf.save(cfg, params, tmp_path / 'hf')
-  from_hf = sample_cli(f'--workdir={tmp_path / "hf"}', f'--tokenizer={workdir / "tokenizer"}',
-                       '--prompt=def ', '--max_new_tokens=12', '--temperature=0')
-  assert from_hf.stdout == greedy.stdout, from_hf.stderr
+  code, out, err = sample_in_process(capsys, f'--workdir={tmp_path / "hf"}',
+                                     f'--tokenizer={workdir / "tokenizer"}', '--prompt=def ',
+                                     '--max_new_tokens=12', '--temperature=0')
+  assert out == greedy.stdout, err
   assert tokenizers.load(workdir / 'tokenizer').vocab_size == cfg.vocab_size
 
   for args, message in [
@@ -279,12 +293,11 @@ def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path):
       ([f'--workdir={workdir}', '--prompt=' + 'x' * 40, '--max_new_tokens=4'],
        'exceeds the model context 32'),
   ]:
-    bad = sample_cli(*args)
-    assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1, (
-        args, bad.stderr)
-  truncated = sample_cli(f'--workdir={workdir}', '--prompt=' + 'x' * 40, '--max_new_tokens=4',
-                         '--truncate')
-  assert truncated.returncode == 0, truncated.stderr
+    code, _, err = sample_in_process(capsys, *args)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
+  code, _, err = sample_in_process(capsys, f'--workdir={workdir}', '--prompt=' + 'x' * 40,
+                                   '--max_new_tokens=4', '--truncate')
+  assert code == 0, err
   shutil.rmtree(workdir / 'checkpoints')
-  empty = sample_cli(f'--workdir={workdir}')
-  assert empty.returncode == 2 and 'holds no checkpoint yet' in empty.stderr
+  code, _, err = sample_in_process(capsys, f'--workdir={workdir}')
+  assert code == 2 and 'holds no checkpoint yet' in err
