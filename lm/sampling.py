@@ -205,12 +205,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 @dataclasses.dataclass
 class Generation:
   tokens: list[list[int]]  # each row's new tokens, through its EOS if it drew one
-  logprobs: list[list[float]] | None  # each token's log-probability under the model (unfiltered)
+  logprobs: list[list[float]] | None  # with return_logprobs: each token's log-probability
+                                      # under the model (before the filters)
 
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array | None = None, filter_fn: Filter = GREEDY, eos_id: int | None = None,
-             pad_id: int = 0, truncate: bool = False) -> Generation:
+             pad_id: int = 0, truncate: bool = False,
+             return_logprobs: bool = False) -> Generation:
   """Continues each prompt by up to max_new_tokens: a prefill of the left-padded batch, then
   one jax.lax.while_loop of decode steps that ends when every row has drawn eos_id or the
   budget is spent. Deterministic for a given rng (step i draws with fold_in(rng, i))."""
@@ -219,20 +221,25 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out_BxN, logprobs_BxN, count_B = jax.device_get(_sample_loop(
       cfg, params, tokens_BxT, lengths_B, rng, max_new_tokens=max_new_tokens,
-      filter_fn=filter_fn, eos_id=-1 if eos_id is None else eos_id))
+      filter_fn=filter_fn, eos_id=-1 if eos_id is None else eos_id,
+      return_logprobs=return_logprobs))
   return Generation([out_BxN[b, :n].tolist() for b, n in enumerate(count_B)],
-                    [logprobs_BxN[b, :n].tolist() for b, n in enumerate(count_B)])
+                    [logprobs_BxN[b, :n].tolist() for b, n in enumerate(count_B)]
+                    if return_logprobs else None)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id'))
-def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id):
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id',
+                                             'return_logprobs'))
+def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id,
+                 return_logprobs):
   batch, width = tokens_BxT.shape
   logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + max_new_tokens,
                                         lengths_B)
 
   def draw(i, logits_BxV, done_B):
     token_B = pick(filter_fn, logits_BxV, jax.random.fold_in(rng, i))
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], -1)[:, 0]
+    logprob_B = (jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], -1)[:, 0]
+                 if return_logprobs else jnp.zeros(token_B.shape))
     return jnp.where(done_B, 0, token_B).astype(jnp.int32), logprob_B
 
   def cond(carry):

@@ -183,7 +183,9 @@ def test_rows_stop_at_their_eos_and_logprobs_are_the_models():
   prompts = [[256, 1, 2], [256, 7]]
   free = sampling.generate(CFG, params, prompts, max_new_tokens=10)
   eos = free.tokens[0][3]  # row 0 draws it 4th; row 1 may draw it later or never
-  out = sampling.generate(CFG, params, prompts, max_new_tokens=10, eos_id=eos)
+  out = sampling.generate(CFG, params, prompts, max_new_tokens=10, eos_id=eos,
+                         return_logprobs=True)
+  assert free.logprobs is None  # only on request
   assert out.tokens[0] == free.tokens[0][:4]
   stop = free.tokens[1].index(eos) + 1 if eos in free.tokens[1] else 10
   assert out.tokens[1] == free.tokens[1][:stop]
