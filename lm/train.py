@@ -142,14 +142,13 @@ class Run:
   init_fn: Callable  # () -> TrainState, laid out on the mesh
   abstract: Any  # the TrainState's ShapeDtypeStructs with shardings
   shardings: Any
-  pretrained: Any = None  # params read from train.init_from, in the model's layout
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
   cfg = config_lib.parse(config, device_count=jax.device_count(),
                          vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
-  cfg, pretrained = from_pretrained(cfg, jax.device_count())
+  cfg = with_pretrained_model(cfg, jax.device_count())
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
@@ -163,24 +162,23 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   parallel.check_even(abstract, mesh)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
   tokenizer.save(workdir / 'tokenizer')
-  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings,
-             pretrained)
+  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings)
 
 
 PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config
 
 
-def from_pretrained(cfg: Config, device_count: int) -> tuple[Config, Any]:
-  """With train.init_from, the model of that Hugging Face directory: its architecture and
-  params (the config's dtype, remat, scan_layers and moe_aux_coef kept). Else (cfg, None)."""
+def with_pretrained_model(cfg: Config, device_count: int) -> Config:
+  """With train.init_from, the model section is that Hugging Face directory's architecture
+  (the config's dtype, remat, scan_layers and moe_aux_coef kept); its weights are read only
+  when a run starts (`pretrained_params`), not when it resumes."""
   path = cfg.train.init_from
   if not path:
-    return cfg, None
+    return cfg
   config_lib.require(Path(path).is_dir(), 'train.init_from', path,
                      'no such directory; give a Hugging Face model directory (config.json and '
                      'model.safetensors), or \'\' to start from random weights')
-  pretrained, params = hf.load(path)
-  model = dataclasses.replace(pretrained, **{k: getattr(cfg.model, k)
+  model = dataclasses.replace(hf.load_config(path), **{k: getattr(cfg.model, k)
                                              for k in PRETRAINING_CHOICES})
   config_lib.require(
       cfg.model.vocab_size <= model.vocab_size, 'tokenizer.kind', cfg.tokenizer.kind,
@@ -193,7 +191,13 @@ def from_pretrained(cfg: Config, device_count: int) -> tuple[Config, Any]:
     print(f'train.init_from={path}: the model is the checkpoint\'s ({", ".join(changed)})')
   cfg = dataclasses.replace(cfg, model=model)
   config_lib.validate(cfg, device_count)
-  return cfg, (decoder.stack_layers(model, params) if model.scan_layers else params)
+  return cfg
+
+
+def pretrained_params(cfg: Config) -> Any:
+  """The weights of train.init_from, in the layout of cfg.model."""
+  _, params = hf.load(cfg.train.init_from)
+  return decoder.stack_layers(cfg.model, params) if cfg.model.scan_layers else params
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -211,6 +215,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
                               token_bytes_V=jnp.asarray(r.tokenizer.token_bytes()))
   batch_spec = jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len), jnp.int32,
                                     sharding=batch_sharding)
+  ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints)
+  start = ckpts.latest_step() or 0
+  # Read (and stacked for scan_layers) outside the mesh context; only a fresh run needs them.
+  pretrained = pretrained_params(cfg) if cfg.train.init_from and not start else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
     train_step = jax.jit(make_train_step(loss_fn, make_schedule(t)),
                          in_shardings=(shardings, batch_sharding),
@@ -221,19 +229,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
     eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding))
     compile_seconds = time.perf_counter() - compile_start
 
-    ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints)
     data_iter = iter(clm.train_dataset(
         r.splits['train'].tokens, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed,
         process_index=jax.process_index(), process_count=jax.process_count()))
-    start = ckpts.latest_step() or 0
     if start:
       state, data_state = ckpts.restore(start, abstract)
       data_iter.set_state(data_state)
       print(f'resuming {r.workdir} from step {start}')
     else:
       state = r.init_fn()
-      if r.pretrained is not None:
-        state = state.replace(params=jax.device_put(r.pretrained, shardings.params))
+      if pretrained is not None:
+        state = state.replace(params=jax.device_put(pretrained, shardings.params))
         print(f'starting from the weights of {cfg.train.init_from}')
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
     flops_per_token = decoder.train_flops_per_token(cfg.model, cfg.data.seq_len)

@@ -57,6 +57,19 @@ def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
   return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B):
+  """The blocks in order; with caches (one per block), also their updated caches."""
+  if caches is None:
+    for block in blocks:
+      x_BxTxD = block(x_BxTxD)
+    return x_BxTxD, None
+  new_caches = []
+  for block, cache in zip(blocks, caches):
+    x_BxTxD, cache = block(x_BxTxD, cache, index, start_B)
+    new_caches.append(cache)
+  return x_BxTxD, new_caches
+
+
 class Period(nn.Module):
   """Blocks block_0 .. block_{P-1}: one repeat of the window pattern, the unit nn.scan
   repeats. Scanned, `caches` holds each block's cache and comes back updated."""
@@ -66,15 +79,10 @@ class Period(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
                start_B: jax.Array | None):
     cls = block_class(self.cfg, decoding=caches is not None)
-    new_caches = []
-    for j, window in enumerate(self.cfg.layer_windows[:self.cfg.period]):
-      block = cls(self.cfg, window, name=f'block_{j}')
-      if caches is None:
-        x_BxTxD = block(x_BxTxD)
-      else:
-        x_BxTxD, cache = block(x_BxTxD, caches[j], index, start_B)
-        new_caches.append(cache)
-    return x_BxTxD, (None if caches is None else tuple(new_caches))
+    blocks = [cls(self.cfg, window, name=f'block_{j}')
+              for j, window in enumerate(self.cfg.layer_windows[:self.cfg.period])]
+    x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
+    return x_BxTxD, (None if caches is None else tuple(caches))
 
 
 class Decoder(nn.Module):
@@ -110,15 +118,8 @@ class Decoder(nn.Module):
       x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B)
     else:
       cls = block_class(cfg, decoding=cache is not None)
-      new_caches = []
-      for i, window in enumerate(cfg.layer_windows):
-        block = cls(cfg, window, name=f'block_{i}')
-        if cache is None:
-          x_BxTxD = block(x_BxTxD)
-        else:
-          x_BxTxD, layer_cache = block(x_BxTxD, caches[i], index, start_B)
-          new_caches.append(layer_cache)
-      caches = new_caches
+      blocks = [cls(cfg, window, name=f'block_{i}') for i, window in enumerate(cfg.layer_windows)]
+      x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
     x_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
