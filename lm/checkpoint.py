@@ -13,7 +13,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from lm.config import Config, ConfigError
+from lm.config import Config, ConfigError, ModelConfig, validate_model
 
 # Keys that may differ when a run is resumed: they change how long it runs or what it reports,
 # not what the saved state means. Any other difference is an incompatible run.
@@ -120,3 +120,36 @@ class MetricsLog:
   def close(self) -> None:
     self.file.close()
     self.tb.close()
+
+
+def load_model(workdir: Path, tokenizer_arg: str | None = None):
+  """(ModelConfig, params, tokenizer) of a run's workdir or a Hugging Face directory."""
+  from lm import hf, tokenizers  # hf imports this module
+  config_path = workdir / 'config.json'
+  if not config_path.is_file():
+    raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
+                      'python -m lm.main, or a Hugging Face model directory')
+  saved = json.loads(config_path.read_text())
+  if 'model_type' in saved:  # a Hugging Face directory
+    if not tokenizer_arg and not (workdir / 'tokenizer' / 'tokenizer.json').is_file():
+      raise ConfigError(f'--workdir={str(workdir)!r} is a Hugging Face directory: name its '
+                        'tokenizer with --tokenizer=bytes|cl100k|DIR')
+    cfg, params = hf.load(workdir)
+    return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
+  cfg = ModelConfig(**saved['model'])
+  validate_model(cfg)
+  return cfg, restore_params(workdir), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
+
+
+def restore_params(workdir: Path):
+  """The parameters of the latest checkpoint of a run."""
+  import orbax.checkpoint as ocp
+  directory = (workdir / 'checkpoints').absolute()
+  step = ocp.CheckpointManager(directory).latest_step() if directory.is_dir() else None
+  if step is None:
+    raise ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
+                      f'(python -m lm.main --config=... --workdir={workdir}) or wait for its '
+                      'first checkpoint')
+  with ocp.CheckpointManager(directory) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']['params']

@@ -27,15 +27,18 @@ def require(ok: bool, field: str, value: Any, fix: str) -> None:
 DTYPES = ('float32', 'bfloat16')
 POSITIONS = ('learned', 'rope')
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'swiglu')
+MLPS = ('gelu', 'gelu_exact', 'swiglu')
+FAMILIES = ('decoder', 'encoder')
+TASKS = {'decoder': ('clm',), 'encoder': ('mlm_nsp',)}  # the tasks each family trains on
 REMATS = ('none', 'full', 'dots')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only transformer, GPT-2 style by default, Llama/Mistral style by its options.
-  `vocab_size` comes from the tokenizer, not from the user."""
+  """A transformer: a decoder (GPT-2 style by default, Llama/Mistral style by its options) or an
+  encoder (BERT). `vocab_size` comes from the tokenizer, not from the user."""
   vocab_size: int
+  family: str = 'decoder'  # decoder (causal LM) | encoder (bidirectional, BERT)
   num_layers: int = 4
   d_model: int = 256
   num_heads: int = 4
@@ -46,7 +49,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm: str = 'layernorm'  # layernorm | rmsnorm
   norm_eps: float = 1e-5
-  mlp: str = 'gelu'  # gelu (tanh approximation) | swiglu
+  mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
   use_bias: bool = True  # biases of every projection
   window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
   window_pattern: str = ''  # per layer, repeated over the depth: L local (window), G global; '': all L
@@ -54,6 +57,8 @@ class ModelConfig:
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
   tie_embeddings: bool = True
+  post_norm: bool = False  # encoder: LayerNorm after each residual sum (original BERT)
+  num_segments: int = 0  # encoder: segment (token type) embeddings; 0: none (decoders)
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
   scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
@@ -85,6 +90,8 @@ class DataConfig:
   seq_len: int = 256
   val_fraction: float = 0.02
   cache_dir: str = ''  # empty: ~/.cache/lm/tokens
+  task: str = 'clm'  # clm (next token; decoder) | mlm_nsp (masked LM + next sentence; encoder)
+  mask_rate: float = 0.15  # mlm_nsp: share of a sequence's tokens chosen for prediction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +231,14 @@ def validate(cfg: Config, device_count: int) -> None:
   require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'use one of {DTYPES}')
   validate_model(m)
   _positive(d, 'data', ['seq_len'])
+  require(d.task in TASKS[m.family], 'data.task', d.task,
+          f'a model.family={m.family!r} trains on {TASKS[m.family]}')
+  if d.task == 'mlm_nsp':
+    require(0.0 < d.mask_rate < 1.0, 'data.mask_rate', d.mask_rate,
+            'the share of tokens chosen for prediction must be in (0, 1), e.g. 0.15')
+    require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
+            '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
+            'give data.seq_len >= 5, e.g. 128')
   require(d.seq_len <= m.max_len, 'data.seq_len', d.seq_len,
           f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
@@ -244,6 +259,22 @@ def validate(cfg: Config, device_count: int) -> None:
 
 def validate_model(m: ModelConfig) -> None:
   """The architecture options of a ModelConfig (also for one read from Hugging Face)."""
+  require(m.family in FAMILIES, 'model.family', m.family, f'use one of {FAMILIES}')
+  if m.family == 'encoder':
+    decoder_only = {'window': (m.window, None), 'window_pattern': (m.window_pattern, ''),
+                    'num_experts': (m.num_experts, 0), 'scan_layers': (m.scan_layers, False),
+                    'tie_embeddings': (m.tie_embeddings, True)}
+    for key, (value, default) in decoder_only.items():
+      require(value == default, f'model.{key}', value,
+              f'the encoder does not take it (its MLM decoder is tied to the token '
+              f'embeddings; windows, experts and scanned layers are decoder options): '
+              f'set {default!r}')
+    require(m.num_segments >= 2, 'model.num_segments', m.num_segments,
+            'the encoder embeds the segments of [CLS] A [SEP] B [SEP]: give >= 2')
+  else:
+    require(not m.post_norm and m.num_segments == 0, 'model.post_norm/num_segments',
+            (m.post_norm, m.num_segments),
+            'encoder options: a decoder is pre-norm without segments; set False and 0')
   for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS)):
     require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
   require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',

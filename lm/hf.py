@@ -5,6 +5,10 @@
       {'params': params}, tokens_BxT)
   lm.hf.save(cfg, params, 'path/out')                # transformers' from_pretrained reads it
 
+  cfg, params = lm.hf.load('path/to/bert')       # BertForPreTraining
+  mlm_logits_BxTxV, nsp_logits_Bx2 = lm.models.build(cfg).apply(
+      {'params': params}, tokens_BxT, segment_ids=segment_ids_BxT, padding_mask=mask_BxT)
+
 Weights are converted exactly (float32); nothing is downloaded. `transformers` itself is not
 needed: the config.json fields are read and written here.
 """
@@ -22,10 +26,13 @@ import numpy as np
 
 from lm.checkpoint import write_atomic
 from lm.config import ConfigError, ModelConfig, validate_model
+from lm import models
 from lm.models import decoder
 
 ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
-                 'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
+                 'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM',
+                 'bert': 'BertForPreTraining'}
+BERT_ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
 WEIGHTS = 'model.safetensors'
 
 
@@ -41,7 +48,7 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
   hf = _read_config(directory)
   cfg = config_from_hf(hf, directory)
   state = _read_weights(directory)
-  convert = _gpt2_from_hf if hf['model_type'] == 'gpt2' else _llama_from_hf
+  convert = {'gpt2': _gpt2_from_hf, 'bert': _bert_from_hf}.get(hf['model_type'], _llama_from_hf)
   return cfg, _check_shapes(cfg, convert(cfg, state, directory), directory)
 
 
@@ -52,7 +59,7 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(params))
   if cfg.scan_layers:
     params = decoder.unstack_layers(cfg, params)
-  state = (_gpt2_to_hf if model_type == 'gpt2' else _llama_to_hf)(cfg, params)
+  state = {'gpt2': _gpt2_to_hf, 'bert': _bert_to_hf}.get(model_type, _llama_to_hf)(cfg, params)
   directory = Path(path)
   directory.mkdir(parents=True, exist_ok=True)
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
@@ -63,6 +70,15 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
 
 def architecture_of(cfg: ModelConfig) -> str:
   """The Hugging Face model_type that has exactly this architecture."""
+  if cfg.family == 'encoder':
+    if (cfg.positions, cfg.norm, cfg.use_bias, cfg.post_norm) == (
+        'learned', 'layernorm', True, True) and cfg.mlp != 'swiglu' and (
+        cfg.kv_heads == cfg.num_heads):
+      return 'bert'
+    raise ConfigError(
+        f'model: positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, '
+        f'use_bias={cfg.use_bias}, post_norm={cfg.post_norm}, num_kv_heads={cfg.num_kv_heads}: '
+        'BERT is learned/layernorm/gelu_exact (or gelu) with biases, post-norm, multi-head')
   if len(set(cfg.layer_windows)) > 1:
     raise ConfigError(f'model.window_pattern={cfg.window_pattern!r}: the supported Hugging Face '
                       'architectures use one window in every layer; use a pattern of one letter')
@@ -87,7 +103,9 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
     raise ConfigError(f'{where}: model_type={model_type!r} is not supported; '
                       f'lm reads {sorted(ARCHITECTURES.values())}')
   try:
-    if model_type == 'gpt2':
+    if model_type == 'bert':
+      cfg = _bert_config(hf, where)
+    elif model_type == 'gpt2':
       act = hf.get('activation_function', 'gelu_new')
       if act not in ('gelu_new', 'gelu_pytorch_tanh'):
         raise ConfigError(f'{where}: activation_function={act!r}; lm\'s GPT-2 MLP is the tanh '
@@ -129,12 +147,39 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
   return cfg
 
 
+def _bert_config(hf: dict, where: str) -> ModelConfig:
+  act = hf.get('hidden_act', 'gelu')
+  if act not in BERT_ACTIVATIONS:
+    raise ConfigError(f'{where}: hidden_act={act!r}; lm\'s BERT takes {sorted(BERT_ACTIVATIONS)}')
+  if hf.get('position_embedding_type', 'absolute') != 'absolute':
+    raise ConfigError(f'{where}: position_embedding_type={hf["position_embedding_type"]!r}; '
+                      'lm\'s BERT has absolute (learned) positions')
+  if not hf.get('tie_word_embeddings', True):
+    raise ConfigError(f'{where}: tie_word_embeddings=false; lm\'s MLM decoder is the token '
+                      'embedding')
+  return ModelConfig(
+      vocab_size=hf['vocab_size'], family='encoder', num_layers=hf['num_hidden_layers'],
+      d_model=hf['hidden_size'], num_heads=hf['num_attention_heads'],
+      mlp_dim=hf['intermediate_size'], max_len=hf.get('max_position_embeddings', 512),
+      norm_eps=hf.get('layer_norm_eps', 1e-12), mlp=BERT_ACTIVATIONS[act], post_norm=True,
+      num_segments=hf.get('type_vocab_size', 2))
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
   model_type = architecture_of(cfg)
   common = {'model_type': model_type, 'architectures': [ARCHITECTURES[model_type]],
             'vocab_size': cfg.vocab_size, 'tie_word_embeddings': cfg.tie_embeddings,
             'torch_dtype': 'float32',
             'bos_token_id': None, 'eos_token_id': None}  # lm's tokenizer holds its special ids
+  if model_type == 'bert':
+    return {**common, 'num_hidden_layers': cfg.num_layers, 'hidden_size': cfg.d_model,
+            'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.mlp_dim,
+            'hidden_act': {v: k for k, v in BERT_ACTIVATIONS.items()
+                           if k != 'gelu_pytorch_tanh'}[cfg.mlp],
+            'max_position_embeddings': cfg.max_len, 'type_vocab_size': cfg.num_segments,
+            'layer_norm_eps': cfg.norm_eps, 'position_embedding_type': 'absolute',
+            'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
+            'pad_token_id': None}
   if model_type == 'gpt2':
     return {**common, 'n_layer': cfg.num_layers, 'n_embd': cfg.d_model,
             'n_head': cfg.num_heads, 'n_inner': cfg.mlp_dim, 'n_positions': cfg.max_len,
@@ -194,6 +239,69 @@ def _llama_to_hf(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
       if cfg.use_bias:
         state[f'{h}mlp.{name}_proj.bias'] = b['mlp'][name]['bias']
   return state
+
+
+# (ours, theirs) for BERT; a block's `attn_norm` follows attention (post-norm).
+BERT_BLOCK = (('attn/query', 'attention.self.query', 1), ('attn/key', 'attention.self.key', 1),
+              ('attn/value', 'attention.self.value', 1), ('attn/out', 'attention.output.dense', 2),
+              ('mlp/up', 'intermediate.dense', 1), ('mlp/down', 'output.dense', 1))
+BERT_NORMS = (('attn_norm', 'attention.output.LayerNorm'), ('mlp_norm', 'output.LayerNorm'))
+BERT_TOP = (('pooler', 'bert.pooler.dense'), ('mlm_transform', 'cls.predictions.transform.dense'),
+            ('nsp', 'cls.seq_relationship'))
+
+
+def _at(tree: dict, path: str):
+  for key in path.split('/'):
+    tree = tree[key]
+  return tree
+
+
+def _bert_to_hf(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
+  e = 'bert.embeddings.'
+  state = {e + 'word_embeddings.weight': p['embed']['embedding'],
+           e + 'position_embeddings.weight': p['pos_embed']['embedding'],
+           e + 'token_type_embeddings.weight': p['segment_embed']['embedding'],
+           'cls.predictions.bias': p['mlm_bias'], 'cls.predictions.decoder.bias': p['mlm_bias']}
+  _norm_to_hf(p['embed_norm'], e + 'LayerNorm', state)
+  _norm_to_hf(p['mlm_norm'], 'cls.predictions.transform.LayerNorm', state)
+  for ours, theirs in BERT_TOP:
+    state[theirs + '.weight'], state[theirs + '.bias'] = p[ours]['kernel'].T, p[ours]['bias']
+  for i in range(cfg.num_layers):
+    b, h = p[f'block_{i}'], f'bert.encoder.layer.{i}.'
+    for ours, theirs, num_in in BERT_BLOCK:
+      state[f'{h}{theirs}.weight'] = _linear_to_hf(_at(b, ours)['kernel'], num_in)
+      state[f'{h}{theirs}.bias'] = _at(b, ours)['bias'].reshape(-1)
+    for ours, theirs in BERT_NORMS:
+      _norm_to_hf(b[ours], h + theirs, state)
+  return state
+
+
+def _bert_from_hf(cfg: ModelConfig, tensors: dict, directory: Path) -> dict:
+  get = _State(tensors, directory)
+  e, d, heads, dh = 'bert.embeddings.', cfg.d_model, cfg.num_heads, cfg.head_dim
+  shapes = {'attn/query': (d, heads, dh), 'attn/key': (d, heads, dh),
+            'attn/value': (d, heads, dh), 'attn/out': (heads, dh, d)}
+  p = {'embed': {'embedding': get(e + 'word_embeddings.weight')},
+       'pos_embed': {'embedding': get(e + 'position_embeddings.weight')},
+       'segment_embed': {'embedding': get(e + 'token_type_embeddings.weight')},
+       'embed_norm': _norm_from_hf(get, e + 'LayerNorm', cfg),
+       'mlm_norm': _norm_from_hf(get, 'cls.predictions.transform.LayerNorm', cfg),
+       'mlm_bias': get('cls.predictions.bias')}
+  for ours, theirs in BERT_TOP:
+    p[ours] = {'kernel': get(theirs + '.weight').T, 'bias': get(theirs + '.bias')}
+  for i in range(cfg.num_layers):
+    h, block = f'bert.encoder.layer.{i}.', {'attn': {}, 'mlp': {}}
+    for ours, theirs, _ in BERT_BLOCK:
+      kernel, bias = get(f'{h}{theirs}.weight').T, get(f'{h}{theirs}.bias')
+      if ours in shapes:
+        kernel = _reshape(kernel, shapes[ours], h + theirs, directory)
+        bias = bias.reshape(shapes[ours][1:]) if ours != 'attn/out' else bias
+      group, name = ours.split('/')
+      block[group][name] = {'kernel': kernel, 'bias': bias}
+    for ours, theirs in BERT_NORMS:
+      block[ours] = _norm_from_hf(get, h + theirs, cfg)
+    p[f'block_{i}'] = block
+  return p
 
 
 def _gpt2_to_hf(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
@@ -332,7 +440,7 @@ def _reshape(x: np.ndarray, shape: tuple[int, ...], name: str, directory: Path) 
 
 def _check_shapes(cfg: ModelConfig, params: dict, directory: Path) -> dict:
   """Every tensor has the shape the model built from `cfg` expects."""
-  model = decoder.Decoder(cfg)
+  model = models.build(cfg)
   expected = nn.meta.unbox(jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32)))['params'])
   flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])

@@ -45,9 +45,9 @@ def _sown(state: dict, name: str) -> list[jax.Array]:
           if name in jax.tree_util.keystr(path)]
 
 
-def clm_eval_sums(params, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, pad_id: int,
-                  token_bytes_V: jax.Array) -> dict[str, jax.Array]:
-  """Sums to add up over a split: NLL and count of non-padding targets, and the NLL and
+def clm_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
+                  pad_id: int, token_bytes_V: jax.Array) -> dict[str, jax.Array]:
+  """Sums to add up over a split (`rng` unused): NLL and count of non-padding targets, and the NLL and
   UTF-8 bytes of the targets that are text (special tokens have 0 bytes), for bits per byte.
   """
   targets_BxT = batch['targets']
@@ -58,7 +58,99 @@ def clm_eval_sums(params, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, pad
           'text_nll': jnp.sum(nll_BxT * (bytes_BxT > 0)), 'bytes': jnp.sum(bytes_BxT)}
 
 
-def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+def clm_eval_metrics(sums: dict[str, float]) -> dict[str, float]:
   """Added-up sums -> mean loss per token and bits per UTF-8 byte."""
   return {'loss': sums['nll'] / max(sums['tokens'], 1),
           'bpb': sums['text_nll'] / (math.log(2) * max(sums['bytes'], 1))}
+
+
+# --- masked language modelling + next-sentence prediction (BERT) ---------------------------
+
+MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens; the other 10% stay as they are
+
+
+def mask_tokens(rng: jax.Array, tokens_BxT: jax.Array, eligible_BxT: jax.Array, rate: float,
+                mask_id: int, num_ordinary: int) -> tuple[jax.Array, jax.Array]:
+  """BERT's corruption: in each row, round(rate * eligible tokens) of them (at least 1 when
+  any is eligible), chosen uniformly; of those 80% become mask_id, 10% a token drawn uniformly
+  from the ordinary ids [0, num_ordinary), 10% stay. Returns (inputs_BxT, chosen_BxT)."""
+  choose, action, replace = jax.random.split(rng, 3)
+  count_B = jnp.sum(eligible_BxT, axis=1)
+  picks_B = jnp.where(count_B > 0, jnp.maximum(1, jnp.round(rate * count_B)), 0)
+  scores_BxT = jnp.where(eligible_BxT, jax.random.uniform(choose, tokens_BxT.shape), 2.0)
+  rank_BxT = jnp.argsort(jnp.argsort(scores_BxT, axis=1), axis=1)  # 0: the lowest score
+  chosen_BxT = rank_BxT < picks_B[:, None]
+  u_BxT = jax.random.uniform(action, tokens_BxT.shape)
+  random_BxT = jax.random.randint(replace, tokens_BxT.shape, 0, num_ordinary, tokens_BxT.dtype)
+  inputs_BxT = jnp.where(chosen_BxT & (u_BxT < MASK_SHARE), mask_id, tokens_BxT)
+  inputs_BxT = jnp.where(chosen_BxT & (u_BxT >= MASK_SHARE) & (u_BxT < MASK_SHARE + RANDOM_SHARE),
+                         random_BxT, inputs_BxT)
+  return inputs_BxT, chosen_BxT
+
+
+def mlm_nsp_terms(mlm_logits_BxTxV: jax.Array, nsp_logits_Bx2: jax.Array, targets_BxT: jax.Array,
+                  chosen_BxT: jax.Array, nsp_labels_B: jax.Array) -> dict[str, jax.Array]:
+  """Sums: NLL and correct argmax predictions over the chosen positions (T: all positions, or
+  the gathered ones) and over the rows with an NSP label (label < 0: none), with counts."""
+  nll_BxT = token_nll(mlm_logits_BxTxV, targets_BxT)
+  right_BxT = jnp.argmax(mlm_logits_BxTxV, axis=-1) == targets_BxT
+  labelled_B = nsp_labels_B >= 0
+  labels_B = jnp.maximum(nsp_labels_B, 0)
+  nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_Bx2, labels_B)
+  return {'mlm_nll': jnp.sum(nll_BxT * chosen_BxT), 'mlm_correct': jnp.sum(right_BxT & chosen_BxT),
+          'mlm_count': jnp.sum(chosen_BxT),
+          'nsp_nll': jnp.sum(nsp_nll_B * labelled_B),
+          'nsp_correct': jnp.sum((jnp.argmax(nsp_logits_Bx2, -1) == labels_B) & labelled_B),
+          'nsp_count': jnp.sum(labelled_B)}
+
+
+def mlm_nsp_metrics(sums: dict) -> dict:
+  """Sums -> loss (MLM mean NLL + NSP mean NLL, as Hugging Face's BertForPreTraining) and the
+  MLM and NSP losses and accuracies."""
+  per = lambda key, count: sums[key] / jnp.maximum(sums[count], 1)
+  out = {'mlm_loss': per('mlm_nll', 'mlm_count'), 'mlm_accuracy': per('mlm_correct', 'mlm_count'),
+         'nsp_loss': per('nsp_nll', 'nsp_count'), 'nsp_accuracy': per('nsp_correct', 'nsp_count')}
+  if 'mode_correct' in sums:
+    out['mlm_mode_accuracy'] = per('mode_correct', 'mlm_count')
+  return {'loss': out['mlm_loss'] + out['nsp_loss'], **out}
+
+
+def _mlm_nsp_sums(params, batch, rng, apply_fn, pad_id, mask_id, first_special, num_ordinary,
+                  rate) -> tuple[dict, jax.Array, jax.Array]:
+  """Masks, the model's logits at the M = ceil(rate * T) slots that can hold a chosen position
+  (the vocabulary projection runs there only), and the sums."""
+  tokens_BxT = batch['tokens']
+  inputs_BxT, chosen_BxT = mask_tokens(rng, tokens_BxT, tokens_BxT < first_special, rate,
+                                       mask_id, num_ordinary)
+  length = tokens_BxT.shape[1]
+  slots = min(length, max(1, math.ceil(rate * length)))  # >= any row's count of chosen ones
+  positions_BxM = jnp.argsort(~chosen_BxT, axis=1, stable=True)[:, :slots]  # chosen first
+  used_BxM = jnp.take_along_axis(chosen_BxT, positions_BxM, axis=1)
+  mlm_logits_BxMxV, nsp_logits_Bx2 = apply_fn(
+      {'params': params}, inputs_BxT, segment_ids=batch['segment_ids'],
+      padding_mask=tokens_BxT != pad_id, positions_BxM=positions_BxM)
+  sums = mlm_nsp_terms(mlm_logits_BxMxV, nsp_logits_Bx2,
+                       jnp.take_along_axis(tokens_BxT, positions_BxM, axis=1), used_BxM,
+                       batch['nsp_labels'])
+  return sums, tokens_BxT, chosen_BxT
+
+
+def mlm_nsp_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
+                 pad_id: int, mask_id: int, first_special: int, num_ordinary: int,
+                 rate: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """BERT pre-training: masks drawn from `rng` (fresh each step) over the ordinary tokens
+  (ids < first_special: never [CLS], [SEP] or padding); loss = MLM + NSP cross-entropy."""
+  sums, _, _ = _mlm_nsp_sums(params, batch, rng, apply_fn, pad_id, mask_id, first_special,
+                             num_ordinary, rate)
+  metrics = mlm_nsp_metrics(sums)
+  return metrics['loss'], metrics
+
+
+def mlm_nsp_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
+                      pad_id: int, mask_id: int, first_special: int, num_ordinary: int,
+                      rate: float, mode_id: int) -> dict[str, jax.Array]:
+  """Sums over a split (masks from `rng`), with `mode_correct`: the chosen positions whose
+  token is mode_id, the accuracy of always predicting the most frequent token."""
+  sums, tokens_BxT, chosen_BxT = _mlm_nsp_sums(params, batch, rng, apply_fn, pad_id, mask_id,
+                                               first_special, num_ordinary, rate)
+  return {**sums, 'mode_correct': jnp.sum((tokens_BxT == mode_id) & chosen_BxT)}

@@ -57,14 +57,17 @@ def check_even(abstract_tree: Any, mesh: Mesh) -> None:
             f'mesh whose {"x".join(axes)} size divides {dim}, or resize the model')
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), RULES))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Rows over data x fsdp: a [B, T] array (ndim 2) or a [B] one (ndim 1)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length')[:ndim], RULES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """This host's rows of the batch -> global arrays laid out by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def global_batch(local: dict[str, np.ndarray],
+                 sharding: NamedSharding | dict[str, NamedSharding]) -> dict[str, jax.Array]:
+  """This host's rows of the batch -> global arrays laid out by `sharding` (one per key)."""
+  pick = (lambda k: sharding[k]) if isinstance(sharding, dict) else (lambda k: sharding)
+  return {k: jax.make_array_from_process_local_data(pick(k), v) for k, v in local.items()}

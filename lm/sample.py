@@ -13,44 +13,11 @@ arguments is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from lm.config import ConfigError, ModelConfig, require, validate_model
-
-
-def load_model(workdir: Path, tokenizer_arg: str | None):
-  """(ModelConfig, params, tokenizer) of a run's workdir or a Hugging Face directory."""
-  from lm import hf, tokenizers
-  config_path = workdir / 'config.json'
-  if not config_path.is_file():
-    raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
-                      'python -m lm.main, or a Hugging Face model directory')
-  saved = json.loads(config_path.read_text())
-  if 'model_type' in saved:  # a Hugging Face directory
-    if not tokenizer_arg and not (workdir / 'tokenizer' / 'tokenizer.json').is_file():
-      raise ConfigError(f'--workdir={str(workdir)!r} is a Hugging Face directory: name its '
-                        'tokenizer with --tokenizer=bytes|cl100k|DIR')
-    cfg, params = hf.load(workdir)
-    return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-  cfg = ModelConfig(**saved['model'])
-  validate_model(cfg)
-  return cfg, restore_params(workdir), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-
-
-def restore_params(workdir: Path):
-  """The parameters of the latest checkpoint of a run."""
-  import orbax.checkpoint as ocp
-  directory = (workdir / 'checkpoints').absolute()
-  step = ocp.CheckpointManager(directory).latest_step() if directory.is_dir() else None
-  if step is None:
-    raise ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
-                      f'(python -m lm.main --config=... --workdir={workdir}) or wait for its '
-                      'first checkpoint')
-  with ocp.CheckpointManager(directory) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+from lm.checkpoint import load_model
+from lm.config import ConfigError, require
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -84,6 +51,8 @@ def run(args: argparse.Namespace) -> str:
                       'drop --temperature/--top_k/--top_p/--min_p/--stream, or use --num_beams=1')
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
   cfg, params, tok = load_model(Path(args.workdir), args.tokenizer)
+  require(cfg.family == 'decoder', '--workdir', args.workdir,
+          f'holds an {cfg.family}, which does not generate; use lm.encoding.fill_mask / embed')
   prompt = [tok.bos_id, *tok.encode(args.prompt)]
   if not args.max_new_tokens:
     args.max_new_tokens = max(1, cfg.max_len - len(prompt))

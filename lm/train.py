@@ -8,9 +8,6 @@ print a few samples.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gzip
-import lzma
 import math
 import signal
 import threading
@@ -22,18 +19,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from lm import checkpoint, config as config_lib, hf, models, objectives, parallel, sampling
-from lm import tokenizers
+from lm import checkpoint, config as config_lib, hf, models, parallel, tasks, tokenizers
 from lm.config import Config
-from lm.data import clm, store
+from lm.data import store
 from lm.models import decoder
 
-SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
+FINAL_EVAL_BATCHES = None  # the final evaluation covers the whole validation split
 
 
 class TrainState(train_state.TrainState):
@@ -104,12 +99,6 @@ def measure_peak_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 5) 
   return 2 * n**3 / best
 
 
-def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
-  """Bits per byte of gzip -9 and xz -9 on the same text: baselines for val/bpb."""
-  return {'gzip -9': 8 * len(gzip.compress(text, 9)) / len(text),
-          'xz -9': 8 * len(lzma.compress(text, preset=9)) / len(text)}
-
-
 class StopOnSignal:
   """SIGTERM or Ctrl-C sets `signum`; the loop checkpoints and stops. A second Ctrl-C aborts."""
 
@@ -139,6 +128,7 @@ class Run:
   splits: dict[str, store.Split]
   mesh: jax.sharding.Mesh
   model: nn.Module
+  task: tasks.Task  # the data pipeline and loss of data.task
   init_fn: Callable  # () -> TrainState, laid out on the mesh
   abstract: Any  # the TrainState's ShapeDtypeStructs with shardings
   shardings: Any
@@ -154,15 +144,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
   tokenizer = (tokenizers.load(saved) if (saved / 'tokenizer.json').is_file()
                else store.load_or_train_tokenizer(cfg.tokenizer, cfg.data))
-  splits = store.load_or_build(cfg.data, tokenizer)
+  splits = store.load_or_build(cfg.data, tokenizer, tasks.LAYOUTS[cfg.data.task])
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)
+  task = tasks.make(cfg, model, tokenizer, splits)
   init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train), cfg.data.seq_len,
                                                 cfg.train.seed, mesh)
   parallel.check_even(abstract, mesh)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
   tokenizer.save(workdir / 'tokenizer')
-  return Run(cfg, workdir, tokenizer, splits, mesh, model, init_fn, abstract, shardings)
+  return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
 
 
 PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config
@@ -203,35 +194,28 @@ def pretrained_params(cfg: Config) -> Any:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
   """Trains (or resumes) and returns the final metrics."""
   r = setup(config, workdir)
-  cfg, t = r.cfg, r.cfg.train
+  cfg, t, task = r.cfg, r.cfg.train, r.task
   is_main = jax.process_index() == 0
   abstract, shardings = r.abstract, r.shardings
-  batch_sharding = parallel.batch_sharding(r.mesh)
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=r.model.apply,
-                              pad_id=r.tokenizer.pad_id,
-                              aux_coef=cfg.model.moe_aux_coef if cfg.model.num_experts else 0.0)
-  eval_fn = functools.partial(objectives.clm_eval_sums, apply_fn=r.model.apply,
-                              pad_id=r.tokenizer.pad_id,
-                              token_bytes_V=jnp.asarray(r.tokenizer.token_bytes()))
-  batch_spec = jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len), jnp.int32,
-                                    sharding=batch_sharding)
+  batch_spec = {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                        sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
+                for k, s in task.batch_shapes().items()}
+  batch_sharding = {k: s.sharding for k, s in batch_spec.items()}
   ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints)
   start = ckpts.latest_step() or 0
   # Read (and stacked for scan_layers) outside the mesh context; only a fresh run needs them.
   pretrained = pretrained_params(cfg) if cfg.train.init_from and not start else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
-    train_step = jax.jit(make_train_step(loss_fn, make_schedule(t)),
+    train_step = jax.jit(make_train_step(task.loss_fn, make_schedule(t)),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, parallel.replicated(r.mesh)),
                          donate_argnums=0)
     compile_start = time.perf_counter()
-    train_step = train_step.lower(abstract, {'inputs': batch_spec, 'targets': batch_spec}).compile()
-    eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding))
+    train_step = train_step.lower(abstract, batch_spec).compile()
+    eval_step = jax.jit(task.eval_fn, in_shardings=(shardings.params, batch_sharding, None))
     compile_seconds = time.perf_counter() - compile_start
 
-    data_iter = iter(clm.train_dataset(
-        r.splits['train'].tokens, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed,
-        process_index=jax.process_index(), process_count=jax.process_count()))
+    data_iter = iter(task.train_dataset(jax.process_index(), jax.process_count()))
     if start:
       state, data_state = ckpts.restore(start, abstract)
       data_iter.set_state(data_state)
@@ -242,16 +226,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
         state = state.replace(params=jax.device_put(pretrained, shardings.params))
         print(f'starting from the weights of {cfg.train.init_from}')
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
-    flops_per_token = decoder.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_per_token = models.train_flops_per_token(cfg.model, cfg.data.seq_len,
+                                                   cfg.data.mask_rate)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '
           f'compiled in {compile_seconds:.1f}s; device peak {peak / 1e9:.0f} GFLOP/s x '
           f'{jax.device_count()}; mesh {dict(r.mesh.shape)}')
     log = checkpoint.MetricsLog(r.workdir, start) if is_main else None
-    val_batches = clm.eval_batches(r.splits['val'].tokens, seq_len=cfg.data.seq_len,
-                                   batch_size=t.batch_size, pad_id=r.tokenizer.pad_id,
-                                   max_batches=t.eval_batches)
-    evaluate = lambda params, batches: _evaluate(eval_step, params, batches, batch_sharding)
+    val_batches = task.eval_batches(t.eval_batches)
+    evaluate = lambda params, batches: _evaluate(eval_step, task, params, batches, batch_sharding,
+                                                 t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     last_log_step, last_log_time = start, time.perf_counter()
     stop_signal = None
@@ -265,20 +249,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-          record = {'train/loss': float(metrics['loss']),
-                    'train/grad_norm': float(metrics['grad_norm']),
-                    'train/lr': float(metrics['lr']),
-                    'perf/tokens_per_sec': tokens_per_sec,
-                    'perf/mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count())}
+          record = {f'train/{k}': float(v) for k, v in metrics.items()}
+          record.update({'perf/tokens_per_sec': tokens_per_sec,
+                         'perf/mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count())})
           bar.set_postfix(loss=f'{record["train/loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
           if log:
             log.write(step, record)
           last_log_step, last_log_time = step, now
         if step % t.eval_every == 0 and step != t.steps:
           val = evaluate(state.params, val_batches)
-          bar.write(f'step {step}: val/loss {val["loss"]:.4f}, val/bpb {val["bpb"]:.4f}')
+          bar.write(f'step {step}: ' + ', '.join(f'val/{k} {v:.4f}' for k, v in val.items()))
           if log:
-            log.write(step, {'val/loss': val['loss'], 'val/bpb': val['bpb']})
+            log.write(step, {f'val/{k}': v for k, v in val.items()})
           last_log_step, last_log_time = step, time.perf_counter()
         stop_signal = stop.signum
         if step % t.checkpoint_every == 0 or step == t.steps or stop_signal is not None:
@@ -295,53 +277,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
     return _finish(r, state, evaluate, log)
 
 
-def _evaluate(eval_step, params, batches, batch_sharding) -> dict[str, float]:
+def _evaluate(eval_step, task: tasks.Task, params, batches, batch_sharding,
+              seed: int) -> dict[str, float]:
+  """The task's metrics over `batches`; batch i draws its randomness (masks) from a key fixed
+  by (seed, i), so every evaluation of a run sees the same inputs."""
   sums: dict[str, float] = {}
-  for batch in batches:
+  for i, batch in enumerate(batches):
     local = {k: v[jax.process_index()::jax.process_count()] for k, v in batch.items()}
-    out = jax.device_get(eval_step(params, parallel.global_batch(local, batch_sharding)))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    out = jax.device_get(eval_step(params, parallel.global_batch(local, batch_sharding), rng))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
-  return {k: float(v) for k, v in objectives.eval_metrics(sums).items()}
+  return {k: float(v) for k, v in task.metrics(sums).items()}
 
 
 def _finish(r: Run, state: TrainState, evaluate: Callable, log) -> dict[str, float]:
-  """The full validation split, the compressors on the same text, and a few samples."""
-  cfg = r.cfg
-  val_tokens = r.splits['val'].tokens
-  batches = clm.eval_batches(val_tokens, seq_len=cfg.data.seq_len,
-                             batch_size=cfg.train.batch_size, pad_id=r.tokenizer.pad_id)
-  val = evaluate(state.params, batches)
-  covered = clm.num_windows(len(val_tokens), cfg.data.seq_len) * cfg.data.seq_len
-  text = r.tokenizer.decode(np.asarray(val_tokens[1:covered + 1]).tolist()).encode('utf-8')
-  baselines = compressed_bits_per_byte(text)
+  """The final evaluation, with the task's report: baselines beside the model, samples."""
+  val = evaluate(state.params, r.task.eval_batches(FINAL_EVAL_BATCHES))
+  extra, lines = r.task.report(state.params, val, r.mesh)
   step = int(state.step)
-  result = {'step': step, 'val/loss': val['loss'], 'val/bpb': val['bpb'],
-            'val/gzip_bpb': baselines['gzip -9'], 'val/xz_bpb': baselines['xz -9']}
+  result = {'step': step, **{f'val/{k}': v for k, v in {**val, **extra}.items()}}
   if log:
     log.write(step, {k: v for k, v in result.items() if k != 'step'})
     log.close()
-  print(f'\nfinal validation at step {step} ({len(text):,} bytes of held-out text):')
-  print(f'  {"model":<10} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte')
-  for name, bpb in baselines.items():
-    print(f'  {name:<10} {"":27} {bpb:.4f} bits/byte')
-  for i, text in enumerate(_samples(r, state.params)):
-    print(f'\n--- sample {i + 1} ---\n{text}')
+  print(f'\nfinal validation at step {step} ' + '\n'.join(lines))
   return result
-
-
-def _samples(r: Run, params) -> list[str]:
-  t, tok = r.cfg.train, r.tokenizer
-  if not t.num_samples or not t.sample_len:
-    return []
-  prompts = [[tok.bos_id, *tok.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)])]
-             for i in range(t.num_samples)]
-  in_vocabulary = lambda logits_BxV: jnp.where(  # init_from: the model's V may be larger
-      jnp.arange(logits_BxV.shape[-1]) < tok.vocab_size, logits_BxV, -jnp.inf)
-  with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
-    out = sampling.generate(
-        r.cfg.model, params, prompts, rng=jax.random.PRNGKey(t.seed),
-        max_new_tokens=min(t.sample_len, r.cfg.model.max_len - max(map(len, prompts))),
-        filter_fn=sampling.chain(in_vocabulary, sampling.temperature(0.8)),
-        eos_id=tok.eos_id, pad_id=tok.pad_id)
-  return [tok.decode(p[1:] + ids) for p, ids in zip(prompts, out.tokens)]

@@ -1,5 +1,6 @@
-"""Run by test_train.py with 8 fake CPU devices: three train steps of one model on a
-(data=2, fsdp=4) mesh and on a 1-device mesh, from the same initial state and batches.
+"""Run by test_train.py with 8 fake CPU devices: three train steps of a decoder and of an
+encoder (BERT) on a (data=2, fsdp=4) mesh and on a 1-device mesh, from the same initial state
+and batches.
 Prints one JSON line with both loss curves and the largest parameter difference.
 """
 from __future__ import annotations
@@ -19,26 +20,20 @@ from lm import config as config_lib, models, objectives, parallel, train
 from tests.conftest import load_config, tiny_config
 
 
-def main():
-  c = load_config()
-  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
-  c.data.update(seq_len=32)
-  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+def run_on_both_meshes(c, loss_of, batches):
+  """Three train steps on a (data=2, fsdp=4) mesh and on 1 device: (losses of each, the largest
+  final parameter difference, the number of shards of a kernel)."""
   cfg = config_lib.parse(c, vocab_size=259, device_count=8)
   model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train)
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=258)
-  step_fn = train.make_train_step(loss_fn, train.make_schedule(cfg.train))
-  rng = np.random.default_rng(0)
-  batches = [{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')}
-             for _ in range(3)]
+  step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train))
   results = {}
   for name, shape, devices in (('8', (2, 4, 1), jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
     mesh = parallel.make_mesh(shape, devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
       init_fn, _, shardings = train.abstract_state(model, tx, 32, 0, mesh)
       state = init_fn()
-      sharding = parallel.batch_sharding(mesh)
+      sharding = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
       step = jax.jit(step_fn, in_shardings=(shardings, sharding), donate_argnums=0)
       losses = []
       for batch in batches:
@@ -50,6 +45,32 @@ def main():
       shards = len({str(s.index) for s in kernel.addressable_shards})
   diff = max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))
+  return results['8'][0], results['1'][0], diff, shards
+
+
+def main():
+  rng = np.random.default_rng(0)
+  c = load_config()
+  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
+  c.data.update(seq_len=32)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  batches = [{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')}
+             for _ in range(3)]
+  decoder = run_on_both_meshes(
+      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=258),
+      batches)
+  c = load_config('encoder')  # BERT: masks drawn in the loss, NSP labels a [B] array
+  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
+  c.data.update(seq_len=32)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  tokens = lambda: np.concatenate([np.full((8, 1), 256), rng.integers(0, 256, (8, 31))], 1)
+  batches = [{'tokens': tokens().astype(np.int32),
+              'segment_ids': (np.arange(32)[None] >= 16).repeat(8, 0).astype(np.int32),
+              'nsp_labels': rng.integers(0, 2, 8).astype(np.int32)} for _ in range(3)]
+  encoder = run_on_both_meshes(
+      c, lambda model: functools.partial(objectives.mlm_nsp_loss, apply_fn=model.apply,
+                                         pad_id=258, mask_id=257, first_special=256,
+                                         num_ordinary=256, rate=0.15), batches)
   # The byte vocabulary of 259 cannot split over tensor=2: a clear error, nothing written.
   workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
   c = tiny_config(corpus, workdir.parent / 'cache')
@@ -59,9 +80,10 @@ def main():
     uneven_error = ''
   except config_lib.ConfigError as e:
     uneven_error = str(e)
-  print(json.dumps({'uneven_error': uneven_error, 'devices': jax.device_count(), 'param_shards': shards,
-                    'losses_8': results['8'][0], 'losses_1': results['1'][0],
-                    'max_param_diff': diff}))
+  print(json.dumps({'uneven_error': uneven_error, 'devices': jax.device_count(),
+                    'param_shards': decoder[3], 'losses_8': decoder[0], 'losses_1': decoder[1],
+                    'max_param_diff': decoder[2], 'encoder_losses_8': encoder[0],
+                    'encoder_losses_1': encoder[1], 'encoder_max_param_diff': encoder[2]}))
 
 
 if __name__ == '__main__':

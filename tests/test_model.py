@@ -71,7 +71,7 @@ def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, length, 3, 4)).astype(np.float32) for _ in range(3))
   expected = reference_attention(q, k, v)
-  out = layers.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
+  out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_grouped_query_and_sliding_window_attention_equal_a_numpy_reference(kv_h
   rng = np.random.default_rng(0)
   q = rng.standard_normal((2, 11, 4, 8)).astype(np.float32)
   k, v = (rng.standard_normal((2, 11, kv_heads, 8)).astype(np.float32) for _ in range(2))
-  out = layers.causal_attention(*map(jnp.asarray, (q, k, v)), window=window, block=block)
+  out = layers.attention(*map(jnp.asarray, (q, k, v)), window=window, block=block)
   np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, window), atol=1e-5)
 
 
@@ -101,10 +101,10 @@ def test_a_query_is_unaffected_by_keys_before_its_window():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 2, 4)), jnp.float32) for _ in range(3))
   window, t = 4, 9
-  base = layers.causal_attention(q, k, v, window=window, block=4)
+  base = layers.attention(q, k, v, window=window, block=4)
   early = slice(0, t - window + 1)  # keys 0 .. t - window: outside the window of t
-  moved = layers.causal_attention(q, k.at[:, early].add(5.0), v.at[:, early].add(5.0),
-                                  window=window, block=4)
+  moved = layers.attention(q, k.at[:, early].add(5.0), v.at[:, early].add(5.0),
+                           window=window, block=4)
   np.testing.assert_array_equal(moved[:, t:], base[:, t:])
   assert not np.allclose(moved[:, t - 1], base[:, t - 1])
 

@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lm import objectives, train
+from lm import objectives, tasks, train
 
 
 def numpy_nll(logits, targets):
@@ -33,18 +33,18 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab():
   token_bytes = np.array([1] * 256 + [0] * 3)
   targets = np.array([[1, 2, 256, 3, 258]])  # 3 text bytes, a special token, padding
   apply_fn = lambda variables, inputs: jnp.zeros((1, 5, vocab))
-  sums = objectives.clm_eval_sums({}, {'inputs': targets, 'targets': targets},
+  sums = objectives.clm_eval_sums({}, {'inputs': targets, 'targets': targets}, None,
                                   apply_fn=apply_fn, pad_id=258,
                                   token_bytes_V=jnp.asarray(token_bytes))
   assert int(sums['tokens']) == 4 and int(sums['bytes']) == 3
-  metrics = objectives.eval_metrics({k: float(v) for k, v in sums.items()})
+  metrics = objectives.clm_eval_metrics({k: float(v) for k, v in sums.items()})
   np.testing.assert_allclose(metrics['loss'], math.log(vocab), rtol=1e-6)
   np.testing.assert_allclose(metrics['bpb'], math.log2(vocab), rtol=1e-6)
 
 
 def test_compressor_baselines():
   text = b'def f(x):\n    return x\n' * 200
-  result = train.compressed_bits_per_byte(text)
+  result = tasks.compressed_bits_per_byte(text)
   assert set(result) == {'gzip -9', 'xz -9'}
   assert 0 < result['gzip -9'] < 0.5 and 0 < result['xz -9'] < 0.5
 

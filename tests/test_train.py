@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lm import train
+from lm import checkpoint, train
 from lm.config import ConfigError
 from tests.conftest import ROOT
 
@@ -137,6 +137,8 @@ def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   assert result['devices'] == 8 and result['param_shards'] > 1
   np.testing.assert_allclose(result['losses_8'], result['losses_1'], rtol=1e-5)
   assert result['max_param_diff'] < 1e-5
+  np.testing.assert_allclose(result['encoder_losses_8'], result['encoder_losses_1'], rtol=1e-5)
+  assert result['encoder_max_param_diff'] < 1e-5
   assert result['uneven_error'].startswith(
       "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (269, 32) has a dimension "
       "of 269 split 2 ways over ('tensor',)")
@@ -264,7 +266,7 @@ def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path, capsys):
                       '--temperature=0')
   assert greedy.returncode == 0, greedy.stderr
   # The CLI's text is the greedy continuation of BOS + prompt by the checkpoint's params.
-  cfg, params, tok = __import__('lm.sample', fromlist=['x']).load_model(workdir, None)
+  cfg, params, tok = checkpoint.load_model(workdir)
   ids = sampling.generate(cfg, params, [[tok.bos_id, *tok.encode('def ')]], max_new_tokens=12,
                           eos_id=tok.eos_id).tokens[0]
   assert greedy.stdout == 'def ' + tok.decode(ids) + '\n'

@@ -110,3 +110,18 @@ def read_documents(source: SourceFile) -> Iterator[str]:
       continue
     if doc:
       yield doc
+
+
+def sentences(document: str) -> list[str]:
+  """The sentences of a document for next-sentence prediction: its runs of non-blank lines
+  (paragraphs; in source code, the blocks between blank lines), each with its newlines."""
+  out, run = [], []
+  for line in document.splitlines(keepends=True):
+    if line.strip():
+      run.append(line)
+    elif run:
+      out.append(''.join(run))
+      run = []
+  if run:
+    out.append(''.join(run))
+  return out

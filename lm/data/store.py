@@ -1,6 +1,8 @@
 """The tokenized corpus: one flat memmapped token array per split, built once and cached.
 
-Each document is stored as BOS + tokens + EOS. The cache directory is named by a fingerprint
+Two layouts: `documents` (causal LM) stores each document as BOS + tokens + EOS; `sentences`
+(masked LM + next sentence) stores each sentence's tokens alone (corpus.sentences), with the
+offsets of every sentence and the first sentence of every document. The cache directory is named by a fingerprint
 of the tokenizer, the split and every file's (key, size, mtime), so a changed corpus or
 tokenizer builds a new store; a store is written to a temporary directory and renamed into
 place, so an interrupted build leaves nothing half-written.
@@ -25,6 +27,7 @@ from lm.data import corpus
 from lm.tokenizers import bpe
 
 SPLITS = ('train', 'val')
+LAYOUTS = ('documents', 'sentences')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,10 @@ class Split:
   tokens: np.ndarray  # [N] memmap
   num_bytes: int  # UTF-8 bytes of the text the tokens encode
   num_files: int
+  # `sentences` layout: sentence i is tokens[sentence_starts[i]:sentence_starts[i + 1]]
+  # ([S + 1]), document d its sentences document_starts[d] .. document_starts[d + 1] - 1.
+  sentence_starts: np.ndarray | None = None
+  document_starts: np.ndarray | None = None
 
 
 def default_cache_dir() -> Path:
@@ -70,13 +77,15 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
   return tokenizers.load(directory)
 
 
-def load_or_build(cfg: DataConfig, tokenizer: tokenizers.Tokenizer) -> dict[str, Split]:
+def load_or_build(cfg: DataConfig, tokenizer: tokenizers.Tokenizer,
+                  layout: str = 'documents') -> dict[str, Split]:
   files = corpus.list_files(cfg.paths)
-  directory = cache_dir(cfg) / fingerprint(files, tokenizer.fingerprint(), cfg.val_fraction)
+  what = tokenizer.fingerprint() + ('' if layout == 'documents' else f'-{layout}')
+  directory = cache_dir(cfg) / fingerprint(files, what, cfg.val_fraction)
   if not (directory / 'meta.json').is_file():
-    _build(files, tokenizer, cfg, directory)
+    _build(files, tokenizer, cfg, directory, layout)
   splits = _load(directory)
-  _check_splits(splits, cfg)
+  _check_splits(splits, cfg, layout)
   return splits
 
 
@@ -86,27 +95,46 @@ def _load(directory: Path) -> dict[str, Split]:
     n = meta[name]['num_tokens']  # numpy cannot memmap an empty file
     return (np.memmap(directory / f'{name}.bin', dtype=meta['dtype'], mode='r', shape=(n,))
             if n else np.zeros(0, meta['dtype']))
-  return {name: Split(tokens(name), meta[name]['num_bytes'], meta[name]['num_files'])
+  offsets = lambda name, what: (np.load(directory / f'{name}.{what}.npy')
+                                if (directory / f'{name}.{what}.npy').is_file() else None)
+  return {name: Split(tokens(name), meta[name]['num_bytes'], meta[name]['num_files'],
+                      offsets(name, 'sentences'), offsets(name, 'documents'))
           for name in SPLITS}
 
 
-def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory: Path) -> None:
+def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory: Path,
+           layout: str) -> None:
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
   def write(tmp: Path) -> None:
-    meta = {'dtype': np.dtype(dtype).name, 'files': len(files)}
+    meta = {'dtype': np.dtype(dtype).name, 'files': len(files), 'layout': layout}
     counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0} for name in SPLITS}
     outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
+    sentence_lengths = {name: [] for name in SPLITS}  # `sentences` layout
+    document_sizes = {name: [] for name in SPLITS}  # sentences per document
     for f in tqdm(files, desc='tokenizing corpus', unit='file', leave=False):
       name = 'val' if corpus.is_validation(f.key, cfg.val_fraction) else 'train'
       docs = list(corpus.read_documents(f))
-      for doc, ids in zip(docs, tokenizer.encode_batch(docs)):
-        outs[name].write(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype).tobytes())
-        counts[name]['num_tokens'] += len(ids) + 2
+      for doc in docs:
         counts[name]['num_bytes'] += len(doc.encode('utf-8', errors='replace'))
+      if layout == 'documents':
+        units = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(docs)]
+      else:
+        sentences = [corpus.sentences(doc) for doc in docs]
+        units = tokenizer.encode_batch([s for doc in sentences for s in doc])
+        document_sizes[name] += [len(doc) for doc in sentences if doc]
+        sentence_lengths[name] += [len(ids) for ids in units]
+      for ids in units:
+        outs[name].write(np.asarray(ids, dtype).tobytes())
+        counts[name]['num_tokens'] += len(ids)
       counts[name]['num_files'] += bool(docs)
     for out in outs.values():
       out.close()
+    if layout == 'sentences':
+      starts = lambda sizes: np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+      for name in SPLITS:
+        np.save(tmp / f'{name}.sentences.npy', starts(sentence_lengths[name]))
+        np.save(tmp / f'{name}.documents.npy', starts(document_sizes[name]))
     meta.update(counts)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
   _publish(directory, write)
@@ -128,11 +156,13 @@ def _publish(directory: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_splits(splits: dict[str, Split], cfg: DataConfig) -> None:
+def _check_splits(splits: dict[str, Split], cfg: DataConfig, layout: str) -> None:
   paths = list(cfg.paths) or 'the default corpus'
   if sum(split.num_bytes for split in splits.values()) == 0:
     raise ConfigError(f'data.paths={paths!r}: the corpus holds no text (empty or skipped '
                       'files); point data.paths at UTF-8 text or JSONL files with "text"')
+  if layout == 'sentences':  # the task's pipeline checks what it needs of them
+    return
   for name, split in splits.items():
     # A split must hold at least one window of seq_len + 1 tokens.
     require_tokens = cfg.seq_len + 1

@@ -1,11 +1,20 @@
-"""Model families. `build(config)` returns the Flax module of a typed model config."""
+"""Model families: `build(config)` returns the Flax module of a typed model config; the
+counting functions dispatch on its family."""
 from __future__ import annotations
 
 import flax.linen as nn
 
 from lm.config import ModelConfig
-from lm.models.decoder import Decoder
+from lm.models import decoder, encoder
 
 
 def build(cfg: ModelConfig) -> nn.Module:
-  return Decoder(cfg)
+  return encoder.Encoder(cfg) if cfg.family == 'encoder' else decoder.Decoder(cfg)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0) -> float:
+  """Training FLOPs per token; an encoder's vocabulary projection runs on the share
+  `mask_rate` of the tokens (the masked ones)."""
+  if cfg.family == 'encoder':
+    return encoder.train_flops_per_token(cfg, seq_len, mask_rate)
+  return decoder.train_flops_per_token(cfg, seq_len)

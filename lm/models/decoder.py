@@ -18,10 +18,6 @@ from lm.models import layers
 ACTIVATION = ('batch', 'length', 'embed')
 
 
-REMAT_POLICIES = {'full': None,  # keep only each block's input
-                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
 class Block(nn.Module):
   cfg: ModelConfig
   window: int | None  # this layer's attention window; None: full causal attention
@@ -54,7 +50,7 @@ def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
   for a backward pass). The parameters are the same either way."""
   if cfg.remat == 'none' or decoding:
     return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  return nn.remat(Block, policy=layers.REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B):
@@ -206,19 +202,18 @@ def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: blocks and the output head (for a mixture
   of experts, the router and the experts each token uses)."""
-  attention = 2 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim
-  mlp = (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.mlp_dim
+  block = layers.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
+                                     cfg.mlp_dim)
   if cfg.num_experts:  # the router, and the experts a token is sent to: active parameters
-    mlp = cfg.d_model * cfg.num_experts + cfg.experts_per_token * mlp
-  return cfg.num_layers * (attention + mlp) + cfg.d_model * cfg.vocab_size
+    mlp = 3 * cfg.d_model * cfg.mlp_dim
+    block += cfg.d_model * cfg.num_experts + (cfg.experts_per_token - 1) * mlp
+  return cfg.num_layers * block + cfg.d_model * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's
-  scores and weighted values (2 matmuls of keys x Dh per query head, forward 2 FLOPs per
-  multiply-add, backward twice that), over all keys a query may see in each layer (seq_len,
-  or that layer's window),
-  as in PaLM's MFU: not halved for causality.
-  """
+  """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's over all
+  keys a query may see in each layer (seq_len, or that layer's window), as in PaLM's MFU: not
+  halved for causality."""
   keys = sum(seq_len if w is None else min(seq_len, w) for w in cfg.layer_windows)
-  return 6 * matmul_params(cfg) + 12 * keys * cfg.num_heads * cfg.head_dim
+  return 6 * matmul_params(cfg) + layers.attention_flops_per_token(keys, cfg.num_heads,
+                                                                   cfg.head_dim)

@@ -10,6 +10,21 @@ import jax.numpy as jnp
 
 INIT_STD = 0.02
 
+REMAT_POLICIES = {'full': None,  # keep only each block's input
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_matmul_params(d_model: int, kv_width: int, mlp: str, mlp_dim: int) -> int:
+  """Weights of one attention + dense MLP block that take part in a matmul per token:
+  query and output D x D, key and value D x kv_width, MLP 2 (3 for SwiGLU) x D x F."""
+  return 2 * d_model * (d_model + kv_width) + (3 if mlp == 'swiglu' else 2) * d_model * mlp_dim
+
+
+def attention_flops_per_token(keys: int, num_heads: int, head_dim: int) -> int:
+  """Training FLOPs of one query's scores and weighted values over `keys` keys: 2 matmuls of
+  keys x Dh per head, 2 FLOPs a multiply-add forward and twice that backward (12 in all)."""
+  return 12 * keys * num_heads * head_dim
+
 
 def normal(axes: tuple[str | None, ...], std: float = INIT_STD):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -46,42 +61,45 @@ def visible(t: jax.Array, s: jax.Array, window: int | None) -> jax.Array:
   return (s <= t) & ((t - s < window) if window is not None else True)
 
 
-def causal_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
-                     window: int | None = None, block: int = 128,
-                     start_B: jax.Array | None = None) -> jax.Array:
-  """Softmax(q k^T / sqrt(Dh)) v, causal, over query blocks of `block` rows.
+def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
+              causal: bool = True, window: int | None = None,
+              key_valid_BxS: jax.Array | None = None, block: int = 128) -> jax.Array:
+  """Softmax(q k^T / sqrt(Dh)) v over query blocks of `block` rows; causal (query t sees keys
+  s <= t) or bidirectional (every key).
 
   K key/value heads serve H = K * G query heads (grouped-query attention; K = H is multi-head,
-  K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` a query
-  at t sees keys t - window + 1 .. t only. Query block [i, i + block) scores only the keys it
-  can see, [i - window + 1, i + block): key blocks wholly outside are skipped, not masked.
-  With `start_B` (left-padded rows), row b's keys before start_B[b] are padding, unseen.
+  K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` (causal
+  only) a query at t sees keys t - window + 1 .. t only. A causal query block [i, i + block)
+  scores only the keys it can see, [i - window + 1, i + block): key blocks wholly outside are
+  skipped, not masked. `key_valid_BxS` False marks padding keys, which no query sees.
   """
   batch, length, heads, head_dim = q_BxTxHxDh.shape
-  kv_heads = k_BxTxKxDh.shape[2]
+  kv_heads = k_BxSxKxDh.shape[2]
   q_BxTxKxGxDh = q_BxTxHxDh.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
   outs = []
   for start in range(0, length, block):
     end = min(start + block, length)
-    lo = max(0, start - window + 1) if window is not None else 0
+    lo = max(0, start - window + 1) if causal and window is not None else 0
+    hi = end if causal else k_BxSxKxDh.shape[1]
     logits_BxKxGxQxS = jnp.einsum('bqkgd,bskd->bkgqs', q_BxTxKxGxDh[:, start:end],
-                                  k_BxTxKxDh[:, lo:end],
+                                  k_BxSxKxDh[:, lo:hi],
                                   preferred_element_type=jnp.float32) * head_dim ** -0.5
-    keys_S = jnp.arange(lo, end)
-    visible_1x1x1xQxS = visible(jnp.arange(start, end)[:, None], keys_S[None, :], window)[None,
-                                                                                       None, None]
-    if start_B is not None:
-      visible_1x1x1xQxS = visible_1x1x1xQxS & (keys_S >= start_B[:, None, None, None, None])
-    logits_BxKxGxQxS = jnp.where(visible_1x1x1xQxS, logits_BxKxGxQxS,
-                                 jnp.finfo(jnp.float32).min)
-    att_BxKxGxQxS = jax.nn.softmax(logits_BxKxGxQxS, axis=-1).astype(v_BxTxKxDh.dtype)
-    outs.append(jnp.einsum('bkgqs,bskd->bqkgd', att_BxKxGxQxS, v_BxTxKxDh[:, lo:end]))
+    keys_S = jnp.arange(lo, hi)
+    mask = (visible(jnp.arange(start, end)[:, None], keys_S[None, :], window)[None, None, None]
+            if causal else None)
+    if key_valid_BxS is not None:
+      valid_Bx1x1x1xS = key_valid_BxS[:, None, None, None, lo:hi]
+      mask = valid_Bx1x1x1xS if mask is None else mask & valid_Bx1x1x1xS
+    if mask is not None:
+      logits_BxKxGxQxS = jnp.where(mask, logits_BxKxGxQxS, jnp.finfo(jnp.float32).min)
+    att_BxKxGxQxS = jax.nn.softmax(logits_BxKxGxQxS, axis=-1).astype(v_BxSxKxDh.dtype)
+    outs.append(jnp.einsum('bkgqs,bskd->bqkgd', att_BxKxGxQxS, v_BxSxKxDh[:, lo:hi]))
   return jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim)
 
 
 class Attention(nn.Module):
-  """Causal self-attention: multi-head, grouped-query or multi-query; optional RoPE and
-  sliding window."""
+  """Self-attention, causal (decoders) or bidirectional (encoders): multi-head, grouped-query
+  or multi-query; optional RoPE and (causal) sliding window."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -90,11 +108,13 @@ class Attention(nn.Module):
   window: int | None = None
   dtype: jnp.dtype = jnp.float32
   out_std: float = INIT_STD
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
-               start_B: jax.Array | None = None) -> jax.Array | tuple[jax.Array, dict]:
-    """Training: x_BxTxD -> y_BxTxD. Decoding (with a `cache` from `init_kv_cache`): the T new
+               start_B: jax.Array | None = None, key_valid_BxT: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, dict]:
+    """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a `cache` from `init_kv_cache`): the T new
     columns start at column `index` of the rows; T > 1 is a prefill into an empty cache, T = 1
     a decode step. Row b is left-padded up to column start_B[b]: its positions count from
     there and its padding is never attended. Returns (y_BxTxD, cache)."""
@@ -117,8 +137,10 @@ class Attention(nn.Module):
       cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
       out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, columns_T[0], self.window, start_B)
     else:
-      out_BxTxHxDh = causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, self.window,
-                                      start_B=start_B)
+      if start_B is not None:  # left padding
+        key_valid_BxT = columns_T[None] >= start_B[:, None]
+      out_BxTxHxDh = attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, causal=self.causal,
+                               window=self.window, key_valid_BxS=key_valid_BxT)
       if cache is not None:
         cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
     y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
@@ -190,8 +212,16 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
+def activation(mlp: str):
+  """The nonlinearity of an MLP kind: GELU with the tanh approximation (`gelu`, GPT-2), exact
+  GELU (`gelu_exact`, BERT), or SiLU (`swiglu`'s gate)."""
+  return {'gelu': lambda x: jax.nn.gelu(x, approximate=True),
+          'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False), 'swiglu': nn.silu}[mlp]
+
+
 class Mlp(nn.Module):
-  """`gelu`: Dense -> GELU (tanh approximation, as GPT-2) -> Dense.
+  """`gelu`, `gelu_exact`: Dense -> GELU (tanh approximation as GPT-2, or exact as BERT) ->
+  Dense.
   `swiglu`: down(silu(gate(x)) * up(x)), as Llama; gate and up run as one matmul (their
   kernels side by side: about 20% faster on CPU than two), their parameters kept apart."""
   kind: str
@@ -216,8 +246,7 @@ class Mlp(nn.Module):
         h_BxTx2F = h_BxTx2F + jnp.concatenate([gate_F, up_F]).astype(self.dtype)
       h_BxTxF = nn.silu(h_BxTx2F[..., :f]) * h_BxTx2F[..., f:]
     else:
-      h_BxTxF = jax.nn.gelu(dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x_BxTxD),
-                            approximate=True)
+      h_BxTxF = activation(self.kind)(dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x_BxTxD))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
     return dense(x_BxTxD.shape[-1], ('mlp', 'embed'), 'down', self.out_std)(h_BxTxF)
 

@@ -1,0 +1,143 @@
+"""Masked LM + next-sentence prediction pipeline: sentence pairs [CLS] A [SEP] B [SEP].
+
+A document is a file of the corpus, a sentence a run of non-blank lines (corpus.sentences),
+tokenized alone in the store's `sentences` layout. Example i starts at anchor sentence i: a
+sentence with at least one more in its document. A is the anchor and the sentences after it
+while A holds less than half the budget (seq_len - 3 tokens), always leaving one sentence of
+the document; then, with probability 1/2, B is what follows A in its document (label
+IS_NEXT = 0, as Hugging Face's BERT), otherwise sentences from a random sentence of another
+document (label RANDOM = 1); B takes sentences while the pair holds less than the budget. A
+pair over the budget is trimmed at its outer ends, A from its front and B from its back, so the
+junction where A meets B, which the label is about, is kept; the longer side is trimmed first.
+
+Which tokens are masked is not decided here: the loss draws fresh masks every step
+(objectives.mask_tokens). Training examples are shuffled anew every epoch and drawn with a
+generator seeded by their position in the stream, so the grain iterator's state in a
+checkpoint resumes exactly the same pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from lm.config import ConfigError
+from lm.data.store import Split
+
+IS_NEXT, RANDOM = 0, 1
+NO_LABEL = -1  # the padding rows that fill a last evaluation batch
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  cls: int
+  sep: int
+  pad: int
+
+
+def check_split(split: Split, name: str, paths: object) -> None:
+  """A split needs two documents (a random B comes from another one) and a document of two
+  sentences (an A followed by its B)."""
+  docs = len(split.document_starts) - 1
+  if docs < 2:
+    raise ConfigError(
+        f'data.paths={paths!r}: the {name} split holds {docs} document(s) (files); next-sentence '
+        'prediction draws a random B from another document, so no negative pair is possible: '
+        'give a corpus of more files (the split is by file; for val, raise data.val_fraction)')
+  if not len(anchors(split)):
+    raise ConfigError(
+        f'data.paths={paths!r}: no document of the {name} split holds two sentences (runs of '
+        'lines separated by a blank line), so no pair A, B where B follows A exists')
+
+
+def anchors(split: Split) -> np.ndarray:
+  """The sentences that have a next sentence in their document."""
+  docs = split.document_starts
+  last_S = np.zeros(docs[-1], bool)
+  last_S[docs[1:][docs[1:] > docs[:-1]] - 1] = True  # the last sentence of each document
+  return np.flatnonzero(~last_S)
+
+
+def trim(length_a: int, length_b: int, budget: int) -> tuple[int, int]:
+  """Lengths that fit `budget`, cut from the longer side first; each keeps >= 1 if budget >= 2."""
+  keep_b = min(length_b, max(budget - length_a, budget // 2))
+  return min(length_a, budget - keep_b), keep_b
+
+
+def make_pair(split: Split, anchor: int, rng: np.random.Generator,
+              budget: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """(A tokens, B tokens, label) of the example at sentence `anchor`; len(A) + len(B) <= budget."""
+  starts, docs = split.sentence_starts, split.document_starts
+  length = lambda first, end: int(starts[end] - starts[first])  # tokens of sentences [first, end)
+  doc = int(np.searchsorted(docs, anchor, side='right')) - 1
+  doc_end = int(docs[doc + 1])
+  a_end = anchor + 1
+  while a_end < doc_end - 1 and length(anchor, a_end) < budget // 2:
+    a_end += 1
+  label = IS_NEXT if rng.random() < 0.5 else RANDOM
+  if label == IS_NEXT:
+    b_start, b_limit = a_end, doc_end
+  else:
+    other = int(rng.integers(len(docs) - 2))
+    other += other >= doc
+    b_start = int(rng.integers(docs[other], docs[other + 1]))
+    b_limit = int(docs[other + 1])
+  b_end = b_start + 1
+  while b_end < b_limit and length(anchor, a_end) + length(b_start, b_end) < budget:
+    b_end += 1
+  keep_a, keep_b = trim(length(anchor, a_end), length(b_start, b_end), budget)
+  a = split.tokens[starts[a_end] - keep_a:starts[a_end]]
+  b = split.tokens[starts[b_start]:starts[b_start] + keep_b]
+  return np.asarray(a, np.int32), np.asarray(b, np.int32), label
+
+
+def encode_pair(a: np.ndarray, b: np.ndarray, label: int, seq_len: int,
+                ids: SpecialIds) -> dict[str, np.ndarray]:
+  """tokens [CLS] A [SEP] B [SEP] then padding; segment 0 up to the first [SEP], 1 after."""
+  used = len(a) + len(b) + 3
+  tokens = np.full(seq_len, ids.pad, np.int32)
+  tokens[:used] = np.concatenate([[ids.cls], a, [ids.sep], b, [ids.sep]])
+  segments = np.zeros(seq_len, np.int32)
+  segments[len(a) + 2:used] = 1
+  return {'tokens': tokens, 'segment_ids': segments, 'nsp_labels': np.int32(label)}
+
+
+def example(split: Split, anchor: int, rng: np.random.Generator, seq_len: int,
+            ids: SpecialIds) -> dict[str, np.ndarray]:
+  return encode_pair(*make_pair(split, anchor, rng, seq_len - 3), seq_len, ids)
+
+
+def train_dataset(split: Split, *, seq_len: int, batch_size: int, seed: int, ids: SpecialIds,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless shuffled batches of this host's share (batch_size is the global batch)."""
+  starts = anchors(split)
+  ds = (grain.MapDataset.range(len(starts))
+        .shuffle(seed=seed)
+        .repeat()
+        .random_map(lambda i, rng: example(split, int(starts[i]), rng, seq_len, ids), seed=seed)
+        [process_index::process_count]
+        .batch(batch_size // process_count, drop_remainder=True))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def eval_batches(split: Split, *, seq_len: int, batch_size: int, ids: SpecialIds, seed: int,
+                 max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The same pairs every time: anchors spread evenly over the split (all of them, or
+  `max_batches` worth), example j drawn with a generator seeded by (seed, j). The last batch is
+  filled with rows of padding labelled NO_LABEL, which the metrics leave out."""
+  starts = anchors(split)
+  if max_batches is not None and max_batches * batch_size < len(starts):
+    starts = starts[np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(int)]
+  rows = [example(split, int(s), np.random.default_rng([seed, j]), seq_len, ids)
+          for j, s in enumerate(starts)]
+  filler = {'tokens': np.full(seq_len, ids.pad, np.int32),
+            'segment_ids': np.zeros(seq_len, np.int32), 'nsp_labels': np.int32(NO_LABEL)}
+  rows += [filler] * (-len(rows) % batch_size)
+  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in filler}
+          for i in range(0, len(rows), batch_size)]
+
+
+def most_frequent_token(split: Split) -> int:
+  """The commonest token: predicting it at every masked position is the baseline accuracy."""
+  return int(np.argmax(np.bincount(np.asarray(split.tokens))))

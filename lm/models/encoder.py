@@ -1,0 +1,123 @@
+"""The encoder-only language model, BERT: token, segment and position embeddings summed and
+normalised; bidirectional self-attention over the real (non-padding) tokens; post-LayerNorm
+blocks as the original BERT (pre-LayerNorm with model.post_norm=False); a pooler (the [CLS]
+state through a tanh layer); the masked-LM head (transform, norm, a decoder tied to the token
+embeddings, an output bias) and the next-sentence head.
+
+  mlm_logits_BxTxV, nsp_logits_Bx2 = Encoder(cfg).apply({'params': params}, tokens_BxT,
+                                                        segment_ids=..., padding_mask=...)
+  hidden_BxTxD = Encoder(cfg).apply({'params': params}, tokens_BxT, method=Encoder.encode)
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+from lm.models import layers
+
+ACTIVATION = ('batch', 'length', 'embed')
+
+
+class EncoderBlock(nn.Module):
+  """Attention then MLP, each added to the residual stream: normalised after the sum
+  (post_norm, BERT) or before the sublayer (pre-norm)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    out_std = layers.INIT_STD if cfg.post_norm else layers.INIT_STD / math.sqrt(2 * cfg.num_layers)
+    sublayers = (
+        ('attn_norm', lambda h: layers.Attention(
+            cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
+            cfg.rope_theta if cfg.positions == 'rope' else 0.0, None, dtype, out_std,
+            causal=False, name='attn')(h, key_valid_BxT=valid_BxT)),
+        ('mlp_norm', lambda h: layers.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
+                                          name='mlp')(h)))
+    for norm_name, sublayer in sublayers:
+      norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
+      x_BxTxD = norm(x_BxTxD + sublayer(x_BxTxD)) if cfg.post_norm else x_BxTxD + sublayer(
+          norm(x_BxTxD))
+      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
+    return x_BxTxD
+
+
+class Encoder(nn.Module):
+  """tokens_BxT (int) -> (mlm_logits_BxTxV, nsp_logits_Bx2), float32. `segment_ids_BxT`
+  (default 0) index the segment embeddings; `padding_mask_BxT` (default all True) is False at
+  padding, which no position attends to. Parameters: embed, pos_embed (learned positions),
+  segment_embed, embed_norm, block_0 .. block_{L-1}, final_norm (pre-norm only), pooler,
+  mlm_transform, mlm_norm, mlm_bias, nsp."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    dense = lambda features, axes, name: nn.Dense(
+        features, dtype=dtype, name=name, kernel_init=layers.normal(axes),
+        bias_init=layers.zeros(axes[1:]))
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                          embedding_init=layers.normal(('vocab', 'embed')))
+    if cfg.positions == 'learned':
+      self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype,
+                                embedding_init=layers.normal((None, 'embed')))
+    self.segment_embed = nn.Embed(cfg.num_segments, cfg.d_model, dtype=dtype,
+                                  embedding_init=layers.normal((None, 'embed')))
+    self.embed_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'embed_norm')
+    block = (nn.remat(EncoderBlock, policy=layers.REMAT_POLICIES[cfg.remat])
+             if cfg.remat != 'none' else EncoderBlock)
+    self.blocks = [block(cfg, name=f'block_{i}') for i in range(cfg.num_layers)]
+    if not cfg.post_norm:
+      self.final_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')
+    self.pooler = dense(cfg.d_model, ('embed', 'mlp'), 'pooler')
+    self.mlm_transform = dense(cfg.d_model, ('embed', 'mlp'), 'mlm_transform')
+    self.mlm_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'mlm_norm')
+    self.mlm_bias = self.param('mlm_bias', layers.zeros(('vocab',)), (cfg.vocab_size,))
+    self.nsp = dense(2, ('embed', None), 'nsp')
+
+  def encode(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
+             padding_mask: jax.Array | None = None) -> jax.Array:
+    """The final hidden states, hidden_BxTxD."""
+    valid_BxT = jnp.ones(tokens_BxT.shape, bool) if padding_mask is None else padding_mask
+    segment_ids_BxT = jnp.zeros_like(tokens_BxT) if segment_ids is None else segment_ids
+    x_BxTxD = self.embed(tokens_BxT) + self.segment_embed(segment_ids_BxT)
+    if self.cfg.positions == 'learned':
+      x_BxTxD = x_BxTxD + self.pos_embed(jnp.arange(tokens_BxT.shape[1]))[None]
+    x_BxTxD = nn.with_logical_constraint(self.embed_norm(x_BxTxD), ACTIVATION)
+    for block in self.blocks:
+      x_BxTxD = block(x_BxTxD, valid_BxT.astype(bool))
+    return x_BxTxD if self.cfg.post_norm else self.final_norm(x_BxTxD)
+
+  def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
+               padding_mask: jax.Array | None = None,
+               positions_BxM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """MLM logits at every position, or only at `positions_BxM` ([B, M, V]: the masked
+    positions, as BERT's training computes the vocabulary projection only where it is scored),
+    and NSP logits."""
+    act = layers.activation(self.cfg.mlp)
+    hidden_BxTxD = self.encode(tokens_BxT, segment_ids, padding_mask)
+    selected_BxMxD = (hidden_BxTxD if positions_BxM is None else
+                      jnp.take_along_axis(hidden_BxTxD, positions_BxM[..., None], axis=1))
+    h_BxMxD = self.mlm_norm(act(self.mlm_transform(selected_BxMxD)))
+    mlm_logits_BxMxV = self.embed.attend(h_BxMxD).astype(jnp.float32) + self.mlm_bias
+    mlm_logits_BxMxV = nn.with_logical_constraint(mlm_logits_BxMxV, ('batch', 'length', 'vocab'))
+    pooled_BxD = jnp.tanh(self.pooler(hidden_BxTxD[:, 0]))
+    return mlm_logits_BxMxV, self.nsp(pooled_BxD).astype(jnp.float32)
+
+
+def matmul_params(cfg: ModelConfig, mask_rate: float = 1.0) -> float:
+  """Weights in a matmul per token: the blocks, and the MLM transform and decoder for the
+  share `mask_rate` of the tokens that are scored (the pooler and the NSP head run once a
+  sequence, not counted)."""
+  block = layers.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
+                                     cfg.mlp_dim)
+  return cfg.num_layers * block + mask_rate * cfg.d_model * (cfg.d_model + cfg.vocab_size)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0) -> float:
+  """6 FLOPs per matmul weight plus attention's, every query seeing all seq_len keys."""
+  return 6 * matmul_params(cfg, mask_rate) + layers.attention_flops_per_token(
+      cfg.num_layers * seq_len, cfg.num_heads, cfg.head_dim)
