@@ -295,7 +295,8 @@ def _bert_from_hf(cfg: ModelConfig, tensors: dict, directory: Path) -> dict:
       kernel, bias = get(f'{h}{theirs}.weight').T, get(f'{h}{theirs}.bias')
       if ours in shapes:
         kernel = _reshape(kernel, shapes[ours], h + theirs, directory)
-        bias = bias.reshape(shapes[ours][1:]) if ours != 'attn/out' else bias
+        bias = _reshape(bias, shapes[ours][1:] if ours != 'attn/out' else (d,),
+                        f'{h}{theirs}.bias', directory)
       group, name = ours.split('/')
       block[group][name] = {'kernel': kernel, 'bias': bias}
     for ours, theirs in BERT_NORMS:

@@ -12,6 +12,7 @@ and the lines of its final report. `make(cfg, ...)` picks the task of `data.task
 """
 from __future__ import annotations
 
+import abc
 import functools
 import gzip
 import lzma
@@ -24,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import objectives, parallel, sampling
+from lm.encoding import fill_mask
 from lm.config import Config
 from lm.data import clm, mlm_nsp, store
 
 LAYOUTS = {'clm': 'documents', 'mlm_nsp': 'sentences'}  # the token store each task reads
 SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
 FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
-MASK = '[MASK]'
 
 
 def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
@@ -39,8 +40,8 @@ def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
           'xz -9': 8 * len(lzma.compress(text, preset=9)) / len(text)}
 
 
-class Task:
-  """The interface; see the module docstring."""
+class Task(abc.ABC):
+  """The interface; see the module docstring. A subclass sets `name`, `loss_fn`, `eval_fn`."""
   name: str
   loss_fn: Any
   eval_fn: Any
@@ -48,21 +49,25 @@ class Task:
   def __init__(self, cfg: Config, model: nn.Module, tokenizer, splits: dict[str, store.Split]):
     self.cfg, self.model, self.tokenizer, self.splits = cfg, model, tokenizer, splits
 
+  @abc.abstractmethod
   def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-    raise NotImplementedError
+    """The global shapes and dtypes of one training batch."""
 
+  @abc.abstractmethod
   def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
-    raise NotImplementedError
+    """Endless, checkpointable batches of this host's rows."""
 
+  @abc.abstractmethod
   def eval_batches(self, max_batches: int | None) -> list[dict[str, np.ndarray]]:
-    raise NotImplementedError
+    """Fixed validation batches (all of the split for None)."""
 
+  @abc.abstractmethod
   def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-    raise NotImplementedError
+    """Sums of eval_fn over a split -> its metrics."""
 
+  @abc.abstractmethod
   def report(self, params, val: dict[str, float], mesh) -> tuple[dict[str, float], list[str]]:
     """The final numbers beyond `val` and the lines that show them."""
-    raise NotImplementedError
 
 
 class CausalLM(Task):
@@ -168,7 +173,6 @@ class MaskedLM(Task):
              f'   (always the most frequent token {mode!r}: {val["mlm_mode_accuracy"]:.4f})',
              f'  next sentence    accuracy {val["nsp_accuracy"]:.4f}   loss {val["nsp_loss"]:.4f}'
              '   (chance: 0.5)']
-    from lm.encoding import fill_mask
     for text in FILL_EXAMPLES:
       candidates = fill_mask(self.cfg.model, params, self.tokenizer, text, top_k=3)[0]
       lines.append(f'  fill_mask({text!r}): ' + ', '.join(f'{c!r} {p:.2f}' for c, p in candidates))
