@@ -1,6 +1,6 @@
 """The CPU-sized BERT: a small byte-level encoder trained with masked language modelling plus
-next-sentence prediction on the Python stdlib sources (a document is a file, a sentence a run
-of non-blank lines).
+next-sentence prediction on the Python stdlib sources (a document is a file, a sentence a
+line; A and B are runs of lines).
 
   python -m lm.main --config=configs/encoder.py [--config.model.post_norm=False ...]
 """

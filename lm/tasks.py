@@ -29,7 +29,7 @@ from lm.encoding import fill_mask
 from lm.config import Config
 from lm.data import clm, mlm_nsp, store
 
-LAYOUTS = {'clm': 'documents', 'mlm_nsp': 'sentences'}  # the token store each task reads
+LAYOUTS = {'clm': 'documents', 'mlm_nsp': 'lines'}  # the token store each task reads
 SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
 FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
 

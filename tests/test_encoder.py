@@ -14,7 +14,7 @@ import pytest
 
 from lm import checkpoint, encoding, hf, models, objectives, sample, tokenizers, train
 from lm.config import ConfigError, ModelConfig, validate_model
-from lm.data import mlm_nsp, store
+from lm.data import corpus, mlm_nsp, store
 from lm.models import encoder, layers
 from tests.conftest import load_config
 
@@ -170,6 +170,13 @@ def test_mask_rate_sets_the_count_per_row():
   assert chosen.sum(1).tolist() == [12, 3, 0]
 
 
+def test_a_sentence_is_a_line_with_the_blank_lines_after_it():
+  document = '\n  \nimport os\n\n\ndef f():\n    return 1\n  \nx = 2'
+  assert corpus.lines(document) == ['import os\n\n\n', 'def f():\n', '    return 1\n  \n', 'x = 2']
+  assert ''.join(corpus.lines(document)) == document[4:]
+  assert corpus.lines('\n\n') == [] and corpus.lines('') == []
+
+
 def sentence_split(docs: list[list[int]]) -> store.Split:
   """A split whose sentence s of document d is the tokens [d, s] repeated s + 1 times."""
   sentences = [[d, s] * (s + 1) for d, n in enumerate(docs) for s in range(n)]
@@ -246,10 +253,10 @@ def test_eval_batches_are_fixed_and_padded_with_unlabelled_rows():
   assert list(one[-1]['nsp_labels'][2:]) == [mlm_nsp.NO_LABEL] * 2
 
 
-def encoder_config(corpus: Path, cache: Path, **train_overrides):
+def encoder_config(corpus_dir: Path, cache: Path, **train_overrides):
   c = load_config('encoder')
   c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=48)
-  c.data.update(paths=str(corpus / '*.txt'), seq_len=48, val_fraction=0.3, cache_dir=str(cache))
+  c.data.update(paths=str(corpus_dir / '*.txt'), seq_len=48, val_fraction=0.3, cache_dir=str(cache))
   c.train.update(steps=300, batch_size=16, learning_rate=2e-3, warmup_steps=20, log_every=10,
                  eval_every=100, eval_batches=4, checkpoint_every=100, peak_flops=1e9)
   c.train.update(train_overrides)
@@ -271,8 +278,8 @@ def write_topic_corpus(directory: Path, num_docs: int = 24) -> Path:
 
 
 def test_a_short_run_lifts_next_sentence_accuracy_above_chance(tmp_path, capsys):
-  corpus = write_topic_corpus(tmp_path / 'corpus')
-  result = train.run(encoder_config(corpus, tmp_path / 'cache'), tmp_path / 'run')
+  corpus_dir = write_topic_corpus(tmp_path / 'corpus')
+  result = train.run(encoder_config(corpus_dir, tmp_path / 'cache'), tmp_path / 'run')
   assert result['val/nsp_accuracy'] > 0.8, result
   assert result['val/mlm_accuracy'] > result['val/mlm_mode_accuracy'] + 0.05, result
   out = capsys.readouterr().out
@@ -307,7 +314,7 @@ def test_a_short_run_lifts_next_sentence_accuracy_above_chance(tmp_path, capsys)
 
 
 def test_bad_encoder_input_gets_clear_errors(tmp_path):
-  corpus = write_topic_corpus(tmp_path / 'corpus', num_docs=4)
+  corpus_dir = write_topic_corpus(tmp_path / 'corpus', num_docs=4)
   cache = tmp_path / 'cache'
   bad = [({'data.mask_rate': 0.0}, 'data.mask_rate=0.0'),
          ({'data.mask_rate': 1.0}, 'data.mask_rate=1.0'),
@@ -316,7 +323,7 @@ def test_bad_encoder_input_gets_clear_errors(tmp_path):
          ({'model.window': 8}, 'model.window=8: the encoder does not take it'),
          ({'model.num_segments': 1}, 'model.num_segments=1')]
   for overrides, message in bad:
-    c = encoder_config(corpus, cache)
+    c = encoder_config(corpus_dir, cache)
     for key, value in overrides.items():
       section, name = key.split('.')
       c[section][name] = value

@@ -112,16 +112,14 @@ def read_documents(source: SourceFile) -> Iterator[str]:
       yield doc
 
 
-def sentences(document: str) -> list[str]:
-  """The sentences of a document for next-sentence prediction: its runs of non-blank lines
-  (paragraphs; in source code, the blocks between blank lines), each with its newlines."""
-  out, run = [], []
+def lines(document: str) -> list[str]:
+  """The sentences of a document for next-sentence prediction: its non-blank lines, each with
+  its newline and the blank lines after it (blank lines before the first are dropped), so that
+  consecutive ones join back into the document's text."""
+  out = []
   for line in document.splitlines(keepends=True):
     if line.strip():
-      run.append(line)
-    elif run:
-      out.append(''.join(run))
-      run = []
-  if run:
-    out.append(''.join(run))
+      out.append(line)
+    elif out:
+      out[-1] += line
   return out

@@ -1,14 +1,17 @@
 """Masked LM + next-sentence prediction pipeline: sentence pairs [CLS] A [SEP] B [SEP].
 
-A document is a file of the corpus, a sentence a run of non-blank lines (corpus.sentences),
-tokenized alone in the store's `sentences` layout. Example i starts at anchor sentence i: a
-sentence with at least one more in its document. A is the anchor and the sentences after it
-while A holds less than half the budget (seq_len - 3 tokens), always leaving one sentence of
-the document; then, with probability 1/2, B is what follows A in its document (label
-IS_NEXT = 0, as Hugging Face's BERT), otherwise sentences from a random sentence of another
-document (label RANDOM = 1); B takes sentences while the pair holds less than the budget. A
-pair over the budget is trimmed at its outer ends, A from its front and B from its back, so the
-junction where A meets B, which the label is about, is kept; the longer side is trimmed first.
+A document is a file of the corpus, a sentence one of its lines (corpus.lines: a non-blank
+line and the blank lines after it), tokenized alone in the store's `lines` layout; A and B are
+runs of lines. (With runs of non-blank lines, paragraphs, as the sentences, the default run's
+NSP accuracy stalled at 0.62: on source code, where a block begins says little about the block
+before it.) Example i starts at anchor line i: a line with at least one more in its document.
+A is the anchor and the lines after it while A holds less than half the budget (seq_len - 3
+tokens), always leaving one line of the document; then, with probability 1/2, B is what
+follows A in its document (label IS_NEXT = 0, as Hugging Face's BERT), otherwise lines from a
+random line of another document (label RANDOM = 1); B takes lines while the pair holds less
+than the budget. A pair over the budget is trimmed at its outer ends, A from its front and B
+from its back, so the junction where A meets B, which the label is about, is kept; the longer
+side is trimmed first.
 
 Which tokens are masked is not decided here: the loss draws fresh masks every step
 (objectives.mask_tokens). Training examples are shuffled anew every epoch and drawn with a
@@ -38,7 +41,7 @@ class SpecialIds:
 
 def check_split(split: Split, name: str, paths: object) -> None:
   """A split needs two documents (a random B comes from another one) and a document of two
-  sentences (an A followed by its B)."""
+  lines (an A followed by its B)."""
   docs = len(split.document_starts) - 1
   if docs < 2:
     raise ConfigError(
@@ -47,15 +50,15 @@ def check_split(split: Split, name: str, paths: object) -> None:
         'give a corpus of more files (the split is by file; for val, raise data.val_fraction)')
   if not len(anchors(split)):
     raise ConfigError(
-        f'data.paths={paths!r}: no document of the {name} split holds two sentences (runs of '
-        'lines separated by a blank line), so no pair A, B where B follows A exists')
+        f'data.paths={paths!r}: no document of the {name} split holds two non-blank lines, so '
+        'no pair A, B where B follows A exists')
 
 
 def anchors(split: Split) -> np.ndarray:
-  """The sentences that have a next sentence in their document."""
+  """The lines that have a next line in their document."""
   docs = split.document_starts
   last_S = np.zeros(docs[-1], bool)
-  last_S[docs[1:][docs[1:] > docs[:-1]] - 1] = True  # the last sentence of each document
+  last_S[docs[1:][docs[1:] > docs[:-1]] - 1] = True  # the last line of each document
   return np.flatnonzero(~last_S)
 
 
@@ -67,9 +70,9 @@ def trim(length_a: int, length_b: int, budget: int) -> tuple[int, int]:
 
 def make_pair(split: Split, anchor: int, rng: np.random.Generator,
               budget: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """(A tokens, B tokens, label) of the example at sentence `anchor`; len(A) + len(B) <= budget."""
-  starts, docs = split.sentence_starts, split.document_starts
-  length = lambda first, end: int(starts[end] - starts[first])  # tokens of sentences [first, end)
+  """(A tokens, B tokens, label) of the example at line `anchor`; len(A) + len(B) <= budget."""
+  starts, docs = split.line_starts, split.document_starts
+  length = lambda first, end: int(starts[end] - starts[first])  # tokens of lines [first, end)
   doc = int(np.searchsorted(docs, anchor, side='right')) - 1
   doc_end = int(docs[doc + 1])
   a_end = anchor + 1

@@ -1,9 +1,9 @@
 """The tokenized corpus: one flat memmapped token array per split, built once and cached.
 
-Two layouts: `documents` (causal LM) stores each document as BOS + tokens + EOS; `sentences`
-(masked LM + next sentence) stores each sentence's tokens alone (corpus.sentences), with the
-offsets of every sentence and the first sentence of every document. The cache directory is named by a fingerprint
-of the tokenizer, the split and every file's (key, size, mtime), so a changed corpus or
+Two layouts: `documents` (causal LM) stores each document as BOS + tokens + EOS; `lines`
+(masked LM + next sentence) tokenizes each line alone (corpus.lines) and keeps the offsets of
+every line and of the first line of every document. The cache directory is named by a
+fingerprint of the layout, the tokenizer, the split and every file's (key, size, mtime), so a changed corpus or
 tokenizer builds a new store; a store is written to a temporary directory and renamed into
 place, so an interrupted build leaves nothing half-written.
 """
@@ -27,7 +27,7 @@ from lm.data import corpus
 from lm.tokenizers import bpe
 
 SPLITS = ('train', 'val')
-LAYOUTS = ('documents', 'sentences')
+LAYOUTS = ('documents', 'lines')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +35,9 @@ class Split:
   tokens: np.ndarray  # [N] memmap
   num_bytes: int  # UTF-8 bytes of the text the tokens encode
   num_files: int
-  # `sentences` layout: sentence i is tokens[sentence_starts[i]:sentence_starts[i + 1]]
-  # ([S + 1]), document d its sentences document_starts[d] .. document_starts[d + 1] - 1.
-  sentence_starts: np.ndarray | None = None
+  # `lines` layout: line i is tokens[line_starts[i]:line_starts[i + 1]] ([L + 1]), document
+  # d its lines document_starts[d] .. document_starts[d + 1] - 1.
+  line_starts: np.ndarray | None = None
   document_starts: np.ndarray | None = None
 
 
@@ -98,7 +98,7 @@ def _load(directory: Path) -> dict[str, Split]:
   offsets = lambda name, what: (np.load(directory / f'{name}.{what}.npy')
                                 if (directory / f'{name}.{what}.npy').is_file() else None)
   return {name: Split(tokens(name), meta[name]['num_bytes'], meta[name]['num_files'],
-                      offsets(name, 'sentences'), offsets(name, 'documents'))
+                      offsets(name, 'lines'), offsets(name, 'documents'))
           for name in SPLITS}
 
 
@@ -110,8 +110,8 @@ def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory
     meta = {'dtype': np.dtype(dtype).name, 'files': len(files), 'layout': layout}
     counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0} for name in SPLITS}
     outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
-    sentence_lengths = {name: [] for name in SPLITS}  # `sentences` layout
-    document_sizes = {name: [] for name in SPLITS}  # sentences per document
+    line_lengths = {name: [] for name in SPLITS}  # `lines` layout
+    document_sizes = {name: [] for name in SPLITS}  # lines per document
     for f in tqdm(files, desc='tokenizing corpus', unit='file', leave=False):
       name = 'val' if corpus.is_validation(f.key, cfg.val_fraction) else 'train'
       docs = list(corpus.read_documents(f))
@@ -120,20 +120,20 @@ def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory
       if layout == 'documents':
         units = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(docs)]
       else:
-        sentences = [corpus.sentences(doc) for doc in docs]
-        units = tokenizer.encode_batch([s for doc in sentences for s in doc])
-        document_sizes[name] += [len(doc) for doc in sentences if doc]
-        sentence_lengths[name] += [len(ids) for ids in units]
+        lines = [corpus.lines(doc) for doc in docs]
+        units = tokenizer.encode_batch([line for doc in lines for line in doc])
+        document_sizes[name] += [len(doc) for doc in lines if doc]
+        line_lengths[name] += [len(ids) for ids in units]
       for ids in units:
         outs[name].write(np.asarray(ids, dtype).tobytes())
         counts[name]['num_tokens'] += len(ids)
       counts[name]['num_files'] += bool(docs)
     for out in outs.values():
       out.close()
-    if layout == 'sentences':
+    if layout == 'lines':
       starts = lambda sizes: np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
       for name in SPLITS:
-        np.save(tmp / f'{name}.sentences.npy', starts(sentence_lengths[name]))
+        np.save(tmp / f'{name}.lines.npy', starts(line_lengths[name]))
         np.save(tmp / f'{name}.documents.npy', starts(document_sizes[name]))
     meta.update(counts)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
@@ -161,7 +161,7 @@ def _check_splits(splits: dict[str, Split], cfg: DataConfig, layout: str) -> Non
   if sum(split.num_bytes for split in splits.values()) == 0:
     raise ConfigError(f'data.paths={paths!r}: the corpus holds no text (empty or skipped '
                       'files); point data.paths at UTF-8 text or JSONL files with "text"')
-  if layout == 'sentences':  # the task's pipeline checks what it needs of them
+  if layout == 'lines':  # the task's pipeline checks what it needs of them
     return
   for name, split in splits.items():
     # A split must hold at least one window of seq_len + 1 tokens.
