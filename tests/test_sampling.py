@@ -2,6 +2,7 @@
 against full forward passes, beam search against greedy and exhaustive search, streaming."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import pytest
 
 from lm import models, sampling
 from lm.config import ConfigError, ModelConfig
+from lm.models import decoder
 from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 
 CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
@@ -176,6 +178,19 @@ def test_greedy_generate_equals_full_forward_argmax_and_rows_equal_each_row_alon
     alone = sampling.generate(cfg, params, [prompt] * 3, max_new_tokens=12, rng=key,
                               filter_fn=sampling.temperature(1.0))
     assert together.tokens[b] == alone.tokens[b]
+
+
+def test_the_decode_loops_untied_head_gives_the_tied_models_logits():
+  params = params_of(CFG, scale=3.0)
+  tokens = jnp.asarray([[256, 5, 6, 7], [256, 9, 9, 1]])
+  cfg, untied = decoder.untied_for_decoding(CFG, params)
+  assert CFG.tie_embeddings and not cfg.tie_embeddings  # the tests run on CPU
+  np.testing.assert_array_equal(untied['head']['kernel'], params['embed']['embedding'].T)
+  np.testing.assert_allclose(models.build(cfg).apply({'params': untied}, tokens),
+                             models.build(CFG).apply({'params': params}, tokens), atol=1e-5)
+  untied_cfg = dataclasses.replace(CFG, tie_embeddings=False)
+  same_cfg, same_params = decoder.untied_for_decoding(untied_cfg, params)
+  assert same_cfg is untied_cfg and same_params is params
 
 
 def test_rows_stop_at_their_eos_and_logprobs_are_the_models():
