@@ -66,15 +66,13 @@ class TopK:
   k: int
 
   def __call__(self, logits_BxV: jax.Array) -> jax.Array:
-    """Keeps the k most likely tokens, and every token tied with the k-th: the least t with
-    fewer than k logits above it is the k-th largest."""
+    """Keeps the k most likely tokens, and every token tied with the k-th."""
     if self.k >= logits_BxV.shape[-1]:
       return logits_BxV
-    keys_BxV = _sortable(logits_BxV)
-    fewer_than_k = lambda t_Bx1: jnp.sum(keys_BxV > t_Bx1, -1, keepdims=True) < self.k
-    kth_Bx1 = _least(fewer_than_k, jnp.min(keys_BxV, -1, keepdims=True),
-                     jnp.max(keys_BxV, -1, keepdims=True))
-    return jnp.where(keys_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+    # The least of the top k, not its last column: XLA:CPU turns a top_k whose output is
+    # sliced into a full sort (8 x 8192, k = 50: 10.7 against 0.2 ms).
+    kth_Bx1 = jnp.min(jax.lax.top_k(logits_BxV, self.k)[0], axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,10 +264,23 @@ def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, fil
 
 def pick(filter_fn: Filter, logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
   """A token per row from the filtered logits: the first most likely for greedy (no random
-  numbers to draw), else a categorical draw."""
+  numbers to draw), else a draw from their softmax."""
   if filter_fn == GREEDY:
     return jnp.argmax(logits_BxV, axis=-1)
-  return jax.random.categorical(key, filter_fn(logits_BxV))
+  return draw(filter_fn(logits_BxV), key)
+
+
+def draw(logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
+  """A token per row from softmax(logits) by inverse CDF: one uniform number per row, where
+  jax.random.categorical draws Gumbel noise for every logit (at batch 8 x 8192 on CPU: 0.65
+  against 1.7 ms). A token of probability 0 (a -inf logit) is never drawn."""
+  probs_BxV = _probs(logits_BxV)
+  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+  u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+  token_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)  # the first token whose cdf exceeds u
+  # u * total may round up to the total: then the last token with any probability.
+  last_B = logits_BxV.shape[-1] - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(token_B, last_B)
 
 
 # --- streaming -----------------------------------------------------------------------------

@@ -134,11 +134,12 @@ def test_bad_filter_arguments(make, value, message):
     ('min-p 0.2', lambda: sampling.min_p(0.2)),
 ])
 def test_draws_follow_the_filtered_softmax_chi_square(name, make):
+  """sampling.pick: the filter, then the inverse-CDF draw."""
   logits_V = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05], np.float32))
   filtered = np.asarray(make()(jnp.asarray(logits_V[None])))[0]
   expected = np_softmax(np.where(np.isfinite(filtered), filtered, -1e30))
   n = 20000
-  draws = jax.random.categorical(jax.random.PRNGKey(0), make()(jnp.tile(logits_V, (n, 1))))
+  draws = sampling.pick(make(), jnp.tile(logits_V, (n, 1)), jax.random.PRNGKey(0))
   counts = np.bincount(np.asarray(draws), minlength=7)
   assert counts[expected == 0].sum() == 0  # nothing filtered out is ever drawn
   support = expected > 0
