@@ -143,7 +143,6 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
 
 def restore_params(workdir: Path):
   """The parameters of the latest checkpoint of a run."""
-  import orbax.checkpoint as ocp
   directory = (workdir / 'checkpoints').absolute()
   step = ocp.CheckpointManager(directory).latest_step() if directory.is_dir() else None
   if step is None:

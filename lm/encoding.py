@@ -1,7 +1,7 @@
 """Using a trained encoder (BERT): fill in masked tokens, embed texts.
 
   cfg, params, tok = lm.checkpoint.load_model(Path('runs/encoder'))  # or a BERT HF directory
-  fill_mask(cfg, params, tok, 'for i in ra[MASK]ge(n):')  # [[('n', 0.97), ('i', 0.01), ...]]
+  fill_mask(cfg, params, tok, 'for i in ra[MASK]ge(n):')  # [[(text, probability), ...]]
   embed(cfg, params, tok, ['import os', 'def f(x):'], pooling='mean')  # [2, d_model] float32
 
 A text is one segment, `[CLS] text [SEP]`. Each `[MASK]` in the text of `fill_mask` is one

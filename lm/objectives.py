@@ -47,9 +47,9 @@ def _sown(state: dict, name: str) -> list[jax.Array]:
 
 def clm_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
                   pad_id: int, token_bytes_V: jax.Array) -> dict[str, jax.Array]:
-  """Sums to add up over a split (`rng` unused): NLL and count of non-padding targets, and the NLL and
-  UTF-8 bytes of the targets that are text (special tokens have 0 bytes), for bits per byte.
-  """
+  """Sums to add up over a split (`rng` unused): NLL and count of non-padding targets, and the
+  NLL and UTF-8 bytes of the targets that are text (special tokens have 0 bytes), for bits per
+  byte."""
   targets_BxT = batch['targets']
   nll_BxT = token_nll(apply_fn({'params': params}, batch['inputs']), targets_BxT)
   mask_BxT = targets_BxT != pad_id

@@ -235,7 +235,7 @@ def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, fil
   logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + max_new_tokens,
                                         lengths_B)
 
-  def draw(i, logits_BxV, done_B):
+  def next_token(i, logits_BxV, done_B):
     token_B = pick(filter_fn, logits_BxV, jax.random.fold_in(rng, i))
     logprob_B = (jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], -1)[:, 0]
                  if return_logprobs else jnp.zeros(token_B.shape))
@@ -247,7 +247,7 @@ def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, fil
 
   def body(carry):
     i, logits_BxV, cache, out_BxN, logprobs_BxN, done_B, count_B = carry
-    token_B, logprob_B = draw(i, logits_BxV, done_B)
+    token_B, logprob_B = next_token(i, logits_BxV, done_B)
     out_BxN = out_BxN.at[:, i].set(token_B)
     logprobs_BxN = logprobs_BxN.at[:, i].set(logprob_B)
     count_B = count_B + ~done_B

@@ -3,9 +3,9 @@
 Two layouts: `documents` (causal LM) stores each document as BOS + tokens + EOS; `lines`
 (masked LM + next sentence) tokenizes each line alone (corpus.lines) and keeps the offsets of
 every line and of the first line of every document. The cache directory is named by a
-fingerprint of the layout, the tokenizer, the split and every file's (key, size, mtime), so a changed corpus or
-tokenizer builds a new store; a store is written to a temporary directory and renamed into
-place, so an interrupted build leaves nothing half-written.
+fingerprint of the layout, the tokenizer, the split and every file's (key, size, mtime), so a
+changed corpus or tokenizer builds a new store; a store is written to a temporary directory and
+renamed into place, so an interrupted build leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from lm.data import corpus
 from lm.tokenizers import bpe
 
 SPLITS = ('train', 'val')
-LAYOUTS = ('documents', 'lines')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,7 +196,7 @@ def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
 def untied_for_decoding(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
   """(cfg, params) for a loop of decode steps over several rows. On CPU, a tied model gets its
   output head as a [D, V] copy of the embedding: XLA:CPU multiplies a few rows by the [V, D]
-  table transposed slowly (the benchmark model, 4 rows: 12.1 -> 8.5 ms a decode step). The same
+  table transposed slowly (the benchmark model, 4 rows: 11.8 -> 7.6 ms a decode step). The same
   logits; on accelerators, and for untied models, nothing changes (the copy costs V x D)."""
   if not cfg.tie_embeddings or jax.default_backend() != 'cpu':
     return cfg, params

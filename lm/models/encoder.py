@@ -81,14 +81,15 @@ class Encoder(nn.Module):
   def encode(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
              padding_mask: jax.Array | None = None) -> jax.Array:
     """The final hidden states, hidden_BxTxD."""
-    valid_BxT = jnp.ones(tokens_BxT.shape, bool) if padding_mask is None else padding_mask
+    valid_BxT = (jnp.ones(tokens_BxT.shape, bool) if padding_mask is None
+                 else padding_mask.astype(bool))
     segment_ids_BxT = jnp.zeros_like(tokens_BxT) if segment_ids is None else segment_ids
     x_BxTxD = self.embed(tokens_BxT) + self.segment_embed(segment_ids_BxT)
     if self.cfg.positions == 'learned':
       x_BxTxD = x_BxTxD + self.pos_embed(jnp.arange(tokens_BxT.shape[1]))[None]
     x_BxTxD = nn.with_logical_constraint(self.embed_norm(x_BxTxD), ACTIVATION)
     for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, valid_BxT.astype(bool))
+      x_BxTxD = block(x_BxTxD, valid_BxT)
     return x_BxTxD if self.cfg.post_norm else self.final_norm(x_BxTxD)
 
   def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,

@@ -114,10 +114,11 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None, key_valid_BxT: jax.Array | None = None
                ) -> jax.Array | tuple[jax.Array, dict]:
-    """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a `cache` from `init_kv_cache`): the T new
-    columns start at column `index` of the rows; T > 1 is a prefill into an empty cache, T = 1
-    a decode step. Row b is left-padded up to column start_B[b]: its positions count from
-    there and its padding is never attended. Returns (y_BxTxD, cache)."""
+    """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a
+    `cache` from `init_kv_cache`): the T new columns start at column `index` of the rows;
+    T > 1 is a prefill into an empty cache, T = 1 a decode step. Row b is left-padded up to
+    column start_B[b]: its positions count from there and its padding is never attended.
+    Returns (y_BxTxD, cache)."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     def proj(heads: int, name: str) -> jax.Array:
