@@ -153,31 +153,36 @@ class Attention(nn.Module):
 
 def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
                   window: int | None = None, dtype=jnp.float32) -> dict:
-  """Keys and values of up to max_len columns, [B, K, S, Dh]: a decode step reads them with
-  no transpose. With a window, a rolling buffer of `window` slots (column p in slot
-  p % window), so memory does not grow with the sequence. `pos_S` is the column each slot
-  holds, -1 while empty."""
+  """Keys and values of up to max_len columns, [B * K, S, Dh] (row b's key/value head k at
+  b * K + k): a decode step reads them with no transpose, and, with batch and heads in one
+  axis, with no reshape either. (Stored [B, K, S, Dh], a batch of 1 is reshaped to drop its
+  batch axis for the matmul, and XLA:CPU then fuses that reshape with a second copy of the
+  slot's write: every layer's cache was copied three times a decode step.) With a window, a
+  rolling buffer of `window` slots (column p in slot p % window), so memory does not grow
+  with the sequence. `pos` holds the column in each slot, -1 while empty."""
   slots = min(max_len, window) if window is not None else max_len
-  return {'k': jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
-          'v': jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
+  return {'k': jnp.zeros((batch * kv_heads, slots, head_dim), dtype),
+          'v': jnp.zeros((batch * kv_heads, slots, head_dim), dtype),
           'pos': jnp.full((slots,), -1, jnp.int32)}
 
 
 def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
                    positions_T: jax.Array) -> dict:
   slots = cache['pos'].shape[0]
-  k_BxKxTxDh = k_BxTxKxDh.transpose(0, 2, 1, 3).astype(cache['k'].dtype)
-  v_BxKxTxDh = v_BxTxKxDh.transpose(0, 2, 1, 3).astype(cache['v'].dtype)
-  if k_BxKxTxDh.shape[2] == 1:  # a decode step: an in-place update of one slot, not a scatter
+  batch, length, kv_heads, head_dim = k_BxTxKxDh.shape
+  rows = lambda x_BxTxKxDh, c: x_BxTxKxDh.transpose(0, 2, 1, 3).reshape(
+      batch * kv_heads, length, head_dim).astype(c.dtype)
+  k_NxTxDh, v_NxTxDh = rows(k_BxTxKxDh, cache['k']), rows(v_BxTxKxDh, cache['v'])
+  if length == 1:  # a decode step: an in-place update of one slot, not a scatter
     slot = positions_T[0] % slots
-    write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, slot, 2)
-    return {'k': write(cache['k'], k_BxKxTxDh), 'v': write(cache['v'], v_BxKxTxDh),
+    write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, slot, 1)
+    return {'k': write(cache['k'], k_NxTxDh), 'v': write(cache['v'], v_NxTxDh),
             'pos': jax.lax.dynamic_update_slice_in_dim(
                 cache['pos'], positions_T.astype(jnp.int32), slot, 0)}
-  keep = min(slots, k_BxKxTxDh.shape[2])  # a prefill longer than the window keeps its last
+  keep = min(slots, length)  # a prefill longer than the window keeps its last `slots` columns
   where_T = positions_T[-keep:] % slots
-  return {'k': cache['k'].at[:, :, where_T].set(k_BxKxTxDh[:, :, -keep:]),
-          'v': cache['v'].at[:, :, where_T].set(v_BxKxTxDh[:, :, -keep:]),
+  return {'k': cache['k'].at[:, where_T].set(k_NxTxDh[:, -keep:]),
+          'v': cache['v'].at[:, where_T].set(v_NxTxDh[:, -keep:]),
           'pos': cache['pos'].at[where_T].set(positions_T[-keep:].astype(jnp.int32))}
 
 
@@ -185,18 +190,20 @@ def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
                      window: int | None = None, start_B: jax.Array | None = None):
   """The query at column t over the cached keys it may see (from column start_B[b] on)."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
-  kv_heads = cache['k'].shape[1]
-  q_BxKxGxDh = q_Bx1xHxDh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-  logits_BxKxGxS = jnp.einsum('bkgd,bksd->bkgs', q_BxKxGxDh, cache['k'],
-                              preferred_element_type=jnp.float32) * head_dim ** -0.5
+  rows, slots = cache['k'].shape[:2]
+  kv_heads = rows // batch
+  q_NxGxDh = q_Bx1xHxDh.reshape(rows, heads // kv_heads, head_dim)
+  logits_BxHxS = jnp.einsum('ngd,nsd->ngs', q_NxGxDh, cache['k'],
+                            preferred_element_type=jnp.float32).reshape(batch, heads, slots)
   visible_1xS = ((cache['pos'] >= 0) & visible(t, cache['pos'], window))[None]  # -1: empty
   if start_B is not None:
     visible_1xS = visible_1xS & (cache['pos'] >= start_B[:, None])
-  logits_BxKxGxS = jnp.where(visible_1xS[:, None, None], logits_BxKxGxS,
-                             jnp.finfo(jnp.float32).min)
-  att_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(cache['v'].dtype)
-  out_BxKxGxDh = jnp.einsum('bkgs,bksd->bkgd', att_BxKxGxS, cache['v'])
-  return out_BxKxGxDh.reshape(batch, 1, heads, head_dim)
+  logits_BxHxS = jnp.where(visible_1xS[:, None], logits_BxHxS * head_dim ** -0.5,
+                           jnp.finfo(jnp.float32).min)
+  att_NxGxS = jax.nn.softmax(logits_BxHxS, axis=-1).astype(cache['v'].dtype).reshape(
+      rows, heads // kv_heads, slots)
+  out_NxGxDh = jnp.einsum('ngs,nsd->ngd', att_NxGxS, cache['v'])
+  return out_NxGxDh.reshape(batch, 1, heads, head_dim)
 
 
 class DenseParams(nn.Module):
