@@ -177,6 +177,33 @@ def test_prefill_then_decode_steps_equal_the_full_forward(variant):
     assert layer_cache['pos'].shape[-1] == (16 if window is None else window)
 
 
+def test_prefix_lengths_by_hand():
+  assert layers.prefix_lengths(16) == [16]
+  assert layers.prefix_lengths(272) == [64, 128, 192, 256, 272]
+  assert layers.prefix_lengths(2048) == list(range(256, 2049, 256))  # at most 8 prefixes
+
+
+@pytest.mark.parametrize('variant', ['gpt2', 'llama-gqa', 'mistral-window'])
+def test_decode_steps_reading_cache_prefixes_equal_the_full_forward(variant, monkeypatch):
+  # Blocks of 4 slots: a cache of 16 is read in prefixes of 4, 8, 12 and 16 as it fills, so
+  # the decode steps below cross every branch (a window of 3 keeps 3 slots: one prefix).
+  monkeypatch.setattr(layers, 'PREFIX_BLOCK', 4)
+  assert layers.prefix_lengths(16) == [4, 8, 12, 16]
+  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  model, boxed = init(cfg, seed=3)
+  params = nn.meta.unbox(boxed)
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (3, 16), 0, 256)
+  full = model.apply({'params': params}, tokens)
+  lengths = jnp.array([2, 1, 2])  # left padding: rows start at columns 0, 1 and 0
+  tokens = tokens.at[1, 0].set(0)
+  logits, cache = decoder.prefill(cfg, params, tokens[:, :2], max_len=16, lengths_B=lengths)
+  step = jax.jit(lambda token, cache: decoder.decode_step(cfg, params, token, cache))
+  for t in range(2, 16):
+    logits_t, cache = step(tokens[:, t], cache)
+    np.testing.assert_allclose(np.asarray(logits_t)[[0, 2]], np.asarray(full)[[0, 2], t],
+                               atol=1e-5)
+
+
 def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
   cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS['mixtral-window']})
   mlp = layers.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
