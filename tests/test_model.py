@@ -177,18 +177,20 @@ def test_prefill_then_decode_steps_equal_the_full_forward(variant):
     assert layer_cache['pos'].shape[-1] == (16 if window is None else window)
 
 
-def test_prefix_lengths_by_hand():
-  assert layers.prefix_lengths(16) == [16]
-  assert layers.prefix_lengths(272) == [64, 128, 192, 256, 272]
-  assert layers.prefix_lengths(2048) == list(range(256, 2049, 256))  # at most 8 prefixes
+def test_block_sizes_by_hand():
+  assert layers.block_sizes(16) == [16]
+  assert layers.block_sizes(272) == [64, 64, 64, 64, 16]
+  assert layers.block_sizes(2048) == [256] * 8  # at most 8 blocks
+  assert layers.block_sizes(2049) == [320] * 6 + [129]
 
 
 @pytest.mark.parametrize('variant', ['gpt2', 'llama-gqa', 'mistral-window'])
-def test_decode_steps_reading_cache_prefixes_equal_the_full_forward(variant, monkeypatch):
-  # Blocks of 4 slots: a cache of 16 is read in prefixes of 4, 8, 12 and 16 as it fills, so
-  # the decode steps below cross every branch (a window of 3 keeps 3 slots: one prefix).
-  monkeypatch.setattr(layers, 'PREFIX_BLOCK', 4)
-  assert layers.prefix_lengths(16) == [4, 8, 12, 16]
+def test_decode_steps_reading_cache_blocks_equal_the_full_forward(variant, monkeypatch):
+  # Blocks of 4 slots: a cache of 16 is read in 1, 2, 3 then 4 blocks as it fills, so the
+  # decode steps below write into every block and cross every branch (a window of 3 keeps 3
+  # slots: one block, which the rolling buffer overwrites).
+  monkeypatch.setattr(layers, 'CACHE_BLOCK', 4)
+  assert layers.block_sizes(16) == [4, 4, 4, 4]
   cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
   model, boxed = init(cfg, seed=3)
   params = nn.meta.unbox(boxed)

@@ -172,11 +172,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
 
 def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
   """The cache of rows rows_N of the batch (beam search reorders and repeats its beams)."""
-  def take(x):  # [B * K, S, Dh], scanned [repeats, B * K, S, Dh]: rows_N of B
+  def take(x):  # a block [B * K, S, Dh], scanned [repeats, B * K, S, Dh]: rows_N of B
     lead, (slots, head_dim) = x.shape[:-3], x.shape[-2:]
     x_BxKxSxDh = x.reshape(*lead, cache['start'].shape[0], -1, slots, head_dim)
     return jnp.take(x_BxKxSxDh, rows_N, axis=len(lead)).reshape(*lead, -1, slots, head_dim)
-  take_kv = lambda c: {**c, 'k': take(c['k']), 'v': take(c['v'])}
+  take_kv = lambda c: {**c, 'k': tuple(map(take, c['k'])), 'v': tuple(map(take, c['v']))}
   return {**cache, 'start': cache['start'][rows_N],
           'layers': type(cache['layers'])(take_kv(c) for c in cache['layers'])}
 
