@@ -4,10 +4,13 @@ The benchmark model (GPT-2 shape: vocab 8192, d_model 384, 6 layers, 6 heads, fl
 weights), 256 new tokens after a 16-token prompt, no EOS (every row runs the whole budget):
 greedy and top-k 50 + top-p 0.95 sampling at batch 1 and 8, and beam search with 4 beams at
 batch 1, each beside GPT2LMHeadModel.generate (KV cache on) with the same weights. Each case
-runs once to compile and warm up, then is timed (the best of --repeats). The two frameworks
-take turns, in one process, each with the machine's threads.
+runs once in each framework to compile and warm up; then --rounds rounds each time one lm run
+and one transformers run, back to back, in one process, each with the machine's threads. The
+ratio is the median over rounds of that round's ratio (a burst of load from a neighbour on a
+shared machine lands in one round, not in one framework's every run); tokens/s are each
+framework's best round.
 
-  python experiments/bench_sample.py [--repeats=3] [--new_tokens=256]
+  python experiments/bench_sample.py [--rounds=5] [--new_tokens=256]
 
 Prints a table, then one JSON line with the figures.
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,19 +72,22 @@ def torch_runner(model, batch: int, kwargs: dict, new_tokens: int):
   return run
 
 
-def best_seconds(fn, repeats: int) -> float:
-  fn()  # compile, warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+def seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def alternate(ours, theirs, rounds: int) -> tuple[list[float], list[float]]:
+  """Seconds of each run of `ours` and `theirs`, one of each per round, after a warm-up."""
+  ours(), theirs()  # compile, warm up
+  times = [(seconds(ours), seconds(theirs)) for _ in range(rounds)]
+  return [a for a, _ in times], [b for _, b in times]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--new_tokens', type=int, default=256)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
@@ -92,20 +99,25 @@ def main() -> None:
   model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
   rows = []
   for name, batch, filter_fn, beams, kwargs in CASES:
-    ours = best_seconds(lm_runner(params, batch, filter_fn, beams, args.new_tokens), args.repeats)
-    theirs = best_seconds(torch_runner(model, batch, kwargs, args.new_tokens), args.repeats)
+    ours, theirs = alternate(lm_runner(params, batch, filter_fn, beams, args.new_tokens),
+                             torch_runner(model, batch, kwargs, args.new_tokens), args.rounds)
     tokens = batch * args.new_tokens
     bar = 3.0 if batch == 1 and not beams else 2.0
-    rows.append({'case': name, 'batch': batch, 'lm_tokens_per_sec': tokens / ours,
-                 'hf_tokens_per_sec': tokens / theirs, 'ratio': theirs / ours, 'bar': bar})
+    rows.append({'case': name, 'batch': batch, 'lm_tokens_per_sec': tokens / min(ours),
+                 'hf_tokens_per_sec': tokens / min(theirs),
+                 'ratio': statistics.median(b / a for a, b in zip(ours, theirs)),
+                 'round_ratios': [b / a for a, b in zip(ours, theirs)], 'bar': bar})
   machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
   print(f'generate {args.new_tokens} tokens after {PROMPT_LEN}, GPT-2 shape (vocab 8192, d 384, '
-        f'6 layers), float32; machine: {machine}; best of {args.repeats}')
-  print(f'| {"case":<22} | batch | {"lm tok/s":>9} | {"HF tok/s":>9} | lm/HF | bar |')
-  print(f'|{"-" * 24}|-------|{"-" * 11}|{"-" * 11}|-------|-----|')
+        f'6 layers), float32; machine: {machine}; {args.rounds} alternating rounds: tokens/s '
+        f'of the best, lm/HF the median of the rounds\' ratios (range in brackets)')
+  print(f'| {"case":<22} | batch | {"lm tok/s":>9} | {"HF tok/s":>9} | lm/HF {"(range)":>12} '
+        f'| bar |')
+  print(f'|{"-" * 24}|-------|{"-" * 11}|{"-" * 11}|{"-" * 20}|-----|')
   for r in rows:
+    spread = f'({min(r["round_ratios"]):.2f}-{max(r["round_ratios"]):.2f})'
     print(f'| {r["case"]:<22} | {r["batch"]:>5} | {r["lm_tokens_per_sec"]:>9,.0f} | '
-          f'{r["hf_tokens_per_sec"]:>9,.0f} | {r["ratio"]:>5.2f} | {r["bar"]:.0f}x |')
+          f'{r["hf_tokens_per_sec"]:>9,.0f} | {r["ratio"]:>5.2f} {spread:>12} | {r["bar"]:.0f}x |')
   print(json.dumps({'rows': rows, 'machine': machine, 'jax': jax.__version__,
                     'torch': torch.__version__, 'transformers': transformers.__version__}))
 
