@@ -231,7 +231,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id,
                  return_logprobs):
   batch, width = tokens_BxT.shape
-  cfg, params = decoder.untied_for_decoding(cfg, params)
+  cfg, params = decoder.decoding_params(cfg, params, batch)
   logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + max_new_tokens,
                                         lengths_B)
 
@@ -358,7 +358,7 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
                length_penalty):
   batch, width = tokens_BxT.shape
   k, n = num_beams, max_new_tokens
-  cfg, params = decoder.untied_for_decoding(cfg, params)
+  cfg, params = decoder.decoding_params(cfg, params, batch * k)
   logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + n, lengths_B)
   vocab = logits_BxTxV.shape[-1]
   cache = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(batch), k))  # row b * k + j

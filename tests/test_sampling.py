@@ -181,16 +181,38 @@ def test_greedy_generate_equals_full_forward_argmax_and_rows_equal_each_row_alon
     assert together.tokens[b] == alone.tokens[b]
 
 
-def test_the_decode_loops_untied_head_gives_the_tied_models_logits():
-  params = params_of(CFG, scale=3.0)
-  tokens = jnp.asarray([[256, 5, 6, 7], [256, 9, 9, 1]])
-  cfg, untied = decoder.untied_for_decoding(CFG, params)
-  assert CFG.tie_embeddings and not cfg.tie_embeddings  # the tests run on CPU
-  np.testing.assert_array_equal(untied['head']['kernel'], params['embed']['embedding'].T)
-  np.testing.assert_allclose(models.build(cfg).apply({'params': untied}, tokens),
-                             models.build(CFG).apply({'params': params}, tokens), atol=1e-5)
-  untied_cfg = dataclasses.replace(CFG, tie_embeddings=False)
-  same_cfg, same_params = decoder.untied_for_decoding(untied_cfg, params)
+@pytest.mark.parametrize('cfg', [CFG, LLAMA, dataclasses.replace(LLAMA, scan_layers=True)],
+                         ids=['gpt2', 'llama', 'llama-scanned'])
+def test_decoding_params_give_the_models_logits(cfg):
+  """The decode loops' layout on CPU: a tied head as a [D, V] copy, and for one row the MLP
+  down kernels transposed; the same logits through prefill and decode steps."""
+  params = params_of(cfg, scale=3.0)
+  leaves, tree = jax.tree.flatten(params)  # biases and norms away from their zeros and ones
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.PRNGKey(i), x.shape)
+                                     for i, x in enumerate(leaves)])
+  tokens_BxT = jnp.asarray([[256, 5, 6, 7, 8, 9], [256, 9, 9, 1, 2, 3]])
+  one_cfg, one = decoder.decoding_params(cfg, params, rows=1)
+  assert cfg.tie_embeddings and not one_cfg.tie_embeddings  # the tests run on CPU
+  np.testing.assert_array_equal(one['head']['kernel'], params['embed']['embedding'].T)
+  layer = one['layers']['block_0'] if cfg.scan_layers else one['block_0']
+  kernel = (params['layers']['block_0'] if cfg.scan_layers else params['block_0'])['mlp'][
+      'down']['kernel']
+  assert 'kernel' not in layer['mlp']['down']
+  np.testing.assert_array_equal(layer['mlp']['down']['kernel_T'], jnp.swapaxes(kernel, -1, -2))
+  full_BxTxV = models.build(cfg).apply({'params': params}, tokens_BxT)
+  for b in range(2):  # one row: a prefill of 3 tokens, then decode steps
+    logits_1x3xV, cache = decoder.prefill(one_cfg, one, tokens_BxT[b:b + 1, :3], 8)
+    steps = [logits_1x3xV[:, -1]]
+    for t in range(3, 5):
+      logits_1xV, cache = decoder.decode_step(one_cfg, one, tokens_BxT[b:b + 1, t], cache)
+      steps.append(logits_1xV)
+    np.testing.assert_allclose(jnp.stack(steps, 1)[0], full_BxTxV[b, 2:5], atol=1e-4)
+  many_cfg, many = decoder.decoding_params(cfg, params, rows=2)
+  assert many_cfg == one_cfg
+  assert jax.tree.map(jnp.shape, many) == jax.tree.map(
+      jnp.shape, {**params, 'head': {'kernel': params['embed']['embedding'].T}})
+  untied_cfg = dataclasses.replace(cfg, tie_embeddings=False)
+  same_cfg, same_params = decoder.decoding_params(untied_cfg, params, rows=2)
   assert same_cfg is untied_cfg and same_params is params
 
 

@@ -195,15 +195,37 @@ def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
   return Decoder(cfg).apply({'params': params}, tokens_BxT, cache)
 
 
-def untied_for_decoding(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
-  """(cfg, params) for a loop of decode steps over several rows. On CPU, a tied model gets its
-  output head as a [D, V] copy of the embedding: XLA:CPU multiplies a few rows by the [V, D]
-  table transposed slowly (the benchmark model, 4 rows: 11.8 -> 7.6 ms a decode step). The same
-  logits; on accelerators, and for untied models, nothing changes (the copy costs V x D)."""
-  if not cfg.tie_embeddings or jax.default_backend() != 'cpu':
+def decoding_params(cfg: ModelConfig, params, rows: int) -> tuple[ModelConfig, dict]:
+  """(cfg, params) laid out for a loop of decode steps over `rows` rows on CPU: the same
+  logits, faster; on accelerators nothing changes. Done once, before the loop:
+  - a tied model gets its output head as a [D, V] copy of the embedding: XLA:CPU multiplies a
+    few rows by the [V, D] table transposed slowly (the benchmark model, 4 rows: 11.8 -> 7.6 ms
+    a decode step);
+  - with one row, each dense MLP's down kernel [F, D] is stored transposed, as `kernel_T`
+    [D, F] (`layers.Mlp` reads either): XLA:CPU's matrix-vector product streams a kernel of
+    more rows than columns faster that way (the benchmark model: 130 -> 90 us a layer, the
+    decode step -10%), where at 2 to 8 rows its matrix product is 3-4x slower so."""
+  if jax.default_backend() != 'cpu':
     return cfg, params
-  return (dataclasses.replace(cfg, tie_embeddings=False),
-          {**params, 'head': {'kernel': nn.meta.unbox(params['embed']['embedding']).T}})
+  if cfg.tie_embeddings:
+    embedding_VxD = nn.meta.unbox(params['embed']['embedding'])
+    cfg, params = (dataclasses.replace(cfg, tie_embeddings=False),
+                   {**params, 'head': {'kernel': embedding_VxD.T}})
+  if rows == 1 and not cfg.num_experts:
+    params = transpose_down_kernels(params)
+  return cfg, params
+
+
+def transpose_down_kernels(params: dict) -> dict:
+  """params with every `mlp/down/kernel` [..., F, D] replaced by `mlp/down/kernel_T` [..., D, F]
+  (scanned layers keep their leading axis)."""
+  def walk(tree: dict, path: tuple[str, ...]) -> dict:
+    if path[-2:] == ('mlp', 'down'):
+      tree = dict(tree)
+      tree['kernel_T'] = jnp.swapaxes(nn.meta.unbox(tree.pop('kernel')), -1, -2)
+      return tree
+    return {k: walk(v, path + (k,)) if isinstance(v, dict) else v for k, v in tree.items()}
+  return walk(params, ())
 
 
 def decode_step(cfg: ModelConfig, params, token_B: jax.Array,

@@ -296,7 +296,8 @@ class Mlp(nn.Module):
   """`gelu`, `gelu_exact`: Dense -> GELU (tanh approximation as GPT-2, or exact as BERT) ->
   Dense.
   `swiglu`: down(silu(gate(x)) * up(x)), as Llama; gate and up run as one matmul (their
-  kernels side by side: about 20% faster on CPU than two), their parameters kept apart."""
+  kernels side by side: about 20% faster on CPU than two), their parameters kept apart.
+  The down kernel may come transposed, as `down/kernel_T` (decoder.decoding_params)."""
   kind: str
   mlp_dim: int
   use_bias: bool = True
@@ -317,6 +318,11 @@ class Mlp(nn.Module):
     else:
       h_BxTxF = activation(self.kind)(dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x_BxTxD))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
+    down = self.get_variable('params', 'down')  # None while initialising
+    if down is not None and 'kernel_T' in down:  # laid out for decoding one row on CPU
+      y_BxTxD = jnp.einsum('btf,df->btd', h_BxTxF.astype(self.dtype),
+                           down['kernel_T'].astype(self.dtype))
+      return y_BxTxD + down['bias'].astype(self.dtype) if self.use_bias else y_BxTxD
     return dense(x_BxTxD.shape[-1], ('mlp', 'embed'), 'down', self.out_std)(h_BxTxF)
 
 
