@@ -266,8 +266,17 @@ def pick(filter_fn: Filter, logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
   """A token per row from the filtered logits: the first most likely for greedy (no random
   numbers to draw), else a draw from their softmax."""
   if filter_fn == GREEDY:
-    return jnp.argmax(logits_BxV, axis=-1)
+    return first_argmax(logits_BxV)
   return draw(filter_fn(logits_BxV), key)
+
+
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+  """jnp.argmax (the first index of each row's maximum) as two plain reductions, the maximum
+  and then the least index that holds it: XLA:CPU reduces (value, index) pairs slowly (a
+  decode loop's argmax over 8192 logits: 38 against 11 us at batch 1, 162 against 89 at 8)."""
+  top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+  index_V = jnp.arange(x_BxV.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x_BxV == top_Bx1, index_V, x_BxV.shape[-1]), axis=-1)
 
 
 def draw(logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
@@ -279,7 +288,7 @@ def draw(logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
   u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
   token_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)  # the first token whose cdf exceeds u
   # u * total may round up to the total: then the last token with any probability.
-  last_B = logits_BxV.shape[-1] - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+  last_B = jnp.max(jnp.where(probs_BxV > 0, jnp.arange(logits_BxV.shape[-1]), 0), axis=-1)
   return jnp.minimum(token_B, last_B)
 
 
@@ -293,6 +302,7 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
   (prompt,) = fit_prompts(cfg, [prompt], max_new_tokens, truncate)
   tokens_1xT, lengths_1 = left_pad([prompt], tokenizer.pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  cfg, params = decoder.decoding_params(cfg, params, rows=1)
   logits_1xV, cache = _stream_prefill(cfg, params, tokens_1xT, lengths_1,
                                       tokens_1xT.shape[1] + max_new_tokens)
   text = StreamDecoder(tokenizer)

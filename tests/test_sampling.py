@@ -108,6 +108,17 @@ def test_temperature_and_greedy():
   assert np.isfinite(greedy).sum(-1).tolist() == [1, 1, 1, 4]  # ties at the top all kept
 
 
+def test_greedy_takes_the_first_top_token_and_a_draw_never_passes_the_last_possible(monkeypatch):
+  logits = np.array([[1, 3, 3, -np.inf], [-np.inf, -np.inf, 2, 2], [0, 0, 0, 0],
+                     [-np.inf, 5, -np.inf, -np.inf]], np.float32)
+  np.testing.assert_array_equal(sampling.first_argmax(jnp.asarray(logits)), [1, 2, 0, 1])
+  np.testing.assert_array_equal(sampling.first_argmax(jnp.asarray(RANDOM)), RANDOM.argmax(-1))
+  # u * total rounding up to the total: the last token of nonzero probability, not past it
+  monkeypatch.setattr(jax.random, 'uniform', lambda key, shape: jnp.ones(shape))
+  np.testing.assert_array_equal(sampling.draw(jnp.asarray(logits), jax.random.PRNGKey(0)),
+                                [2, 3, 3, 1])
+
+
 def test_chained_filters_apply_in_order():
   f = sampling.chain(sampling.temperature(2.0), sampling.top_k(3), sampling.min_p(0.9))
   expected = np_min_p(np_top_k(RANDOM / 2.0, 3), 0.9)
