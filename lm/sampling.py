@@ -75,6 +75,9 @@ class TopK:
     return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
 
 
+TOP_P_CANDIDATES = 64  # top_p looks for its nucleus among this many most likely tokens first
+
+
 @dataclasses.dataclass(frozen=True)
 class TopP:
   p: float
@@ -82,15 +85,28 @@ class TopP:
   def __call__(self, logits_BxV: jax.Array) -> jax.Array:
     """Nucleus: in order of probability, tokens are kept while the mass before them is below
     p (so the token that reaches p is kept), and so is every token tied with the last kept.
-    That is: token i is kept iff the mass of the tokens more likely than it is below p."""
+    That is: token i is kept iff the mass of the tokens more likely than it is below p.
+
+    The least kept probability is found among the TOP_P_CANDIDATES most likely tokens when the
+    nucleus lies within them (the least of them is not kept; always so after a top_k of fewer
+    tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over the float bits
+    of the probabilities (1.0 ms; a sort is 11.7 ms)."""
     if self.p >= 1.0:
       return logits_BxV
     probs_BxV = _probs(logits_BxV)
     keys_BxV = _sortable(probs_BxV)
+    top_BxC = jax.lax.top_k(probs_BxV, min(TOP_P_CANDIDATES, probs_BxV.shape[-1]))[0]
+    above_BxC = jnp.sum(jnp.where(top_BxC[:, None, :] > top_BxC[:, :, None], top_BxC[:, None, :],
+                                  0.0), axis=-1)  # the mass more likely than each candidate
+    kept_BxC = above_BxC < self.p
+    inside = jnp.all(jnp.any(~kept_BxC, axis=-1))  # every row's nucleus among its candidates
     below_p = lambda t_Bx1: jnp.sum(jnp.where(keys_BxV > t_Bx1, probs_BxV, 0.0), -1,
                                     keepdims=True) < self.p
-    least_Bx1 = _least(below_p, jnp.zeros_like(keys_BxV[:, :1]),
-                       jnp.max(keys_BxV, -1, keepdims=True))
+    least_Bx1 = jax.lax.cond(
+        inside,
+        lambda: _sortable(jnp.min(jnp.where(kept_BxC, top_BxC, jnp.inf), -1, keepdims=True)),
+        lambda: _least(below_p, jnp.zeros_like(keys_BxV[:, :1]),
+                       jnp.max(keys_BxV, -1, keepdims=True)))
     return jnp.where(keys_BxV >= least_Bx1, logits_BxV, -jnp.inf)
 
 

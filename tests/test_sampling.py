@@ -82,7 +82,9 @@ def test_top_k_equals_numpy_ties_at_the_kth_value_all_kept(k):
 
 @pytest.mark.parametrize('p', [0.05, 0.35, 0.55, 0.8, 0.95, 0.9985, 1.0])  # none on a row's
 # exact cumulative mass, where float32 and float64 round differently
-def test_top_p_equals_numpy_boundary_token_and_its_ties_kept(p):
+@pytest.mark.parametrize('candidates', [64, 3], ids=['nucleus-in-candidates', 'bisection-too'])
+def test_top_p_equals_numpy_boundary_token_and_its_ties_kept(p, candidates, monkeypatch):
+  monkeypatch.setattr(sampling, 'TOP_P_CANDIDATES', candidates)
   for logits in (LOGITS, RANDOM):
     np.testing.assert_array_equal(sampling.top_p(p)(jnp.asarray(logits)), np_top_p(logits, p))
   kept = np.isfinite(np.asarray(sampling.top_p(p)(jnp.asarray(LOGITS))))
