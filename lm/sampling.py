@@ -87,9 +87,9 @@ class TopP:
     p (so the token that reaches p is kept), and so is every token tied with the last kept.
     That is: token i is kept iff the mass of the tokens more likely than it is below p.
 
-    The least kept probability is found among the TOP_P_CANDIDATES most likely tokens when the
-    nucleus lies within them (the least of them is not kept; always so after a top_k of fewer
-    tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over the float bits
+    The least kept probability is found among the TOP_P_CANDIDATES most likely tokens when
+    every row's nucleus lies within them (the least of them is not kept; always so after a
+    top_k of fewer tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over the float bits
     of the probabilities (1.0 ms; a sort is 11.7 ms)."""
     if self.p >= 1.0:
       return logits_BxV

@@ -208,10 +208,9 @@ def decoding_params(cfg: ModelConfig, params, rows: int) -> tuple[ModelConfig, d
   if jax.default_backend() != 'cpu':
     return cfg, params
   if cfg.tie_embeddings:
-    embedding_VxD = nn.meta.unbox(params['embed']['embedding'])
-    cfg, params = (dataclasses.replace(cfg, tie_embeddings=False),
-                   {**params, 'head': {'kernel': embedding_VxD.T}})
-  if rows == 1 and not cfg.num_experts:
+    cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    params = {**params, 'head': {'kernel': nn.meta.unbox(params['embed']['embedding']).T}}
+  if rows == 1:  # (a mixture of experts has no dense MLP: nothing to transpose)
     params = transpose_down_kernels(params)
   return cfg, params
 
