@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lm
 from lm import models, sampling
 from lm.config import ConfigError, ModelConfig
 from lm.models import decoder
@@ -227,6 +228,22 @@ def test_decoding_params_give_the_models_logits(cfg):
   untied_cfg = dataclasses.replace(cfg, tie_embeddings=False)
   same_cfg, same_params = decoder.decoding_params(untied_cfg, params, rows=2)
   assert same_cfg is untied_cfg and same_params is params
+
+
+def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chose(monkeypatch):
+  ynn = lambda lowered: '__ynn_fusion' in lowered.compile().as_text()
+  params = params_of(CFG)
+  tokens, lengths = jnp.zeros((2, 16), jnp.int32), jnp.full((2,), 16, jnp.int32)
+  loop = lambda: sampling._sample_loop.lower(
+      CFG, params, tokens, lengths, jax.random.PRNGKey(0), max_new_tokens=4,
+      filter_fn=sampling.GREEDY, eos_id=-1, return_logprobs=False)
+  assert jax.default_backend() == 'cpu' and ynn(loop())
+  matmul = sampling.decoding_jit()(lambda x_BxD, w_DxF: x_BxD @ w_DxF)
+  x_BxD, w_DxF = jnp.ones((8, 16)), jnp.ones((16, 32))
+  assert ynn(matmul.lower(x_BxD, w_DxF))
+  monkeypatch.setattr(lm, 'USER_CHOSE_CPU_MATMULS', True)  # XLA_FLAGS named a choice
+  assert not ynn(matmul.lower(x_BxD, w_DxF)) and not ynn(loop())
+  np.testing.assert_array_equal(matmul(x_BxD, w_DxF), np.full((8, 32), 16.0))
 
 
 def test_rows_stop_at_their_eos_and_logprobs_are_the_models():
