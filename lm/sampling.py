@@ -416,6 +416,7 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
   logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + n, lengths_B)
   vocab = logits_BxTxV.shape[-1]
   cache = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(batch), k))  # row b * k + j
+  cache = decoder.reorder_beams(cache, jnp.broadcast_to(jnp.arange(k), (batch, k)))
   logits_BKxV = jnp.repeat(logits_BxTxV[:, -1], k, axis=0)
   neg_inf = jnp.float32(-jnp.inf)
   norm = lambda logp, length: logp / length.astype(jnp.float32) ** length_penalty
@@ -447,9 +448,7 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
     # Alive beams: the best num_beams candidates that did not draw EOS.
     alive_logp_BxK, keep = jax.lax.top_k(jnp.where(ends_BxC, neg_inf, cand_logp_BxC), k)
     alive_BxKxN = jnp.take_along_axis(seqs_BxCxN, keep[:, :, None], axis=1)
-    source_BxK = jnp.take_along_axis(beam_BxC, keep, axis=1)
-    rows = (jnp.arange(batch)[:, None] * k + source_BxK).reshape(-1)
-    cache = decoder.select_rows(cfg, cache, rows)
+    cache = decoder.reorder_beams(cache, jnp.take_along_axis(beam_BxC, keep, axis=1))
     token_BK = jnp.take_along_axis(token_BxC, keep, axis=1).reshape(-1)
     logits_BKxV, cache = decoder.decode_step(cfg, params, token_BK, cache)
     return (i + 1, logits_BKxV, cache, alive_BxKxN, alive_logp_BxK, fin_BxKxN, fin_score_BxK,

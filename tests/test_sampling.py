@@ -14,7 +14,7 @@ import pytest
 import lm
 from lm import models, sampling
 from lm.config import ConfigError, ModelConfig
-from lm.models import decoder
+from lm.models import decoder, layers
 from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 
 CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
@@ -314,6 +314,44 @@ def test_one_beam_is_greedy(cfg):
   prompts = [[256, 5, 6, 7], [256, 9]]
   beams = sampling.beam_search(cfg, params, prompts, num_beams=1, max_new_tokens=10)
   assert beams.tokens == sampling.generate(cfg, params, prompts, max_new_tokens=10).tokens
+
+
+@pytest.mark.parametrize('cfg', [CFG, LLAMA, dataclasses.replace(LLAMA, scan_layers=True)],
+                         ids=['gpt2', 'llama-local-global', 'llama-scanned'])
+def test_reordering_beams_by_their_rows_table_equals_moving_the_rows(cfg, monkeypatch):
+  # The reference moves each beam's keys and values into its row (select_rows), as beam search
+  # did before reorder_beams. Blocks of 4 slots: the cache of 16 is read in 1 to 4 blocks; the
+  # window of 6 wraps; two prompts of 3 beams, left-padded.
+  monkeypatch.setattr(layers, 'CACHE_BLOCK', 4)
+  params = params_of(cfg, scale=2.0)
+  prompts, beams, rng = 2, 3, np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (prompts, 4)), jnp.int32)
+  _, cache = decoder.prefill(cfg, params, tokens, max_len=16, lengths_B=jnp.array([4, 2]))
+  moved = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(prompts), beams))
+  tabled = decoder.reorder_beams(moved, jnp.zeros((prompts, beams), jnp.int32) + jnp.arange(3))
+  step = jax.jit(lambda token, cache: decoder.decode_step(cfg, params, token, cache))
+  for _ in range(12):
+    parent_PxR = jnp.asarray(rng.integers(0, beams, (prompts, beams)), jnp.int32)
+    rows = (jnp.arange(prompts)[:, None] * beams + parent_PxR).reshape(-1)
+    moved = decoder.select_rows(cfg, moved, rows)
+    tabled = decoder.reorder_beams(tabled, parent_PxR)
+    token = jnp.asarray(rng.integers(0, cfg.vocab_size, prompts * beams), jnp.int32)
+    want, moved = step(token, moved)
+    got, tabled = step(token, tabled)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_scores_are_the_full_forward_scores_of_their_tokens():
+  params = params_of(LLAMA, scale=2.0)
+  apply = jax.jit(models.build(LLAMA).apply)
+  prompts = [[256, 5, 6, 7, 8], [256, 9]]
+  beams = sampling.beam_search(LLAMA, params, prompts, num_beams=4, max_new_tokens=12,
+                               length_penalty=1.0)
+  for prompt, seq, got in zip(prompts, beams.tokens, beams.scores):
+    logits = apply({'params': params}, jnp.asarray([prompt + seq]))[0]
+    logp = jax.nn.log_softmax(logits[len(prompt) - 1:-1])
+    want = float(sum(logp[i, t] for i, t in enumerate(seq))) / len(seq)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 @pytest.mark.parametrize('length_penalty', [0.0, 1.0])

@@ -181,6 +181,26 @@ def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
           'layers': type(cache['layers'])(take_kv(c) for c in cache['layers'])}
 
 
+def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
+  """The cache once beam j of prompt p continues beam parent_PxR[p, j] (the B = P * R rows of
+  the cache being P prompts' R beams): no key or value moves. Each layer keeps a table
+  `beam_row` [P, R, S] of the row of its prompt that holds each beam's slot s (read by
+  layers.attention_over_blocks); the beams take their parents' tables, and the slot the next
+  decode step writes is each beam's own row. Without a table yet, each beam's slots start in
+  its own row (the rows of a prompt then hold the same keys, as select_rows leaves them)."""
+  prompts, beams = parent_PxR.shape
+  own_PxR = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (prompts, beams))
+
+  def layer(c):
+    lead, slots = c['pos'].shape[:-1], c['pos'].shape[-1]  # lead: scanned layers' repeats
+    shape = (*lead, prompts, beams, slots)
+    rows = c['beam_row'] if 'beam_row' in c else jnp.broadcast_to(own_PxR[..., None], shape)
+    rows = jnp.take_along_axis(rows, jnp.broadcast_to(parent_PxR[..., None], shape), axis=-2)
+    rows = rows.at[..., cache['index'] % slots].set(jnp.broadcast_to(own_PxR, shape[:-1]))
+    return {**c, 'beam_row': rows}
+  return {**cache, 'layers': type(cache['layers'])(layer(c) for c in cache['layers'])}
+
+
 def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
             lengths_B: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Runs the prompts, returns their logits_BxTxV and the cache to continue from. With

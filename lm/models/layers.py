@@ -200,7 +200,7 @@ def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
         out.append(jax.lax.dynamic_update_slice_in_dim(
             block, jnp.where(mine, x_Nx1xDh, old_Nx1xDh), at, 1))
       return tuple(out)
-    return {'k': write(cache['k'], k_NxTxDh), 'v': write(cache['v'], v_NxTxDh),
+    return {**cache, 'k': write(cache['k'], k_NxTxDh), 'v': write(cache['v'], v_NxTxDh),
             'pos': jax.lax.dynamic_update_slice_in_dim(
                 cache['pos'], positions_T.astype(jnp.int32), slot, 0)}
   keep = min(slots, length)  # a prefill longer than the window keeps its last `slots` columns
@@ -209,7 +209,7 @@ def write_kv_cache(cache: dict, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
   def write(blocks, x_NxTxDh):  # a prefill: once, so the blocks are joined and split again
     joined = jnp.concatenate(blocks, axis=1).at[:, where_T].set(x_NxTxDh[:, -keep:])
     return tuple(jnp.split(joined, np.cumsum(sizes)[:-1], axis=1))
-  return {'k': write(cache['k'], k_NxTxDh), 'v': write(cache['v'], v_NxTxDh),
+  return {**cache, 'k': write(cache['k'], k_NxTxDh), 'v': write(cache['v'], v_NxTxDh),
           'pos': cache['pos'].at[where_T].set(positions_T[-keep:].astype(jnp.int32))}
 
 
@@ -232,28 +232,50 @@ def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
 
 def attention_over_blocks(n: int, q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
                           start_B: jax.Array | None, window: int | None) -> jax.Array:
-  """cached_attention over the cache's first n blocks: a matmul per block, one softmax."""
+  """cached_attention over the cache's first n blocks: a matmul per block, one softmax.
+
+  With cache['beam_row'] [P, R, S] (beam search, decoder.reorder_beams), the B = P * R rows
+  are P prompts' R beams each, and beam j of prompt p finds slot s in row beam_row[p, j, s] of
+  its prompt's rows, so that reordering the beams moves no key or value. Each cache row is then read
+  once, by the R queries of its group (a matmul of R rows where a plain cache has one), and
+  each beam keeps the logits of its own rows."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
   ks, vs = cache['k'][:n], cache['v'][:n]
   slots = sum(k.shape[1] for k in ks)
   pos_S = cache['pos'][:slots]
-  rows = ks[0].shape[0]
-  q_NxGxDh = q_Bx1xHxDh.reshape(rows, heads * batch // rows, head_dim)
-  logits_NxGxS = jnp.concatenate([
-      jnp.einsum('ngd,nsd->ngs', q_NxGxDh, k_NxSxDh, preferred_element_type=jnp.float32)
-      for k_NxSxDh in ks], axis=-1)
-  logits_BxHxS = logits_NxGxS.reshape(batch, heads, slots)
-  visible_1xS = ((pos_S >= 0) & visible(t, pos_S, window))[None]  # -1: empty
+  kv_heads = ks[0].shape[0] // batch
+  group = cache['beam_row'].shape[1] if 'beam_row' in cache else 1
+  prompts, g = batch // group, heads // kv_heads
+  # Row (p, r, k) of the cache (prompt p, its beam r, kv head k) meets the queries of every
+  # beam j of prompt p on kv head k: [P * R * K, J * G, Dh] with J = R.
+  q_PxJxKxGxDh = q_Bx1xHxDh.reshape(prompts, group, kv_heads, g, head_dim)
+  q_PxKxJGxDh = q_PxJxKxGxDh.transpose(0, 2, 1, 3, 4).reshape(
+      prompts, 1, kv_heads, group * g, head_dim)
+  q_NxMxDh = jnp.broadcast_to(q_PxKxJGxDh, (prompts, group, kv_heads, group * g, head_dim)
+                              ).reshape(batch * kv_heads, group * g, head_dim)
+  logits_NxMxS = jnp.concatenate([  # (keys as the matmul's left side: faster on CPU)
+      jnp.einsum('nsd,nmd->nsm', k_NxSxDh, q_NxMxDh, preferred_element_type=jnp.float32)
+      for k_NxSxDh in ks], axis=1).transpose(0, 2, 1)
+  # -> [P, J, K, G, R, S]: a softmax over each beam's (row, slot) pairs.
+  logits = logits_NxMxS.reshape(prompts, group, kv_heads, group, g, slots).transpose(
+      0, 3, 2, 4, 1, 5)
+  seen_S = (pos_S >= 0) & visible(t, pos_S, window)  # -1: empty
+  seen = seen_S[None, None, None, None, None]
   if start_B is not None:
-    visible_1xS = visible_1xS & (pos_S >= start_B[:, None])
-  logits_BxHxS = jnp.where(visible_1xS[:, None], logits_BxHxS * head_dim ** -0.5,
-                           jnp.finfo(jnp.float32).min)
-  att_NxGxS = jax.nn.softmax(logits_BxHxS, axis=-1).astype(vs[0].dtype).reshape(
-      q_NxGxDh.shape[:2] + (slots,))
-  att_per_block = jnp.split(att_NxGxS, np.cumsum([v.shape[1] for v in vs])[:-1], axis=-1)
-  out_NxGxDh = sum(jnp.einsum('ngs,nsd->ngd', a_NxGxS, v_NxSxDh)
-                   for a_NxGxS, v_NxSxDh in zip(att_per_block, vs))
-  return out_NxGxDh.reshape(batch, 1, heads, head_dim)
+    seen = seen & (pos_S >= start_B.reshape(prompts, group, 1, 1, 1, 1))
+  if group > 1:  # a beam's slot is read from one row of its group
+    row_PxJxS = cache['beam_row'][..., :slots]
+    seen = seen & (row_PxJxS[:, :, None, None, None] == jnp.arange(group)[:, None])
+  logits = jnp.where(seen, logits * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+  att = jax.nn.softmax(logits.reshape(prompts, group, kv_heads, g, group * slots), axis=-1)
+  att_NxMxS = att.reshape(prompts, group, kv_heads, g, group, slots).transpose(
+      0, 4, 2, 1, 3, 5).reshape(batch * kv_heads, group * g, slots).astype(vs[0].dtype)
+  att_per_block = jnp.split(att_NxMxS, np.cumsum([v.shape[1] for v in vs])[:-1], axis=-1)
+  out_NxMxDh = sum(jnp.einsum('nms,nsd->nmd', a_NxMxS, v_NxSxDh)
+                   for a_NxMxS, v_NxSxDh in zip(att_per_block, vs))
+  out_PxRxKxJxGxDh = out_NxMxDh.reshape(prompts, group, kv_heads, group, g, head_dim)
+  return out_PxRxKxJxGxDh.sum(axis=1).transpose(0, 2, 1, 3, 4).reshape(
+      batch, 1, heads, head_dim)
 
 
 class DenseParams(nn.Module):
