@@ -171,7 +171,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
 
 
 def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
-  """The cache of rows rows_N of the batch (beam search reorders and repeats its beams)."""
+  """The cache of rows rows_N of the batch (beam search gives each prompt's beams a copy of its
+  row, then reorders them with reorder_beams, which moves no rows)."""
   def take(x):  # a block [B * K, S, Dh], scanned [repeats, B * K, S, Dh]: rows_N of B
     lead, (slots, head_dim) = x.shape[:-3], x.shape[-2:]
     x_BxKxSxDh = x.reshape(*lead, cache['start'].shape[0], -1, slots, head_dim)
