@@ -90,8 +90,8 @@ class TopP:
 
     The least kept probability is found among the TOP_P_CANDIDATES most likely tokens when
     every row's nucleus lies within them (the least of them is not kept; always so after a
-    top_k of fewer tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over the float bits
-    of the probabilities (1.0 ms; a sort is 11.7 ms)."""
+    top_k of fewer tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over
+    the float bits of the probabilities (1.0 ms; a sort is 11.7 ms)."""
     if self.p >= 1.0:
       return logits_BxV
     probs_BxV = _probs(logits_BxV)
@@ -271,7 +271,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 
 @decoding_jit(static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id',
-                                             'return_logprobs'))
+                               'return_logprobs'))
 def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id,
                  return_logprobs):
   batch, width = tokens_BxT.shape
@@ -407,7 +407,7 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, n
 
 
 @decoding_jit(static_argnames=('cfg', 'num_beams', 'max_new_tokens', 'eos_id',
-                                             'length_penalty'))
+                               'length_penalty'))
 def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens, eos_id,
                length_penalty):
   batch, width = tokens_BxT.shape

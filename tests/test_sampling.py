@@ -328,7 +328,7 @@ def test_reordering_beams_by_their_rows_table_equals_moving_the_rows(cfg, monkey
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (prompts, 4)), jnp.int32)
   _, cache = decoder.prefill(cfg, params, tokens, max_len=16, lengths_B=jnp.array([4, 2]))
   moved = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(prompts), beams))
-  tabled = decoder.reorder_beams(moved, jnp.zeros((prompts, beams), jnp.int32) + jnp.arange(3))
+  tabled = decoder.reorder_beams(moved, jnp.broadcast_to(jnp.arange(beams), (prompts, beams)))
   step = jax.jit(lambda token, cache: decoder.decode_step(cfg, params, token, cache))
   for _ in range(12):
     parent_PxR = jnp.asarray(rng.integers(0, beams, (prompts, beams)), jnp.int32)

@@ -236,9 +236,9 @@ def attention_over_blocks(n: int, q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Arr
 
   With cache['beam_row'] [P, R, S] (beam search, decoder.reorder_beams), the B = P * R rows
   are P prompts' R beams each, and beam j of prompt p finds slot s in row beam_row[p, j, s] of
-  its prompt's rows, so that reordering the beams moves no key or value. Each cache row is then read
-  once, by the R queries of its group (a matmul of R rows where a plain cache has one), and
-  each beam keeps the logits of its own rows."""
+  its prompt's rows, so that reordering the beams moves no key or value. Each cache row is
+  then read once, by the R queries of its group (a matmul of R rows where a plain cache has
+  one), and each beam keeps the logits of its own rows."""
   batch, _, heads, head_dim = q_Bx1xHxDh.shape
   ks, vs = cache['k'][:n], cache['v'][:n]
   slots = sum(k.shape[1] for k in ks)
