@@ -1,26 +1,57 @@
-"""The workdir: orbax checkpoints (train state + data-iterator state + config), config.json,
-the tokenizer, metrics.jsonl and TensorBoard events.
+"""The workdir: its lock, orbax checkpoints (train state + data-iterator state + config),
+config.json, the tokenizer, metrics.jsonl and TensorBoard events.
 
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
-killed at any moment leaves its last completed checkpoint intact.
+Nothing is lost under faults:
+- orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+  run killed at any moment (SIGKILL included) leaves its last completed checkpoint intact;
+- saves are asynchronous: the device-to-host copy happens in `save` (on CPU the host view keeps
+  the buffers, which then cannot be donated), the writing overlaps the next steps, and a save
+  that fails (read-only or full disk) raises `CheckpointError` naming the steps still intact;
+- a checkpoint that cannot be read (truncated or missing files, metadata that is not JSON,
+  arrays of the wrong shape) is moved aside into `checkpoints/unreadable/` with a warning, never
+  deleted, and the run resumes from the newest one that reads;
+- `WorkdirLock` lets one run at a time write a workdir.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import jax
 import orbax.checkpoint as ocp
 
 from lm.config import Config, ConfigError, ModelConfig, validate_model
 
-# Keys that may differ when a run is resumed: they change how long it runs or what it reports,
-# not what the saved state means. Any other difference is an incompatible run.
+# Keys that may differ when a run is resumed: they change how long it runs, what it reports or
+# how it saves, not what the saved state means. Any other difference is an incompatible run.
 RESUMABLE_CHANGES = frozenset({
     'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.peak_flops',
-    'train.num_samples', 'train.sample_len', 'data.cache_dir', 'mesh.shape'})
+    'train.num_samples', 'train.sample_len', 'train.skip_nonfinite_steps',
+    'train.async_checkpoints', 'data.cache_dir', 'mesh.shape'})
+UNREADABLE = 'unreadable'  # checkpoints/unreadable/<step>: checkpoints that could not be read
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint could not be read and was skipped (and, by a training run, moved aside)."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class WorkdirBusy(ConfigError):
+  """Another live run holds the workdir's lock."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -39,19 +70,106 @@ def write_atomic(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def prepare_workdir(workdir: Path, cfg: Config) -> None:
-  """Creates the workdir, or checks that the run it holds has a compatible config.
-
-  Raises ConfigError for an unwritable workdir or an incompatible run, writing nothing.
-  """
+def _process_start(pid: int) -> str | None:
+  """When process `pid` of this host started (Linux: /proc/PID/stat field 22), to tell a live
+  run from a new process that reuses a dead run's pid; None where there is no /proc."""
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write-test'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError(f'--workdir={str(workdir)!r}: not writable ({e.strerror}); '
-                      'give a directory you can write to') from e
+    return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _is_alive(owner: dict[str, Any]) -> bool:
+  """Whether the process that wrote a lock on this host still runs."""
+  try:
+    os.kill(owner['pid'], 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  started = _process_start(owner['pid'])
+  return None in (started, owner.get('started')) or started == owner['started']
+
+
+class WorkdirLock:
+  """`workdir/lock` for the length of a run: one run writes a workdir at a time.
+
+  The lock file (JSON: host, pid, the pid's start time, since) is created exclusively. A second
+  run finds it and raises WorkdirBusy naming the owner. A lock whose process is gone from this
+  host (killed) is taken over with a warning; one from another host is never taken over, since
+  its process cannot be checked from here. Multi-host runs: only process 0 takes it
+  (`enabled=False` elsewhere). On exit the lock is removed, and so is the workdir if the lock
+  created it and nothing else was written (a config error leaves no trace).
+  """
+
+  def __init__(self, workdir: Path, enabled: bool = True):
+    self.workdir, self.enabled = Path(workdir), enabled
+    self.path = self.workdir / 'lock'
+    self.created_workdir = False
+
+  def __enter__(self) -> 'WorkdirLock':
+    if not self.enabled:
+      return self
+    me = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': _process_start(os.getpid()), 'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+    try:
+      self.created_workdir = not self.workdir.exists()
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      while not self._create(me):
+        owner = self._owner()
+        if owner is not None and (owner.get('host') != me['host'] or _is_alive(owner)):
+          raise WorkdirBusy(
+              f'--workdir={str(self.workdir)!r} is in use by the run of pid {owner.get("pid")} '
+              f'on host {owner.get("host")} (since {owner.get("since")}): wait for it to end or '
+              f'stop it, or give another --workdir (a run on another host that died leaves '
+              f'{self.path}: delete it)')
+        warnings.warn(f'{self.path}: taking over the lock of '
+                      + (f'pid {owner["pid"]} (since {owner.get("since")}), which is gone'
+                         if owner else 'a run that died while taking it'),
+                      CheckpointWarning, stacklevel=2)
+        self.path.unlink(missing_ok=True)
+    except OSError as e:
+      self._remove_workdir()
+      raise ConfigError(f'--workdir={str(self.workdir)!r}: not writable ({e.strerror}); '
+                        'give a directory you can write to') from e
+    return self
+
+  def _create(self, me: dict[str, Any]) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'w') as f:
+      f.write(json.dumps(me))
+    return True
+
+  def _owner(self) -> dict[str, Any] | None:
+    """The lock's content; None for one left empty or cut by a process that died writing it
+    (a second is given for a live writer to finish)."""
+    for _ in range(10):
+      try:
+        return json.loads(self.path.read_text())
+      except FileNotFoundError:
+        return {'host': None}  # released meanwhile: not ours either; try to create it again
+      except ValueError:
+        time.sleep(0.1)
+    return None
+
+  def __exit__(self, *exc) -> None:
+    if self.enabled:
+      self.path.unlink(missing_ok=True)
+      self._remove_workdir()
+
+  def _remove_workdir(self) -> None:
+    if self.created_workdir and self.workdir.is_dir() and not any(self.workdir.iterdir()):
+      self.workdir.rmdir()
+
+
+def prepare_workdir(workdir: Path, cfg: Config) -> None:
+  """Checks that the run a workdir holds has a config compatible with `cfg`.
+
+  Raises ConfigError for an incompatible run, writing nothing.
+  """
   saved_path = workdir / 'config.json'
   if saved_path.is_file():
     saved = flatten(json.loads(saved_path.read_text()))
@@ -65,33 +183,139 @@ def prepare_workdir(workdir: Path, cfg: Config) -> None:
                         'resume it')
 
 
-class Checkpoints:
-  """Orbax CheckpointManager over `workdir/checkpoints`: items `state`, `data`, `config`."""
+# What a checkpoint that cannot be read raises: tensorstore's read errors and orbax's shape
+# checks are ValueErrors (JSONDecodeError is one), a missing item a KeyError, a missing file
+# an OSError.
+READ_ERRORS = (ValueError, KeyError, OSError)
 
-  def __init__(self, directory: Path, keep: int):
-    # Synchronous: the train step donates the state's buffers, which an asynchronous save
-    # would still be reading.
-    self.manager = ocp.CheckpointManager(
-        directory.absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+
+def _reason(e: BaseException) -> str:
+  """An exception in one line of at most ~400 characters; tensorstore puts the cause last."""
+  text = re.sub(r' ?\[source locations=.*?\]', '', ' '.join(str(e).split())) or type(e).__name__
+  if len(text) > 400:
+    text = f'{text[:150]} ... {text[-250:]}'
+  return f'{type(e).__name__}: {text}'
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+  """A read that fails leaves tensorstore callbacks aimed at orbax's closed event loop; their
+  'Event loop is closed' errors (reported as unraisable) say nothing more, so they are dropped."""
+  previous = sys.unraisablehook
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    time.sleep(0.05)  # let the failed read's last callbacks land
+    sys.unraisablehook = previous
+
+
+class Checkpoints:
+  """Orbax CheckpointManager over `workdir/checkpoints`: items `state`, `data`, `config`.
+
+  Saves are asynchronous unless `async_save=False`: `save` returns once the arrays are copied
+  to the host, and the files are written while training goes on.
+  """
+
+  def __init__(self, directory: Path, keep: int, async_save: bool = True):
+    self.directory = directory.absolute()
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+    self.pending: int | None = None  # the step of a save that may still be writing
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], cfg: Config) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(cfg.to_dict())), force=True)
+    """Starts saving `step` (the previous save is finished first). Raises CheckpointError when
+    this save or the previous one fails."""
+    try:
+      self.manager.wait_until_finished()
+      self.pending = step
+      # A directory that cannot be written fails here, before orbax's background threads
+      # start (whose failure to create a directory leaves them waiting forever).
+      probe = self.directory / f'.write-test-{socket.gethostname()}-{os.getpid()}'
+      probe.write_bytes(b'')
+      probe.unlink()
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(cfg.to_dict())), force=True)
+    except Exception as e:  # orbax re-raises a background write's error here
+      raise self._failed(e) from e
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._failed(e) from e
+    self.pending = None
+
+  def _failed(self, e: Exception) -> CheckpointError:
+    failed, self.pending = self.pending, None
+    if jax.process_index() == 0:  # what the failed save wrote only takes space
+      for partial in self.directory.glob(f'{failed}.orbax-checkpoint-tmp*'):
+        shutil.rmtree(partial, ignore_errors=True)
+    self.manager.reload()
+    intact = [s for s in self.manager.all_steps() if s != failed]
+    return CheckpointError(
+        f'could not write the checkpoint of step {failed} in {self.directory} ({_reason(e)}); '
+        + (f'the checkpoints of steps {intact} are intact' if intact else
+           'there is no earlier checkpoint') + ': free space or make the directory writable, '
+        'then run the same command to resume')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """`abstract_state`: ShapeDtypeStructs with shardings, so arrays land where they belong."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    with _quiet_failed_reads():
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored['state'], restored['data']
 
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, data-iterator state) of the newest checkpoint that reads, or None.
+
+    Each newer one that cannot be read is named in a CheckpointWarning and moved aside into
+    `unreadable/` (by process 0), so that the run goes on from the step before it.
+    """
+    failed = False
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except READ_ERRORS as e:
+        failed = True
+        moved = self._move_aside(step)
+        warnings.warn(f'checkpoint {self.directory / str(step)} cannot be read ({_reason(e)}); '
+                      f'moved it to {moved}, and resuming from the checkpoint before it',
+                      CheckpointWarning, stacklevel=2)
+    if failed:
+      warnings.warn(f'no checkpoint in {self.directory} can be read: starting afresh',
+                    CheckpointWarning, stacklevel=2)
+    return None
+
+  def _move_aside(self, step: int) -> Path:
+    target = self.directory / UNREADABLE / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(exist_ok=True)
+      n = 1
+      while target.exists():  # a step that failed before
+        target, n = self.directory / UNREADABLE / f'{step}.{n}', n + 1
+      os.replace(self.directory / str(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'lm: checkpoint {step} moved aside')
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save (raising CheckpointError if it failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 class MetricsLog:
@@ -112,10 +336,14 @@ class MetricsLog:
       write_atomic(self.path, ''.join(line + '\n' for line in kept))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    self.file.write(json.dumps({'step': step, **metrics}) + '\n')
+    """One line of strict JSON: a value that is not finite (JSON has no NaN) is null there, and
+    left out of TensorBoard."""
+    record = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+    self.file.write(json.dumps({'step': step, **record}, allow_nan=False) + '\n')
     self.file.flush()
-    for key, value in metrics.items():
-      self.tb.add_scalar(key, value, step)
+    for key, value in record.items():
+      if value is not None:
+        self.tb.add_scalar(key, value, step)
 
   def close(self) -> None:
     self.file.close()
@@ -123,7 +351,8 @@ class MetricsLog:
 
 
 def load_model(workdir: Path, tokenizer_arg: str | None = None):
-  """(ModelConfig, params, tokenizer) of a run's workdir or a Hugging Face directory."""
+  """(ModelConfig, params, tokenizer) of a run's workdir (its newest checkpoint that reads) or a
+  Hugging Face directory."""
   from lm import hf, tokenizers  # hf imports this module
   config_path = workdir / 'config.json'
   if not config_path.is_file():
@@ -138,17 +367,50 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
     return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
   cfg = ModelConfig(**saved['model'])
   validate_model(cfg)
-  return cfg, restore_params(workdir), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
+  return cfg, restore_params(workdir, cfg), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
 
 
-def restore_params(workdir: Path):
-  """The parameters of the latest checkpoint of a run."""
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """'path/to/param' -> shape of the parameters of a model of `cfg`, computed without memory."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from lm import models
+  boxed = jax.eval_shape(lambda: models.build(cfg).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 1), jnp.int32)))['params']
+  return _shapes(nn.meta.unbox(boxed))
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def restore_params(workdir: Path, cfg: ModelConfig):
+  """The parameters of the newest checkpoint of a run that reads and holds the shapes of a
+  model of `cfg`; each newer one that does not is named in a CheckpointWarning (and left where
+  it is: only a training run moves checkpoints)."""
   directory = (workdir / 'checkpoints').absolute()
-  step = ocp.CheckpointManager(directory).latest_step() if directory.is_dir() else None
-  if step is None:
+  steps = ocp.CheckpointManager(directory).all_steps() if directory.is_dir() else []
+  if not steps:
     raise ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
                       f'(python -m lm.main --config=... --workdir={workdir}) or wait for its '
                       'first checkpoint')
+  expected, reasons = param_shapes(cfg), []
   with ocp.CheckpointManager(directory) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+    for step in sorted(steps, reverse=True):
+      try:
+        with _quiet_failed_reads():
+          params = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore()))['state']['params']
+        got = _shapes(params)
+        if got != expected:
+          wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+          raise ValueError(f'{wrong[0]} has shape {got.get(wrong[0])}, the config\'s model '
+                           f'{expected.get(wrong[0])} ({len(wrong)} parameters differ)')
+        return params
+      except READ_ERRORS as e:
+        reasons.append(f'step {step}: {_reason(e)}')
+        warnings.warn(f'checkpoint {directory / str(step)} cannot be read ({_reason(e)})',
+                      CheckpointWarning, stacklevel=2)
+  raise ConfigError(f'--workdir={str(workdir)!r}: none of its checkpoints can be read ('
+                    + '; '.join(reasons) + '); train it again, or give another run')

@@ -118,6 +118,8 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
+  async_checkpoints: bool = True  # write checkpoints while the next steps run
+  skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient skipped before stopping
   peak_flops: float = 0.0  # FLOP/s of one device; 0: measured at start with a matmul
   num_samples: int = 3
   sample_len: int = 200
@@ -250,6 +252,8 @@ def validate(cfg: Config, device_count: int) -> None:
           f'must be in [0, train.steps={t.steps})')
   require(0.0 <= t.min_lr_ratio <= 1.0, 'train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
   require(t.peak_flops >= 0, 'train.peak_flops', t.peak_flops, 'use 0 to measure it')
+  require(t.skip_nonfinite_steps >= 0, 'train.skip_nonfinite_steps', t.skip_nonfinite_steps,
+          'how many non-finite steps to skip before stopping: give 0 (stop at the first) or more')
   require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',
           (t.num_samples, t.sample_len), 'must be >= 0')
   data_parallel = math.prod(mesh_shape(cfg.mesh.shape, device_count)[:2])

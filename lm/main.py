@@ -1,10 +1,13 @@
 """python -m lm.main --config=configs/X.py [--workdir=DIR] [--config.a.b=v]
 
 Trains, evaluates and checkpoints; resumes when the workdir already holds a checkpoint.
-A user's mistake prints one line naming the field, the value and the fix, and exits with 2.
+A user's mistake (or a workdir another run holds) prints one line naming the field, the value and
+the fix, and exits with 2; a fault the run stops on (a non-finite step, a checkpoint that could
+not be written) prints one line and exits with 1, its last good checkpoint kept.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,12 +65,19 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     user_error(f'--config={path!r}: cannot load it ({str(e).splitlines()[-1].strip()}); '
                'give a path like configs/decoder.py')
-  from lm import train  # after flag parsing: --help stays fast
+  from lm import checkpoint, train  # after flag parsing: --help stays fast
   workdir = _WORKDIR.value or str(Path('runs') / Path(path).stem)
   try:
     train.run(config, workdir)
   except ConfigError as e:
     user_error(str(e))
+  except train.TrainingError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except checkpoint.CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # the failed save's background threads may never end: do not wait for them
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ print a few samples.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -58,12 +59,23 @@ def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(loss_fn: Callable, schedule: optax.Schedule) -> Callable:
-  """A pure train_step(state, batch) -> (state, metrics) for a loss_fn(params, batch, rng)."""
+  """A pure train_step(state, batch) -> (state, metrics) for a loss_fn(params, batch, rng).
+
+  A step whose loss or gradient norm is not finite is never applied: the parameters and the
+  optimizer state stay as they were and only the step count advances; `metrics['finite']`
+  says which it was, for the loop to stop or to count it.
+  """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-    metrics = {**metrics, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
-    return state.apply_gradients(grads=grads), metrics
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.apply_gradients(grads=grads)
+    keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    updated = updated.replace(params=keep_finite(updated.params, state.params),
+                              opt_state=keep_finite(updated.opt_state, state.opt_state))
+    return updated, {**metrics, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+                     'finite': finite}
   return train_step
 
 
@@ -151,6 +163,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train), cfg.data.seq_len,
                                                 cfg.train.seed, mesh)
   parallel.check_even(abstract, mesh)
+  workdir.mkdir(parents=True, exist_ok=True)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
   tokenizer.save(workdir / 'tokenizer')
   return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
@@ -191,9 +204,48 @@ def pretrained_params(cfg: Config) -> Any:
   return decoder.stack_layers(cfg.model, params) if cfg.model.scan_layers else params
 
 
+class TrainingError(RuntimeError):
+  """The run stopped on a fault it cannot go past (a non-finite step, a failed save); its last
+  good checkpoint is kept. Printed as one line; the CLI exits with status 1."""
+
+
+class NonFiniteGuard:
+  """Counts the steps whose loss or gradient norm is not finite (train_step has not applied
+  them) and stops the run past `allowed` of them, naming the step and the checkpoint kept."""
+
+  def __init__(self, allowed: int, ckpts: checkpoint.Checkpoints, log, bar):
+    self.allowed, self.ckpts, self.log, self.bar = allowed, ckpts, log, bar
+    self.skipped = 0
+
+  def check(self, step: int, finite: jax.Array, metrics: dict[str, jax.Array]) -> None:
+    if bool(finite):
+      return
+    self.skipped += 1
+    what = (f'step {step}: loss {float(metrics["loss"])}, gradient norm '
+            f'{float(metrics["grad_norm"])}')
+    if self.skipped <= self.allowed:
+      self.bar.write(f'{what}: not finite, update skipped ({self.skipped} of '
+                     f'train.skip_nonfinite_steps={self.allowed})')
+      if self.log:
+        self.log.write(step, {'train/skipped_nonfinite': self.skipped})
+      return
+    self.ckpts.wait()
+    kept = self.ckpts.latest_step()
+    raise TrainingError(
+        f'{what}: not finite, so the run stopped without applying it; '
+        + (f'the newest checkpoint, step {kept}, is finite and kept' if kept is not None else
+           'no checkpoint was written')
+        + ': lower train.learning_rate, set train.grad_clip, or let '
+        f'train.skip_nonfinite_steps={self.allowed + 1} skip such steps, then run again')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-  """Trains (or resumes) and returns the final metrics."""
-  r = setup(config, workdir)
+  """Trains (or resumes) and returns the final metrics; holds the workdir's lock meanwhile."""
+  with checkpoint.WorkdirLock(Path(workdir), enabled=jax.process_index() == 0):
+    return _train(setup(config, workdir))
+
+
+def _train(r: Run) -> dict[str, float]:
   cfg, t, task = r.cfg, r.cfg.train, r.task
   is_main = jax.process_index() == 0
   abstract, shardings = r.abstract, r.shardings
@@ -201,8 +253,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
                                         sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
                 for k, s in task.batch_shapes().items()}
   batch_sharding = {k: s.sharding for k, s in batch_spec.items()}
-  ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints)
-  start = ckpts.latest_step() or 0
+  ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints,
+                                 t.async_checkpoints)
+  restored = ckpts.restore_latest(abstract)
+  start = restored[0] if restored else 0
   # Read (and stacked for scan_layers) outside the mesh context; only a fresh run needs them.
   pretrained = pretrained_params(cfg) if cfg.train.init_from and not start else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
@@ -216,8 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
     compile_seconds = time.perf_counter() - compile_start
 
     data_iter = iter(task.train_dataset(jax.process_index(), jax.process_count()))
-    if start:
-      state, data_state = ckpts.restore(start, abstract)
+    if restored:
+      _, state, data_state = restored
       data_iter.set_state(data_state)
       print(f'resuming {r.workdir} from step {start}')
     else:
@@ -239,35 +293,50 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
     tokens_per_step = t.batch_size * cfg.data.seq_len
     last_log_step, last_log_time = start, time.perf_counter()
     stop_signal = None
-    with StopOnSignal() as stop, tqdm(total=t.steps, initial=start, unit='step',
-                                      dynamic_ncols=True, disable=not is_main) as bar:
-      for step in range(start + 1, t.steps + 1):
-        batch = parallel.global_batch(next(data_iter), batch_sharding)
-        state, metrics = train_step(state, batch)
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-          metrics = jax.device_get(metrics)
-          now = time.perf_counter()
-          tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-          record = {f'train/{k}': float(v) for k, v in metrics.items()}
-          record.update({'perf/tokens_per_sec': tokens_per_sec,
-                         'perf/mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count())})
-          bar.set_postfix(loss=f'{record["train/loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
-          if log:
-            log.write(step, record)
-          last_log_step, last_log_time = step, now
-        if step % t.eval_every == 0 and step != t.steps:
-          val = evaluate(state.params, val_batches)
-          bar.write(f'step {step}: ' + ', '.join(f'val/{k} {v:.4f}' for k, v in val.items()))
-          if log:
-            log.write(step, {f'val/{k}': v for k, v in val.items()})
-          last_log_step, last_log_time = step, time.perf_counter()
-        stop_signal = stop.signum
-        if step % t.checkpoint_every == 0 or step == t.steps or stop_signal is not None:
-          ckpts.save(step, state, data_iter.get_state(), cfg)
-        if stop_signal is not None:
-          break
-    ckpts.close()
+    try:
+      with StopOnSignal() as stop, tqdm(total=t.steps, initial=start, unit='step',
+                                        dynamic_ncols=True, disable=not is_main) as bar:
+        guard = NonFiniteGuard(t.skip_nonfinite_steps, ckpts, log, bar)
+        unchecked = None  # the last step's (step, finite, metrics), checked after the next
+        # step is dispatched, so that the check does not stall the device's queue
+        for step in range(start + 1, t.steps + 1):
+          batch = parallel.global_batch(next(data_iter), batch_sharding)
+          state, metrics = train_step(state, batch)
+          if unchecked:
+            guard.check(*unchecked)
+          unchecked = (step, metrics.pop('finite'), metrics)
+          bar.update(1)
+          if step % t.log_every == 0 or step == t.steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+            record = {f'train/{k}': float(v) for k, v in metrics.items()}
+            record.update({'perf/tokens_per_sec': tokens_per_sec, 'perf/mfu': tokens_per_sec
+                           * flops_per_token / (peak * jax.device_count())})
+            bar.set_postfix(loss=f'{record["train/loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
+            if log:
+              log.write(step, record)
+            last_log_step, last_log_time = step, now
+          if step % t.eval_every == 0 and step != t.steps:
+            val = evaluate(state.params, val_batches)
+            bar.write(f'step {step}: ' + ', '.join(f'val/{k} {v:.4f}' for k, v in val.items()))
+            if log:
+              log.write(step, {f'val/{k}': v for k, v in val.items()})
+            last_log_step, last_log_time = step, time.perf_counter()
+          stop_signal = stop.signum
+          if step % t.checkpoint_every == 0 or step == t.steps or stop_signal is not None:
+            guard.check(*unchecked)  # only finite states reach a checkpoint
+            unchecked = None
+            ckpts.save(step, state, data_iter.get_state(), cfg)
+          if stop_signal is not None:
+            break
+      ckpts.close()  # waits for the last save
+    except BaseException:
+      with contextlib.suppress(Exception):  # the first error is the one to report
+        ckpts.close()
+      if log:
+        log.close()
+      raise
     if stop_signal is not None:
       print(f'{signal.Signals(stop_signal).name}: saved a checkpoint at step {step} in '
             f'{r.workdir}; run the same command to resume')

@@ -162,3 +162,13 @@ def test_presets_parse_and_have_their_published_sizes(name, vocab, params):
   shapes = jax.eval_shape(lambda: models.build(cfg.model).init(
       jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), 'int32')))
   assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes))) == params
+
+
+def test_skip_nonfinite_steps_must_not_be_negative():
+  c = load_config()
+  c.train.skip_nonfinite_steps = -1
+  with pytest.raises(ConfigError, match=r'train\.skip_nonfinite_steps=-1: how many non-finite '
+                                        r'steps to skip before stopping: give 0'):
+    parse(c)
+  c.train.skip_nonfinite_steps = 3
+  assert parse(c).train.skip_nonfinite_steps == 3

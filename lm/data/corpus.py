@@ -1,9 +1,11 @@
 """Corpus sources: the Python standard library's own sources by default, or the user's globs.
 
-Files are listed in a deterministic order and assigned to train or validation by a stable hash
-of their key (the path relative to the stdlib, or to the literal directory a glob starts from),
-so the split is the same on every machine, wherever the corpus lies, and does not move when
-files are added.
+Files are listed in a deterministic order. Each document goes to train or validation by a
+stable hash (SHA-256, the same on every machine and in every Python run): a text file is one
+document, split by its key (the path relative to the stdlib, or to the literal directory a glob
+starts from), so the split does not move when files are added or the corpus is moved; a JSONL
+file holds one document a line, split by the line's own text, so that one JSONL file (the common
+form of a data set) yields both splits, and a line keeps its split when lines around it change.
 """
 from __future__ import annotations
 
@@ -81,21 +83,32 @@ def read_documents(source: SourceFile) -> Iterator[str]:
 
   A binary or non-UTF-8 file is skipped with a CorpusWarning, never an exception.
   """
+  return (text for _, text in _keyed_documents(source))
+
+
+def split_documents(source: SourceFile, val_fraction: float) -> Iterator[tuple[str, str]]:
+  """('train' or 'val', text) of each document of one file, split as the module says."""
+  for key, text in _keyed_documents(source):
+    yield ('val' if is_validation(key, val_fraction) else 'train'), text
+
+
+def _keyed_documents(source: SourceFile) -> Iterator[tuple[str, str]]:
+  """(split key, text) of each document: the file's key for a text file, the line for JSONL."""
   raw = source.path.read_bytes()
   nul = raw.find(b'\0')
   if nul >= 0:
     warnings.warn(f'skipping {source.path}: not UTF-8 text (NUL byte at byte {nul}: binary)',
-                  CorpusWarning, stacklevel=2)
+                  CorpusWarning, stacklevel=3)
     return
   try:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
     warnings.warn(f'skipping {source.path}: not UTF-8 text ({e.reason} at byte {e.start})',
-                  CorpusWarning, stacklevel=2)
+                  CorpusWarning, stacklevel=3)
     return
   if source.path.suffix != '.jsonl':
     if text:
-      yield text
+      yield source.key, text
     return
   for number, line in enumerate(text.splitlines(), 1):
     if not line.strip():
@@ -106,10 +119,10 @@ def read_documents(source: SourceFile) -> Iterator[str]:
         raise TypeError(f'"text" is a {type(doc).__name__}')
     except (ValueError, KeyError, TypeError) as e:
       warnings.warn(f'skipping {source.path}:{number}: want an object with a "text" string '
-                    f'({e!r})', CorpusWarning, stacklevel=2)
+                    f'({e!r})', CorpusWarning, stacklevel=3)
       continue
     if doc:
-      yield doc
+      yield line.strip(), doc
 
 
 def lines(document: str) -> list[str]:

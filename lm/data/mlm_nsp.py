@@ -45,9 +45,10 @@ def check_split(split: Split, name: str, paths: object) -> None:
   docs = len(split.document_starts) - 1
   if docs < 2:
     raise ConfigError(
-        f'data.paths={paths!r}: the {name} split holds {docs} document(s) (files); next-sentence '
+        f'data.paths={paths!r}: the {name} split holds {docs} document(s); next-sentence '
         'prediction draws a random B from another document, so no negative pair is possible: '
-        'give a corpus of more files (the split is by file; for val, raise data.val_fraction)')
+        'give a corpus of more documents (text files split whole, JSONL files by line; for '
+        'val, raise data.val_fraction)')
   if not len(anchors(split)):
     raise ConfigError(
         f'data.paths={paths!r}: no document of the {name} split holds two non-blank lines, so '

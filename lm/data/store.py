@@ -33,11 +33,12 @@ SPLITS = ('train', 'val')
 class Split:
   tokens: np.ndarray  # [N] memmap
   num_bytes: int  # UTF-8 bytes of the text the tokens encode
-  num_files: int
+  num_files: int  # files with at least one document in this split
   # `lines` layout: line i is tokens[line_starts[i]:line_starts[i + 1]] ([L + 1]), document
   # d its lines document_starts[d] .. document_starts[d + 1] - 1.
   line_starts: np.ndarray | None = None
   document_starts: np.ndarray | None = None
+  num_documents: int = 0
 
 
 def default_cache_dir() -> Path:
@@ -47,7 +48,8 @@ def default_cache_dir() -> Path:
 def fingerprint(files: list[corpus.SourceFile], what: str, val_fraction: float) -> str:
   """Names what is built (`what`) from these files, as they are now, split so."""
   h = hashlib.sha256()
-  h.update(json.dumps({'tokenizer': what, 'val_fraction': val_fraction, 'format': 1}).encode())
+  # format 2: the documents of a JSONL file split one by one (format 1: by file)
+  h.update(json.dumps({'tokenizer': what, 'val_fraction': val_fraction, 'format': 2}).encode())
   for f in files:
     st = f.path.stat()
     h.update(f'{f.key}\0{f.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
@@ -63,15 +65,15 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
   cached under a fingerprint of that split and the vocabulary size."""
   if tcfg.kind != 'bpe':
     return tokenizers.load(tcfg.kind)
-  files = [f for f in corpus.list_files(cfg.paths)
-           if not corpus.is_validation(f.key, cfg.val_fraction)]
+  files = corpus.list_files(cfg.paths)
   what = f'bpe-{tcfg.vocab_size}-{tokenizers.GPT4_PATTERN}'
   directory = cache_dir(cfg) / f'bpe-{fingerprint(files, what, cfg.val_fraction)}'
   if not (directory / 'tokenizer.json').is_file():
     print(f'training a byte-level BPE of {tcfg.vocab_size} ids on the train split '
-          f'({len(files)} files)', flush=True)
-    tokenizer = bpe.train((doc for f in files for doc in corpus.read_documents(f)),
-                          tcfg.vocab_size, field='tokenizer.vocab_size')
+          f'(of {len(files)} files)', flush=True)
+    train_docs = (doc for f in files for split, doc in corpus.split_documents(f, cfg.val_fraction)
+                  if split == 'train')
+    tokenizer = bpe.train(train_docs, tcfg.vocab_size, field='tokenizer.vocab_size')
     _publish(directory, tokenizer.save)
   return tokenizers.load(directory)
 
@@ -97,7 +99,8 @@ def _load(directory: Path) -> dict[str, Split]:
   offsets = lambda name, what: (np.load(directory / f'{name}.{what}.npy')
                                 if (directory / f'{name}.{what}.npy').is_file() else None)
   return {name: Split(tokens(name), meta[name]['num_bytes'], meta[name]['num_files'],
-                      offsets(name, 'lines'), offsets(name, 'documents'))
+                      offsets(name, 'lines'), offsets(name, 'documents'),
+                      meta[name]['num_documents'])
           for name in SPLITS}
 
 
@@ -107,26 +110,18 @@ def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory
 
   def write(tmp: Path) -> None:
     meta = {'dtype': np.dtype(dtype).name, 'files': len(files), 'layout': layout}
-    counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0} for name in SPLITS}
+    counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0, 'num_documents': 0}
+              for name in SPLITS}
     outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
     line_lengths = {name: [] for name in SPLITS}  # `lines` layout
     document_sizes = {name: [] for name in SPLITS}  # lines per document
     for f in tqdm(files, desc='tokenizing corpus', unit='file', leave=False):
-      name = 'val' if corpus.is_validation(f.key, cfg.val_fraction) else 'train'
-      docs = list(corpus.read_documents(f))
-      for doc in docs:
-        counts[name]['num_bytes'] += len(doc.encode('utf-8', errors='replace'))
-      if layout == 'documents':
-        units = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(docs)]
-      else:
-        lines = [corpus.lines(doc) for doc in docs]
-        units = tokenizer.encode_batch([line for doc in lines for line in doc])
-        document_sizes[name] += [len(doc) for doc in lines if doc]
-        line_lengths[name] += [len(ids) for ids in units]
-      for ids in units:
-        outs[name].write(np.asarray(ids, dtype).tobytes())
-        counts[name]['num_tokens'] += len(ids)
-      counts[name]['num_files'] += bool(docs)
+      docs = {name: [] for name in SPLITS}
+      for name, doc in corpus.split_documents(f, cfg.val_fraction):
+        docs[name].append(doc)
+      for name in SPLITS:
+        _write_documents(docs[name], tokenizer, layout, dtype, outs[name], counts[name],
+                         line_lengths[name], document_sizes[name])
     for out in outs.values():
       out.close()
     if layout == 'lines':
@@ -137,6 +132,26 @@ def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory
     meta.update(counts)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
   _publish(directory, write)
+
+
+def _write_documents(docs: list[str], tokenizer, layout: str, dtype, out, counts: dict[str, int],
+                     line_lengths: list[int], document_sizes: list[int]) -> None:
+  """Appends one file's documents of one split to its token file, counting what was written."""
+  if not docs:
+    return
+  counts['num_files'] += 1
+  counts['num_documents'] += len(docs)
+  counts['num_bytes'] += sum(len(doc.encode('utf-8', errors='replace')) for doc in docs)
+  if layout == 'documents':
+    units = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(docs)]
+  else:
+    lines = [corpus.lines(doc) for doc in docs]
+    units = tokenizer.encode_batch([line for doc in lines for line in doc])
+    document_sizes += [len(doc) for doc in lines if doc]
+    line_lengths += [len(ids) for ids in units]
+  for ids in units:
+    out.write(np.asarray(ids, dtype).tobytes())
+    counts['num_tokens'] += len(ids)
 
 
 def _publish(directory: Path, write: Callable[[Path], None]) -> None:
@@ -168,6 +183,7 @@ def _check_splits(splits: dict[str, Split], cfg: DataConfig, layout: str) -> Non
     if len(split.tokens) < require_tokens:
       raise ConfigError(
           f'data.val_fraction={cfg.val_fraction}: the {name} split of data.paths={paths!r} '
-          f'holds {len(split.tokens)} tokens in {split.num_files} files, '
-          f'fewer than data.seq_len + 1 = {require_tokens}; the split is by file, so add '
-          'files, change data.val_fraction, or lower data.seq_len')
+          f'holds {len(split.tokens)} tokens in {split.num_documents} documents of '
+          f'{split.num_files} files, fewer than data.seq_len + 1 = {require_tokens}; text '
+          'files split whole (JSONL files by line), so add text, change data.val_fraction, or '
+          'lower data.seq_len')
