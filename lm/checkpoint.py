@@ -14,8 +14,11 @@ Nothing is lost under faults:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
+import logging
 import math
 import os
 import re
@@ -197,20 +200,37 @@ def _reason(e: BaseException) -> str:
   return f'{type(e).__name__}: {text}'
 
 
+class _DropOrphanedTaskErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads() -> Iterator[None]:
-  """A read that fails leaves tensorstore callbacks aimed at orbax's closed event loop; their
-  'Event loop is closed' errors (reported as unraisable) say nothing more, so they are dropped."""
+  """A read that fails (reported by our CheckpointWarning) leaves orbax's other reads orphaned:
+  tensorstore callbacks aimed at a closed event loop, tasks whose errors nobody retrieves,
+  coroutines never awaited. Their reports say nothing more and are dropped here; they are
+  collected before leaving so that they report while dropped."""
   previous = sys.unraisablehook
   def hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError)
-            and 'Event loop is closed' in str(unraisable.exc_value)):
+            and 'Event loop is closed' in str(unraisable.exc_value)
+            or asyncio.iscoroutine(unraisable.object)):
       previous(unraisable)
   sys.unraisablehook = hook
+  drop = _DropOrphanedTaskErrors()
+  logging.getLogger('asyncio').addFilter(drop)
   try:
-    yield
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', r'coroutine .* was never awaited', RuntimeWarning)
+      try:
+        yield
+      except BaseException:
+        time.sleep(0.05)  # let the failed read's last callbacks land
+        gc.collect()
+        raise
   finally:
-    time.sleep(0.05)  # let the failed read's last callbacks land
+    logging.getLogger('asyncio').removeFilter(drop)
     sys.unraisablehook = previous
 
 

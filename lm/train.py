@@ -211,7 +211,8 @@ class TrainingError(RuntimeError):
 
 class NonFiniteGuard:
   """Counts the steps whose loss or gradient norm is not finite (train_step has not applied
-  them) and stops the run past `allowed` of them, naming the step and the checkpoint kept."""
+  them) and stops the run past `allowed` of them, naming the step and the checkpoint kept.
+  Each skipped step is said and logged where the metrics log is (process 0)."""
 
   def __init__(self, allowed: int, ckpts: checkpoint.Checkpoints, log, bar):
     self.allowed, self.ckpts, self.log, self.bar = allowed, ckpts, log, bar
@@ -224,9 +225,9 @@ class NonFiniteGuard:
     what = (f'step {step}: loss {float(metrics["loss"])}, gradient norm '
             f'{float(metrics["grad_norm"])}')
     if self.skipped <= self.allowed:
-      self.bar.write(f'{what}: not finite, update skipped ({self.skipped} of '
-                     f'train.skip_nonfinite_steps={self.allowed})')
       if self.log:
+        self.bar.write(f'{what}: not finite, update skipped ({self.skipped} of '
+                       f'train.skip_nonfinite_steps={self.allowed})')
         self.log.write(step, {'train/skipped_nonfinite': self.skipped})
       return
     self.ckpts.wait()
