@@ -193,8 +193,11 @@ READ_ERRORS = (ValueError, KeyError, OSError)
 
 
 def _reason(e: BaseException) -> str:
-  """An exception in one line of at most ~400 characters; tensorstore puts the cause last."""
-  text = re.sub(r' ?\[source locations=.*?\]', '', ' '.join(str(e).split())) or type(e).__name__
+  """An exception in one line of at most ~400 characters, without tensorstore's trailing spec
+  (its cause comes just before)."""
+  text = ' '.join(str(e).split())
+  text = re.sub(r' ?(\[(tensorstore_spec|source locations)=|See full TensorStore details).*', '',
+                text) or type(e).__name__
   if len(text) > 400:
     text = f'{text[:150]} ... {text[-250:]}'
   return f'{type(e).__name__}: {text}'
