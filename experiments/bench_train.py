@@ -53,7 +53,7 @@ def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
   """A compiled lm train step on a mesh of every device, and its initial state."""
   model = models.build(cfg)
   mesh = parallel.make_mesh((jax.device_count(), 1, 1))
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=-1,
+  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply,
                               aux_coef=cfg.moe_aux_coef if cfg.num_experts else 0.0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
     init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t), SEQ_LEN, 0, mesh)
@@ -102,8 +102,8 @@ def torch_step_fn(cfg: ModelConfig, t: TrainConfig):
 
 def random_batch() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
-  return {k: rng.integers(0, SHAPE['vocab_size'], (BATCH, SEQ_LEN)).astype(np.int32)
-          for k in ('inputs', 'targets')}
+  return {**{k: rng.integers(0, SHAPE['vocab_size'], (BATCH, SEQ_LEN)).astype(np.int32)
+             for k in ('inputs', 'targets')}, 'loss_mask': np.ones((BATCH, SEQ_LEN), bool)}
 
 
 def torch_peak_flops(n: int = 2048, repeats: int = 5) -> float:

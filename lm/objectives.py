@@ -22,16 +22,16 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 
 def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
-             pad_id: int, aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Causal LM: mean NLL of next tokens, padding targets left out; with `aux_coef`, plus that
-  times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`)."""
+             aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true; with `aux_coef`,
+  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`)."""
   del rng  # the decoder has no dropout
   if aux_coef:
     logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], mutable=['intermediates'])
   else:
     logits_BxTxV, state = apply_fn({'params': params}, batch['inputs']), {}
   nll_BxT = token_nll(logits_BxTxV, batch['targets'])
-  mask_BxT = batch['targets'] != pad_id
+  mask_BxT = batch['loss_mask']
   nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
   if not aux_coef:
     return nll, {'loss': nll}
@@ -46,14 +46,13 @@ def _sown(state: dict, name: str) -> list[jax.Array]:
 
 
 def clm_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
-                  pad_id: int, token_bytes_V: jax.Array) -> dict[str, jax.Array]:
-  """Sums to add up over a split (`rng` unused): NLL and count of non-padding targets, and the
-  NLL and UTF-8 bytes of the targets that are text (special tokens have 0 bytes), for bits per
-  byte."""
-  targets_BxT = batch['targets']
+                  token_bytes_V: jax.Array) -> dict[str, jax.Array]:
+  """Sums to add up over a split (`rng` unused): NLL and count of the targets in `loss_mask`,
+  and the NLL and UTF-8 bytes of those that are text (special tokens have 0 bytes), for bits
+  per byte."""
+  targets_BxT, mask_BxT = batch['targets'], batch['loss_mask']
   nll_BxT = token_nll(apply_fn({'params': params}, batch['inputs']), targets_BxT)
-  mask_BxT = targets_BxT != pad_id
-  bytes_BxT = token_bytes_V[targets_BxT]
+  bytes_BxT = token_bytes_V[targets_BxT] * mask_BxT
   return {'nll': jnp.sum(nll_BxT * mask_BxT), 'tokens': jnp.sum(mask_BxT),
           'text_nll': jnp.sum(nll_BxT * (bytes_BxT > 0)), 'bytes': jnp.sum(bytes_BxT)}
 

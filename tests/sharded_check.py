@@ -54,10 +54,10 @@ def main():
   c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
   c.data.update(seq_len=32)
   c.train.update(batch_size=8, warmup_steps=1, steps=10)
-  batches = [{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')}
-             for _ in range(3)]
+  batches = [{**{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')},
+              'loss_mask': np.ones((8, 32), bool)} for _ in range(3)]
   decoder = run_on_both_meshes(
-      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply, pad_id=258),
+      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply),
       batches)
   c = load_config('encoder')  # BERT: masks drawn in the loss, NSP labels a [B] array
   c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)

@@ -9,7 +9,8 @@ import pytest
 
 from lm import config as config_lib
 from lm.config import ConfigError
-from lm.data import clm, corpus, store
+from lm.data import corpus, store
+from lm.tasks import clm
 from lm.data.corpus import CorpusWarning
 from lm import tokenizers
 from tests.conftest import load_config, write_corpus

@@ -14,7 +14,8 @@ import pytest
 
 from lm import checkpoint, encoding, hf, models, objectives, sample, tokenizers, train
 from lm.config import ConfigError, ModelConfig, validate_model
-from lm.data import corpus, mlm_nsp, store
+from lm.data import corpus, store
+from lm.tasks import mlm_nsp
 from lm.models import encoder, layers
 from tests.conftest import load_config
 

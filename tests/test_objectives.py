@@ -21,8 +21,8 @@ def test_clm_loss_equals_numpy_cross_entropy_without_padding():
   targets = rng.integers(0, 6, (2, 5))
   targets[1, 3:] = 6  # padding
   apply_fn = lambda variables, inputs: jnp.asarray(logits)
-  loss, metrics = objectives.clm_loss({}, {'inputs': targets, 'targets': targets}, None,
-                                      apply_fn=apply_fn, pad_id=6)
+  batch = {'inputs': targets, 'targets': targets, 'loss_mask': targets != 6}
+  loss, metrics = objectives.clm_loss({}, batch, None, apply_fn=apply_fn)
   nll = numpy_nll(logits.astype(np.float64), targets)
   np.testing.assert_allclose(loss, nll[targets != 6].mean(), rtol=1e-6)
   assert metrics['loss'] == loss
@@ -33,8 +33,8 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab():
   token_bytes = np.array([1] * 256 + [0] * 3)
   targets = np.array([[1, 2, 256, 3, 258]])  # 3 text bytes, a special token, padding
   apply_fn = lambda variables, inputs: jnp.zeros((1, 5, vocab))
-  sums = objectives.clm_eval_sums({}, {'inputs': targets, 'targets': targets}, None,
-                                  apply_fn=apply_fn, pad_id=258,
+  batch = {'inputs': targets, 'targets': targets, 'loss_mask': targets != 258}
+  sums = objectives.clm_eval_sums({}, batch, None, apply_fn=apply_fn,
                                   token_bytes_V=jnp.asarray(token_bytes))
   assert int(sums['tokens']) == 4 and int(sums['bytes']) == 3
   metrics = objectives.clm_eval_metrics({k: float(v) for k, v in sums.items()})

@@ -192,7 +192,7 @@ def test_bad_tokenizer_config_fails_before_anything_is_written(config, tmp_path)
 def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  from lm.data import clm
+  from lm.tasks import clm
 
   def llama(vocab_size):
     torch.manual_seed(0)

@@ -1,4 +1,6 @@
-"""Masked LM + next-sentence prediction pipeline: sentence pairs [CLS] A [SEP] B [SEP].
+"""Masked LM + next-sentence prediction (`mlm_nsp`, encoders): sentence pairs
+[CLS] A [SEP] B [SEP], BERT's losses, accuracies beside the baselines of the most frequent
+token and of chance.
 
 A document is a file of the corpus, a sentence one of its lines (corpus.lines: a non-blank
 line and the blank lines after it), tokenized alone in the store's `lines` layout; A and B are
@@ -21,13 +23,20 @@ checkpoint resumes exactly the same pairs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lm import objectives
 from lm.config import ConfigError
 from lm.data.store import Split
+from lm.encoding import fill_mask
+from lm.tasks.base import Task
 
+FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
 IS_NEXT, RANDOM = 0, 1
 NO_LABEL = -1  # the padding rows that fill a last evaluation batch
 
@@ -145,3 +154,52 @@ def eval_batches(split: Split, *, seq_len: int, batch_size: int, ids: SpecialIds
 def most_frequent_token(split: Split) -> int:
   """The commonest token: predicting it at every masked position is the baseline accuracy."""
   return int(np.argmax(np.bincount(np.asarray(split.tokens))))
+
+
+class MaskedLM(Task):
+  name = 'mlm_nsp'
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    tok, paths = self.tokenizer, list(self.cfg.data.paths) or 'the default corpus'
+    for name, split in self.splits.items():
+      check_split(split, name, paths)
+    self.ids = SpecialIds(tok.special_ids['cls'], tok.special_ids['sep'], tok.pad_id)
+    self.mode_id = most_frequent_token(self.splits['train'])
+    common = dict(apply_fn=self.model.apply, pad_id=tok.pad_id, mask_id=tok.special_ids['mask'],
+                  first_special=tok.first_special, num_ordinary=len(tok.ranks),
+                  rate=self.cfg.data.mask_rate)
+    self.loss_fn = functools.partial(objectives.mlm_nsp_loss, **common)
+    self.eval_fn = functools.partial(objectives.mlm_nsp_eval_sums, **common, mode_id=self.mode_id)
+
+  def batch_shapes(self):
+    b, t = self.cfg.train.batch_size, self.cfg.data.seq_len
+    return {'tokens': jax.ShapeDtypeStruct((b, t), jnp.int32),
+            'segment_ids': jax.ShapeDtypeStruct((b, t), jnp.int32),
+            'nsp_labels': jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+  def train_dataset(self, process_index, process_count):
+    t = self.cfg.train
+    return train_dataset(self.splits['train'], seq_len=self.cfg.data.seq_len,
+                                 batch_size=t.batch_size, seed=t.seed, ids=self.ids,
+                                 process_index=process_index, process_count=process_count)
+
+  def eval_batches(self, max_batches):
+    return eval_batches(self.splits['val'], seq_len=self.cfg.data.seq_len,
+                                batch_size=self.cfg.train.batch_size, ids=self.ids,
+                                seed=self.cfg.train.seed, max_batches=max_batches)
+
+  def metrics(self, sums):
+    return {k: float(v) for k, v in objectives.mlm_nsp_metrics(sums).items()}
+
+  def report(self, params, val, mesh):
+    mode = self.tokenizer.decode([self.mode_id])
+    lines = ['(pairs and masks drawn from the held-out files):',
+             f'  masked LM        accuracy {val["mlm_accuracy"]:.4f}   loss {val["mlm_loss"]:.4f}'
+             f'   (always the most frequent token {mode!r}: {val["mlm_mode_accuracy"]:.4f})',
+             f'  next sentence    accuracy {val["nsp_accuracy"]:.4f}   loss {val["nsp_loss"]:.4f}'
+             '   (chance: 0.5)']
+    for text in FILL_EXAMPLES:
+      candidates = fill_mask(self.cfg.model, params, self.tokenizer, text, top_k=3)[0]
+      lines.append(f'  fill_mask({text!r}): ' + ', '.join(f'{c!r} {p:.2f}' for c, p in candidates))
+    return {}, lines

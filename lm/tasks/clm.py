@@ -1,0 +1,125 @@
+"""Causal language modelling (`clm`, decoders): fixed-length windows with shifted targets,
+the next-token loss, bits per byte beside gzip and xz, and a few samples.
+
+Window i of a token array is tokens[i*L : i*L + L + 1]; its inputs are the first L tokens and
+its targets the last L (teacher forcing), every target counted by the loss (`loss_mask`).
+Training windows are shuffled anew every epoch by grain, sliced per host, and batched; the grain
+iterator's state goes into each checkpoint, so a resumed run continues with exactly the batches
+it would have seen.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import objectives, parallel, sampling
+from lm.tasks.base import Task, compressed_bits_per_byte
+
+SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
+KEYS = ('inputs', 'targets', 'loss_mask')
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+  return (num_tokens - 1) // seq_len
+
+
+def window(tokens: np.ndarray, index: int, seq_len: int) -> dict[str, np.ndarray]:
+  chunk = np.asarray(tokens[index * seq_len: index * seq_len + seq_len + 1], np.int32)
+  return {'inputs': chunk[:-1], 'targets': chunk[1:], 'loss_mask': np.ones(seq_len, bool)}
+
+
+def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless shuffled batches of this host's share (batch_size is the global batch)."""
+  ds = (grain.MapDataset.range(num_windows(len(tokens), seq_len))
+        .shuffle(seed=seed)
+        .repeat()[process_index::process_count]
+        .map(lambda i: window(tokens, i, seq_len))
+        .batch(batch_size // process_count, drop_remainder=True))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: int,
+                 max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Non-overlapping windows in order, or `max_batches` worth spread evenly over the split.
+
+  The last batch is filled with windows of `pad_id` whose `loss_mask` is all False.
+  """
+  count = num_windows(len(tokens), seq_len)
+  if max_batches is not None and max_batches * batch_size < count:
+    indices = np.linspace(0, count - 1, max_batches * batch_size).round().astype(int)
+  else:
+    indices = np.arange(count)
+  windows = [window(tokens, int(i), seq_len) for i in indices]
+  padding = -len(windows) % batch_size
+  windows += [{'inputs': np.full(seq_len, pad_id, np.int32),
+               'targets': np.full(seq_len, pad_id, np.int32),
+               'loss_mask': np.zeros(seq_len, bool)}] * padding
+  return [{k: np.stack([w[k] for w in windows[i:i + batch_size]]) for k in KEYS}
+          for i in range(0, len(windows), batch_size)]
+
+
+class CausalLM(Task):
+  name = 'clm'
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    tok = self.tokenizer
+    self.loss_fn = functools.partial(
+        objectives.clm_loss, apply_fn=self.model.apply,
+        aux_coef=self.cfg.model.moe_aux_coef if self.cfg.model.num_experts else 0.0)
+    self.eval_fn = functools.partial(objectives.clm_eval_sums, apply_fn=self.model.apply,
+                                     token_bytes_V=jnp.asarray(tok.token_bytes()))
+
+  def batch_shapes(self):
+    shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
+    return {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
+            'targets': jax.ShapeDtypeStruct(shape, jnp.int32),
+            'loss_mask': jax.ShapeDtypeStruct(shape, jnp.bool_)}
+
+  def train_dataset(self, process_index, process_count):
+    t = self.cfg.train
+    return train_dataset(self.splits['train'].tokens, seq_len=self.cfg.data.seq_len,
+                         batch_size=t.batch_size, seed=t.seed, process_index=process_index,
+                         process_count=process_count)
+
+  def eval_batches(self, max_batches):
+    return eval_batches(self.splits['val'].tokens, seq_len=self.cfg.data.seq_len,
+                        batch_size=self.cfg.train.batch_size, pad_id=self.tokenizer.pad_id,
+                        max_batches=max_batches)
+
+  def metrics(self, sums):
+    return objectives.clm_eval_metrics(sums)
+
+  def report(self, params, val, mesh):
+    seq_len, val_tokens = self.cfg.data.seq_len, self.splits['val'].tokens
+    covered = num_windows(len(val_tokens), seq_len) * seq_len
+    text = self.tokenizer.decode(np.asarray(val_tokens[1:covered + 1]).tolist()).encode('utf-8')
+    baselines = compressed_bits_per_byte(text)
+    lines = [f'({len(text):,} bytes of held-out text):',
+             f'  {"model":<10} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte']
+    lines += [f'  {name:<10} {"":27} {bpb:.4f} bits/byte' for name, bpb in baselines.items()]
+    for i, sample in enumerate(self.samples(params, mesh)):
+      lines.append(f'\n--- sample {i + 1} ---\n{sample}')
+    return {'gzip_bpb': baselines['gzip -9'], 'xz_bpb': baselines['xz -9']}, lines
+
+  def samples(self, params, mesh) -> list[str]:
+    t, tok = self.cfg.train, self.tokenizer
+    if not t.num_samples or not t.sample_len:
+      return []
+    prompts = [[tok.bos_id, *tok.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)])]
+               for i in range(t.num_samples)]
+    in_vocabulary = lambda logits_BxV: jnp.where(  # init_from: the model's V may be larger
+        jnp.arange(logits_BxV.shape[-1]) < tok.vocab_size, logits_BxV, -jnp.inf)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+      out = sampling.generate(
+          self.cfg.model, params, prompts, rng=jax.random.PRNGKey(t.seed),
+          max_new_tokens=min(t.sample_len, self.cfg.model.max_len - max(map(len, prompts))),
+          filter_fn=sampling.chain(in_vocabulary, sampling.temperature(0.8)),
+          eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return [tok.decode(p[1:] + ids) for p, ids in zip(prompts, out.tokens)]
