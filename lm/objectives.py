@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm.models import layers
+from lm.models.layers import mlp
 
 ApplyFn = Callable[..., jax.Array]
 
@@ -35,7 +35,7 @@ def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: A
   nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
   if not aux_coef:
     return nll, {'loss': nll}
-  aux = layers.load_balancing_loss(_sown(state, 'router_probs'), _sown(state, 'expert_mask'))
+  aux = mlp.load_balancing_loss(_sown(state, 'router_probs'), _sown(state, 'expert_mask'))
   loss = nll + aux_coef * aux
   return loss, {'loss': loss, 'nll': nll, 'moe_aux': aux}
 

@@ -16,7 +16,8 @@ from lm import checkpoint, encoding, hf, models, objectives, sample, tokenizers,
 from lm.config import ConfigError, ModelConfig, validate_model
 from lm.data import corpus, store
 from lm.tasks import mlm_nsp
-from lm.models import encoder, layers
+from lm.models import encoder
+from lm.models.layers import attention
 from tests.conftest import load_config
 
 torch = pytest.importorskip('torch')
@@ -132,7 +133,7 @@ def test_bidirectional_attention_with_padding_equals_a_numpy_reference():
   q, k, v = (rng.standard_normal((2, 9, 4, 8)).astype(np.float32) for _ in range(3))
   valid = np.ones((2, 9), bool)
   valid[1, 6:] = False
-  out = layers.attention(*map(jnp.asarray, (q, k, v)), causal=False, key_valid_BxS=valid, block=4)
+  out = attention.attention(*map(jnp.asarray, (q, k, v)), causal=False, key_valid_BxS=valid, block=4)
   logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(8)
   logits = np.where(valid[:, None, None, :], logits, -np.inf)
   weights = np.exp(logits - logits.max(-1, keepdims=True))

@@ -10,7 +10,8 @@ import pytest
 
 from lm import models
 from lm.config import ModelConfig
-from lm.models import decoder, layers
+from lm.models import decoder
+from lm.models.layers import attention, common, kv_cache, mlp
 from lm.train import is_matrix
 
 CFG = ModelConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
@@ -71,7 +72,7 @@ def test_blockwise_causal_attention_equals_a_numpy_reference(length, block):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, length, 3, 4)).astype(np.float32) for _ in range(3))
   expected = reference_attention(q, k, v)
-  out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
+  out = attention.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
@@ -93,7 +94,7 @@ def test_grouped_query_and_sliding_window_attention_equal_a_numpy_reference(kv_h
   rng = np.random.default_rng(0)
   q = rng.standard_normal((2, 11, 4, 8)).astype(np.float32)
   k, v = (rng.standard_normal((2, 11, kv_heads, 8)).astype(np.float32) for _ in range(2))
-  out = layers.attention(*map(jnp.asarray, (q, k, v)), window=window, block=block)
+  out = attention.attention(*map(jnp.asarray, (q, k, v)), window=window, block=block)
   np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, window), atol=1e-5)
 
 
@@ -101,9 +102,9 @@ def test_a_query_is_unaffected_by_keys_before_its_window():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 2, 4)), jnp.float32) for _ in range(3))
   window, t = 4, 9
-  base = layers.attention(q, k, v, window=window, block=4)
+  base = attention.attention(q, k, v, window=window, block=4)
   early = slice(0, t - window + 1)  # keys 0 .. t - window: outside the window of t
-  moved = layers.attention(q, k.at[:, early].add(5.0), v.at[:, early].add(5.0),
+  moved = attention.attention(q, k.at[:, early].add(5.0), v.at[:, early].add(5.0),
                            window=window, block=4)
   np.testing.assert_array_equal(moved[:, t:], base[:, t:])
   assert not np.allclose(moved[:, t - 1], base[:, t - 1])
@@ -120,7 +121,7 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
 
 def test_rope_rotates_pairs_by_position():
   x = jnp.ones((1, 3, 1, 4))
-  out = layers.rope(x, jnp.arange(3), theta=100.0)
+  out = common.rope(x, jnp.arange(3), theta=100.0)
   # Pair (0, 2) turns by t radians, pair (1, 3) by t / 10 (= t * 100^(-2/4)).
   for t in range(3):
     for i, angle in ((0, t), (1, t / 10)):
@@ -178,10 +179,10 @@ def test_prefill_then_decode_steps_equal_the_full_forward(variant):
 
 
 def test_block_sizes_by_hand():
-  assert layers.block_sizes(16) == [16]
-  assert layers.block_sizes(272) == [64, 64, 64, 64, 16]
-  assert layers.block_sizes(2048) == [256] * 8  # at most 8 blocks
-  assert layers.block_sizes(2049) == [320] * 6 + [129]
+  assert kv_cache.block_sizes(16) == [16]
+  assert kv_cache.block_sizes(272) == [64, 64, 64, 64, 16]
+  assert kv_cache.block_sizes(2048) == [256] * 8  # at most 8 blocks
+  assert kv_cache.block_sizes(2049) == [320] * 6 + [129]
 
 
 @pytest.mark.parametrize('variant', ['gpt2', 'llama-gqa', 'mistral-window'])
@@ -189,8 +190,8 @@ def test_decode_steps_reading_cache_blocks_equal_the_full_forward(variant, monke
   # Blocks of 4 slots: a cache of 16 is read in 1, 2, 3 then 4 blocks as it fills, so the
   # decode steps below write into every block and cross every branch (a window of 3 keeps 3
   # slots: one block, which the rolling buffer overwrites).
-  monkeypatch.setattr(layers, 'CACHE_BLOCK', 4)
-  assert layers.block_sizes(16) == [4, 4, 4, 4]
+  monkeypatch.setattr(kv_cache, 'CACHE_BLOCK', 4)
+  assert kv_cache.block_sizes(16) == [4, 4, 4, 4]
   cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
   model, boxed = init(cfg, seed=3)
   params = nn.meta.unbox(boxed)
@@ -208,10 +209,10 @@ def test_decode_steps_reading_cache_blocks_equal_the_full_forward(variant, monke
 
 def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
   cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS['mixtral-window']})
-  mlp = layers.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
+  moe = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
-  p = nn.meta.unbox(mlp.init(jax.random.PRNGKey(1), x)['params'])
-  out = np.asarray(mlp.apply({'params': p}, x)).reshape(-1, cfg.d_model)
+  p = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x)['params'])
+  out = np.asarray(moe.apply({'params': p}, x)).reshape(-1, cfg.d_model)
   silu = lambda z: z / (1 + np.exp(-z))
   for n, token in enumerate(np.asarray(x).reshape(-1, cfg.d_model)):
     probs = np.exp(token @ p['router'])
@@ -276,7 +277,7 @@ def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
     nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
     probs = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'router' in str(p)]
     masks = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'mask' in str(p)]
-    aux = layers.load_balancing_loss(probs, masks) if probs else 0.0
+    aux = mlp.load_balancing_loss(probs, masks) if probs else 0.0
     return nll + 0.01 * aux, logits
 
   (want, want_logits), want_grads = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
@@ -323,5 +324,5 @@ def test_grouped_matmul_equals_a_numpy_loop_over_groups(sizes):
   w = rng.standard_normal((4, 6, 3)).astype(np.float32)
   expected = np.concatenate([xs[sum(sizes[:e]):sum(sizes[:e + 1])] @ w[e] for e in range(4)])
   for block in (4, 256):
-    got = layers.grouped_matmul(jnp.asarray(xs), jnp.asarray(w), jnp.asarray(sizes), block)
+    got = mlp.grouped_matmul(jnp.asarray(xs), jnp.asarray(w), jnp.asarray(sizes), block)
     np.testing.assert_allclose(got, expected, atol=1e-5)

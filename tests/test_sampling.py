@@ -14,7 +14,8 @@ import pytest
 import lm
 from lm import models, sampling
 from lm.config import ConfigError, ModelConfig
-from lm.models import decoder, layers
+from lm.models import decoder
+from lm.models.layers import kv_cache
 from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 
 CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
@@ -322,7 +323,7 @@ def test_reordering_beams_by_their_rows_table_equals_moving_the_rows(cfg, monkey
   # The reference moves each beam's keys and values into its row (select_rows), as beam search
   # did before reorder_beams. Blocks of 4 slots: the cache of 16 is read in 1 to 4 blocks; the
   # window of 6 wraps; two prompts of 3 beams, left-padded.
-  monkeypatch.setattr(layers, 'CACHE_BLOCK', 4)
+  monkeypatch.setattr(kv_cache, 'CACHE_BLOCK', 4)
   params = params_of(cfg, scale=2.0)
   prompts, beams, rng = 2, 3, np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (prompts, 4)), jnp.int32)

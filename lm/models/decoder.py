@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
-from lm.models import layers
+from lm.models.layers import attention, common, kv_cache, mlp
 
 ACTIVATION = ('batch', 'length', 'embed')
 
@@ -27,21 +27,21 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    out_std = layers.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
-    h_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'attn_norm')(x_BxTxD)
-    attended = layers.Attention(
+    out_std = common.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
+    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'attn_norm')(x_BxTxD)
+    attended = attention.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
         cfg.rope_theta if cfg.positions == 'rope' else 0.0, self.window, dtype, out_std,
         name='attn')(h_BxTxD, cache, index, start_B)
     h_BxTxD, cache = attended if cache is not None else (attended, None)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
-    h_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
+    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
     if cfg.num_experts:
-      mlp = layers.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype, out_std,
-                          name='moe')
+      ffn = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype, out_std,
+                       name='moe')
     else:
-      mlp = layers.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std, name='mlp')
-    x_BxTxD = x_BxTxD + mlp(h_BxTxD)
+      ffn = mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std, name='mlp')
+    x_BxTxD = x_BxTxD + ffn(h_BxTxD)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
@@ -51,7 +51,7 @@ def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
   for a backward pass). The parameters are the same either way."""
   if cfg.remat == 'none' or decoding:
     return Block
-  return nn.remat(Block, policy=layers.REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  return nn.remat(Block, policy=common.REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B):
@@ -96,11 +96,11 @@ class Decoder(nn.Module):
     index = 0 if cache is None else cache['index']
     start_B = None if cache is None else cache['start']
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, name='embed',
-                     embedding_init=layers.normal(('vocab', 'embed')))
+                     embedding_init=common.normal(('vocab', 'embed')))
     x_BxTxD = embed(tokens_BxT)
     if cfg.positions == 'learned':
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, name='pos_embed',
-                           embedding_init=layers.normal((None, 'embed'), 0.01))
+                           embedding_init=common.normal((None, 'embed'), 0.01))
       columns_T = index + jnp.arange(tokens_BxT.shape[1])
       positions = (columns_T[None] if start_B is None
                    else jnp.maximum(columns_T - start_B[:, None], 0))  # padding: any position
@@ -117,12 +117,12 @@ class Decoder(nn.Module):
       cls = block_class(cfg, decoding=cache is not None)
       blocks = [cls(cfg, window, name=f'block_{i}') for i, window in enumerate(cfg.layer_windows)]
       x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
-    x_BxTxD = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
+    x_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
     else:
       logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='head',
-                              kernel_init=layers.normal(('embed', 'vocab')))(x_BxTxD)
+                              kernel_init=common.normal(('embed', 'vocab')))(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32),
                                               ('batch', 'length', 'vocab'))
     if cache is None:
@@ -158,7 +158,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
   """An empty cache for sequences of up to max_len positions (prompt included). A layer with a
   sliding window keeps `window` slots whatever max_len is."""
   dtype = jnp.dtype(cfg.dtype)
-  make = lambda window: layers.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+  make = lambda window: kv_cache.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
                                              window, dtype)
   if cfg.scan_layers:  # per block of the period, stacked over its repeats
     repeats = cfg.num_layers // cfg.period
@@ -186,7 +186,7 @@ def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
   """The cache once beam j of prompt p continues beam parent_PxR[p, j] (the B = P * R rows of
   the cache being P prompts' R beams): no key or value moves. Each layer keeps a table
   `beam_row` [P, R, S] of the row of its prompt that holds each beam's slot s (read by
-  layers.attention_over_blocks); the beams take their parents' tables, and the slot the next
+  kv_cache.attention_over_blocks); the beams take their parents' tables, and the slot the next
   decode step writes is each beam's own row. Without a table yet, each beam's slots start in
   its own row (the rows of a prompt then hold the same keys, as select_rows leaves them)."""
   prompts, beams = parent_PxR.shape
@@ -223,7 +223,7 @@ def decoding_params(cfg: ModelConfig, params, rows: int) -> tuple[ModelConfig, d
     few rows by the [V, D] table transposed slowly (the benchmark model, 4 rows: 11.8 -> 7.6 ms
     a decode step);
   - with one row, each dense MLP's down kernel [F, D] is stored transposed, as `kernel_T`
-    [D, F] (`layers.Mlp` reads either): XLA:CPU's matrix-vector product streams a kernel of
+    [D, F] (`mlp.Mlp` reads either): XLA:CPU's matrix-vector product streams a kernel of
     more rows than columns faster that way (the benchmark model: 130 -> 90 us a layer, the
     decode step -10%), where at 2 to 8 rows its matrix product is 3-4x slower so."""
   if jax.default_backend() != 'cpu':
@@ -258,7 +258,7 @@ def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: blocks and the output head (for a mixture
   of experts, the router and the experts each token uses)."""
-  block = layers.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
+  block = common.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
                                      cfg.mlp_dim)
   if cfg.num_experts:  # the router, and the experts a token is sent to: active parameters
     mlp = 3 * cfg.d_model * cfg.mlp_dim
@@ -271,5 +271,5 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   keys a query may see in each layer (seq_len, or that layer's window), as in PaLM's MFU: not
   halved for causality."""
   keys = sum(seq_len if w is None else min(seq_len, w) for w in cfg.layer_windows)
-  return 6 * matmul_params(cfg) + layers.attention_flops_per_token(keys, cfg.num_heads,
+  return 6 * matmul_params(cfg) + common.attention_flops_per_token(keys, cfg.num_heads,
                                                                    cfg.head_dim)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
-from lm.models import layers
+from lm.models.layers import attention, common, mlp
 
 ACTIVATION = ('batch', 'length', 'embed')
 
@@ -30,16 +30,16 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    out_std = layers.INIT_STD if cfg.post_norm else layers.INIT_STD / math.sqrt(2 * cfg.num_layers)
+    out_std = common.INIT_STD if cfg.post_norm else common.INIT_STD / math.sqrt(2 * cfg.num_layers)
     sublayers = (
-        ('attn_norm', lambda h: layers.Attention(
+        ('attn_norm', lambda h: attention.Attention(
             cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
             cfg.rope_theta if cfg.positions == 'rope' else 0.0, None, dtype, out_std,
             causal=False, name='attn')(h, key_valid_BxT=valid_BxT)),
-        ('mlp_norm', lambda h: layers.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
+        ('mlp_norm', lambda h: mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
                                           name='mlp')(h)))
     for norm_name, sublayer in sublayers:
-      norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
+      norm = common.norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
       x_BxTxD = norm(x_BxTxD + sublayer(x_BxTxD)) if cfg.post_norm else x_BxTxD + sublayer(
           norm(x_BxTxD))
       x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
@@ -57,25 +57,25 @@ class Encoder(nn.Module):
   def setup(self):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     dense = lambda features, axes, name: nn.Dense(
-        features, dtype=dtype, name=name, kernel_init=layers.normal(axes),
-        bias_init=layers.zeros(axes[1:]))
+        features, dtype=dtype, name=name, kernel_init=common.normal(axes),
+        bias_init=common.zeros(axes[1:]))
     self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
-                          embedding_init=layers.normal(('vocab', 'embed')))
+                          embedding_init=common.normal(('vocab', 'embed')))
     if cfg.positions == 'learned':
       self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype,
-                                embedding_init=layers.normal((None, 'embed')))
+                                embedding_init=common.normal((None, 'embed')))
     self.segment_embed = nn.Embed(cfg.num_segments, cfg.d_model, dtype=dtype,
-                                  embedding_init=layers.normal((None, 'embed')))
-    self.embed_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'embed_norm')
-    block = (nn.remat(EncoderBlock, policy=layers.REMAT_POLICIES[cfg.remat])
+                                  embedding_init=common.normal((None, 'embed')))
+    self.embed_norm = common.norm(cfg.norm, cfg.norm_eps, dtype, 'embed_norm')
+    block = (nn.remat(EncoderBlock, policy=common.REMAT_POLICIES[cfg.remat])
              if cfg.remat != 'none' else EncoderBlock)
     self.blocks = [block(cfg, name=f'block_{i}') for i in range(cfg.num_layers)]
     if not cfg.post_norm:
-      self.final_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')
+      self.final_norm = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')
     self.pooler = dense(cfg.d_model, ('embed', 'mlp'), 'pooler')
     self.mlm_transform = dense(cfg.d_model, ('embed', 'mlp'), 'mlm_transform')
-    self.mlm_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype, 'mlm_norm')
-    self.mlm_bias = self.param('mlm_bias', layers.zeros(('vocab',)), (cfg.vocab_size,))
+    self.mlm_norm = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlm_norm')
+    self.mlm_bias = self.param('mlm_bias', common.zeros(('vocab',)), (cfg.vocab_size,))
     self.nsp = dense(2, ('embed', None), 'nsp')
 
   def encode(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
@@ -98,7 +98,7 @@ class Encoder(nn.Module):
     """MLM logits at every position, or only at `positions_BxM` ([B, M, V]: the masked
     positions, as BERT's training computes the vocabulary projection only where it is scored),
     and NSP logits."""
-    act = layers.activation(self.cfg.mlp)
+    act = mlp.activation(self.cfg.mlp)
     hidden_BxTxD = self.encode(tokens_BxT, segment_ids, padding_mask)
     selected_BxMxD = (hidden_BxTxD if positions_BxM is None else
                       jnp.take_along_axis(hidden_BxTxD, positions_BxM[..., None], axis=1))
@@ -113,12 +113,12 @@ def matmul_params(cfg: ModelConfig, mask_rate: float = 1.0) -> float:
   """Weights in a matmul per token: the blocks, and the MLM transform and decoder for the
   share `mask_rate` of the tokens that are scored (the pooler and the NSP head run once a
   sequence, not counted)."""
-  block = layers.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
+  block = common.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
                                      cfg.mlp_dim)
   return cfg.num_layers * block + mask_rate * cfg.d_model * (cfg.d_model + cfg.vocab_size)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0) -> float:
   """6 FLOPs per matmul weight plus attention's, every query seeing all seq_len keys."""
-  return 6 * matmul_params(cfg, mask_rate) + layers.attention_flops_per_token(
+  return 6 * matmul_params(cfg, mask_rate) + common.attention_flops_per_token(
       cfg.num_layers * seq_len, cfg.num_heads, cfg.head_dim)

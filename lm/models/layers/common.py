@@ -1,0 +1,90 @@
+"""What every layer shares: parameter initialisers with logical axis names, norms, rotary
+positions, the visibility rule of causal and sliding-window attention, fused projections, the
+remat policies and the per-block parameter and attention FLOP counts."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+INIT_STD = 0.02
+
+
+REMAT_POLICIES = {'full': None,  # keep only each block's input
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_matmul_params(d_model: int, kv_width: int, mlp: str, mlp_dim: int) -> int:
+  """Weights of one attention + dense MLP block that take part in a matmul per token:
+  query and output D x D, key and value D x kv_width, MLP 2 (3 for SwiGLU) x D x F."""
+  return 2 * d_model * (d_model + kv_width) + (3 if mlp == 'swiglu' else 2) * d_model * mlp_dim
+
+
+def attention_flops_per_token(keys: int, num_heads: int, head_dim: int) -> int:
+  """Training FLOPs of one query's scores and weighted values over `keys` keys: 2 matmuls of
+  keys x Dh per head, 2 FLOPs a multiply-add forward and twice that backward (12 in all)."""
+  return 12 * keys * num_heads * head_dim
+
+
+def normal(axes: tuple[str | None, ...], std: float = INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
+  """`layernorm` (scale and bias) or `rmsnorm` (scale only), over the last axis."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
+  if kind == 'rmsnorm':
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=scale_init,
+                      bias_init=zeros(('embed',)), name=name)
+
+
+def rope(x_BxTxHxDh: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, in the half-split layout of Llama and Hugging Face: dimension
+  i and i + Dh/2 form a pair rotated by position * theta^(-2i/Dh). `positions` is [T] or, a
+  position per row, [B, T]."""
+  half = x_BxTxHxDh.shape[-1] // 2
+  freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x_BxTxHxDh.shape[-1])
+  angle_Tx1xF = (positions.astype(jnp.float32)[..., None] * freq_F)[..., None, :]
+  cos, sin = jnp.cos(angle_Tx1xF), jnp.sin(angle_Tx1xF)
+  x1, x2 = x_BxTxHxDh[..., :half].astype(jnp.float32), x_BxTxHxDh[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxDh.dtype)
+
+
+def visible(t: jax.Array, s: jax.Array, window: int | None) -> jax.Array:
+  """Whether a query at position t sees the key at position s: s <= t, within the window."""
+  return (s <= t) & ((t - s < window) if window is not None else True)
+
+
+class DenseParams(nn.Module):
+  """The parameters of a projection to `features` (an int, or a shape as nn.Einsum's):
+  `kernel` [in_features, *features] and `bias` [*features], for a caller that fuses several
+  projections of one input into one matmul. `axes` names the kernel's axes."""
+  features: int | tuple[int, ...]
+  use_bias: bool
+  axes: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    kernel = self.param('kernel', normal(self.axes), (in_features, *features))
+    bias = self.param('bias', zeros(self.axes[1:]), features) if self.use_bias else None
+    return kernel, bias
+
+
+def fused_projection(x_BxTxD: jax.Array, params: list[tuple[jax.Array, jax.Array | None]],
+                     dtype) -> jax.Array:
+  """x times several projections' kernels ([D, *features] each, from DenseParams) side by side
+  on their first feature axis, in one matmul, plus their biases: [B, T, sum of features[0],
+  *features[1:]]."""
+  kernel = jnp.concatenate([kernel for kernel, _ in params], axis=1).astype(dtype)
+  y = jnp.einsum('btd,d...->bt...', x_BxTxD.astype(dtype), kernel)
+  if params[0][1] is not None:
+    y = y + jnp.concatenate([bias for _, bias in params]).astype(dtype)
+  return y

@@ -1,0 +1,121 @@
+"""MLPs: dense GELU, SwiGLU (gate and up as one matmul), and a mixture of SwiGLU experts with
+its load-balancing loss."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models.layers.common import DenseParams, INIT_STD, fused_projection, normal, zeros
+
+
+def activation(mlp: str):
+  """The nonlinearity of an MLP kind: GELU with the tanh approximation (`gelu`, GPT-2), exact
+  GELU (`gelu_exact`, BERT), or SiLU (`swiglu`'s gate)."""
+  return {'gelu': lambda x: jax.nn.gelu(x, approximate=True),
+          'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False), 'swiglu': nn.silu}[mlp]
+
+
+class Mlp(nn.Module):
+  """`gelu`, `gelu_exact`: Dense -> GELU (tanh approximation as GPT-2, or exact as BERT) ->
+  Dense.
+  `swiglu`: down(silu(gate(x)) * up(x)), as Llama; gate and up run as one matmul (their
+  kernels side by side: about 20% faster on CPU than two), their parameters kept apart.
+  The down kernel may come transposed, as `down/kernel_T` (decoder.decoding_params)."""
+  kind: str
+  mlp_dim: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  out_std: float = INIT_STD
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def dense(features: int, axes: tuple[str, str], name: str, std: float = INIT_STD):
+      return nn.Dense(features, dtype=self.dtype, use_bias=self.use_bias, name=name,
+                      kernel_init=normal(axes, std), bias_init=zeros(axes[1:]))
+    if self.kind == 'swiglu':
+      d_model, f = x_BxTxD.shape[-1], self.mlp_dim
+      h_BxTx2F = fused_projection(x_BxTxD, [
+          DenseParams(f, self.use_bias, ('embed', 'mlp'), name=name)(d_model)
+          for name in ('gate', 'up')], self.dtype)
+      h_BxTxF = nn.silu(h_BxTx2F[..., :f]) * h_BxTx2F[..., f:]
+    else:
+      h_BxTxF = activation(self.kind)(dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x_BxTxD))
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
+    down = self.get_variable('params', 'down')  # None while initialising
+    if down is not None and 'kernel_T' in down:  # laid out for decoding one row on CPU
+      y_BxTxD = jnp.einsum('btf,df->btd', h_BxTxF.astype(self.dtype),
+                           down['kernel_T'].astype(self.dtype))
+      return y_BxTxD + down['bias'].astype(self.dtype) if self.use_bias else y_BxTxD
+    return dense(x_BxTxD.shape[-1], ('mlp', 'embed'), 'down', self.out_std)(h_BxTxF)
+
+
+def grouped_matmul(xs_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Array,
+                   block: int = 256) -> jax.Array:
+  """Rows sorted by group times their group's matrix: what jax.lax.ragged_dot computes, as a
+  batched matmul over blocks of rows (each group padded to whole blocks of `block` rows, at
+  most E - 1 partial blocks of waste). XLA:CPU lowers ragged_dot to a masked matmul per group
+  (E times the work, ~10x slower here); this is one dense batched matmul instead."""
+  rows, num_groups = xs_MxD.shape[0], w_ExDxF.shape[0]
+  block = max(8, min(block, rows // num_groups))  # few rows (decoding): small blocks
+  num_blocks = rows // block + num_groups  # >= sum of ceil(size / block)
+  blocks_E = (group_sizes_E + block - 1) // block
+  first_block_E = jnp.cumsum(blocks_E) - blocks_E
+  group_M = jnp.repeat(jnp.arange(num_groups), group_sizes_E, total_repeat_length=rows)
+  offset_M = jnp.arange(rows) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_M]
+  slot_M = first_block_E[group_M] * block + offset_M
+  xs_NxBxD = jnp.zeros((num_blocks * block, xs_MxD.shape[1]), xs_MxD.dtype).at[slot_M].set(
+      xs_MxD).reshape(num_blocks, block, -1)
+  group_N = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(num_blocks),
+                                         side='right'), num_groups - 1)
+  ys_NxBxF = jnp.einsum('nbd,ndf->nbf', xs_NxBxD, w_ExDxF[group_N])
+  return ys_NxBxF.reshape(num_blocks * block, -1)[slot_M]
+
+
+class MoeMlp(nn.Module):
+  """A mixture of SwiGLU experts, as Mixtral: a softmax router picks each token's top
+  `experts_per_token` experts, their weights renormalised to sum to 1; no token is dropped.
+  The assignments are sorted by expert and each expert multiplies only its own tokens
+  (`grouped_matmul`), so compute follows the active, not the total, parameters.
+  Sows `router_probs` and `expert_mask` ([N, E]) for `load_balancing_loss`."""
+  num_experts: int
+  experts_per_token: int
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+  out_std: float = INIT_STD
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    batch, length, d_model = x_BxTxD.shape
+    e, k, f = self.num_experts, self.experts_per_token, self.mlp_dim
+    x_NxD = x_BxTxD.reshape(-1, d_model)
+    router_DxE = self.param('router', normal(('embed', 'experts')), (d_model, e))
+    probs_NxE = jax.nn.softmax(x_NxD.astype(jnp.float32) @ router_DxE, axis=-1)
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
+    weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
+    self.sow('intermediates', 'router_probs', probs_NxE)
+    self.sow('intermediates', 'expert_mask', jax.nn.one_hot(experts_NxK, e).sum(axis=1))
+    gate_ExDxF = self.param('gate', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
+    up_ExDxF = self.param('up', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
+    down_ExFxD = self.param('down', normal(('experts', 'mlp', 'embed'), self.out_std),
+                            (e, f, d_model))
+    order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
+    group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)
+    xs_MxD = x_NxD[order_M // k].astype(self.dtype)
+    cast = lambda w: w.astype(self.dtype)
+    h_Mx2F = grouped_matmul(xs_MxD, cast(jnp.concatenate([gate_ExDxF, up_ExDxF], axis=2)),
+                            group_sizes_E)  # gate and up in one pass, as in Mlp
+    h_MxF = nn.silu(h_Mx2F[:, :f]) * h_Mx2F[:, f:]
+    ys_MxD = grouped_matmul(h_MxF, cast(down_ExFxD), group_sizes_E)
+    y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
+    y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+    return y_NxD.reshape(batch, length, d_model)
+
+
+def load_balancing_loss(router_probs: list[jax.Array], expert_masks: list[jax.Array]):
+  """Switch/Mixtral auxiliary loss over all MoE layers' tokens together:
+  E * sum_e (share of assignments to e) * (mean router probability of e); 1 * k when balanced.
+  """
+  flat = lambda xs: jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])  # scan: [L, N, E]
+  probs_NxE, mask_NxE = flat(router_probs), flat(expert_masks)
+  return probs_NxE.shape[-1] * jnp.sum(jnp.mean(mask_NxE, 0) * jnp.mean(probs_NxE, 0))
