@@ -56,7 +56,8 @@ def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
   loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply,
                               aux_coef=cfg.moe_aux_coef if cfg.num_experts else 0.0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t), SEQ_LEN, 0, mesh)
+    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model), SEQ_LEN,
+                                                 0, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(t)),
                    in_shardings=(shardings, batch_sharding), donate_argnums=0)

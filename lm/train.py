@@ -28,6 +28,7 @@ from lm import checkpoint, config as config_lib, hf, models, parallel, tasks, to
 from lm.config import Config
 from lm.data import store
 from lm.models import decoder
+from lm.models.layers import common
 
 FINAL_EVAL_BATCHES = None  # the final evaluation covers the whole validation split
 
@@ -43,18 +44,15 @@ def make_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
       decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
 
 
-def is_matrix(path: tuple) -> bool:
-  """Kernels, embeddings and expert weights, by the parameter's name: a bias or a norm scale
-  may have 2 dims too."""
-  return getattr(path[-1], 'key', None) in ('kernel', 'embedding', 'router', 'gate', 'up', 'down')
-
-
-def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
-  """AdamW (weight decay on matrices only) after global-norm gradient clipping."""
-  decay_matrices = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: is_matrix(path), params)
+def make_optimizer(t: config_lib.TrainConfig, model: nn.Module) -> optax.GradientTransformation:
+  """AdamW after global-norm gradient clipping; weight decay on the parameters that `model`
+  declares (every parameter but those whose init is tagged common.NoDecay: biases, norms)."""
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  decay_by_name = common.decays(boxed['params'])
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: decay_by_name[common.param_name(path)], params)
   adamw = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                      mask=decay_matrices)
+                      mask=decay_mask)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
 
 
@@ -160,8 +158,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)
   task = tasks.make(cfg, model, tokenizer, splits)
-  init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train), cfg.data.seq_len,
-                                                cfg.train.seed, mesh)
+  init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train, model),
+                                                cfg.data.seq_len, cfg.train.seed, mesh)
   parallel.check_even(abstract, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())

@@ -25,7 +25,7 @@ def run_on_both_meshes(c, loss_of, batches):
   final parameter difference, the number of shards of a kernel)."""
   cfg = config_lib.parse(c, vocab_size=259, device_count=8)
   model = models.build(cfg.model)
-  tx = train.make_optimizer(cfg.train)
+  tx = train.make_optimizer(cfg.train, model)
   step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train))
   results = {}
   for name, shape, devices in (('8', (2, 4, 1), jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):

@@ -12,9 +12,14 @@ from lm import models
 from lm.config import ModelConfig
 from lm.models import decoder
 from lm.models.layers import attention, common, kv_cache, mlp
-from lm.train import is_matrix
 
 CFG = ModelConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
+
+
+def is_matrix(path: tuple) -> bool:
+  """Kernels, embeddings and expert weights, by the parameter's name (a bias or a norm scale
+  may have 2 dims too): the independent reference for counts and for weight decay."""
+  return getattr(path[-1], 'key', None) in ('kernel', 'embedding', 'router', 'gate', 'up', 'down')
 
 
 def init(cfg: ModelConfig = CFG, seed: int = 0):
@@ -326,3 +331,37 @@ def test_grouped_matmul_equals_a_numpy_loop_over_groups(sizes):
   for block in (4, 256):
     got = mlp.grouped_matmul(jnp.asarray(xs), jnp.asarray(w), jnp.asarray(sizes), block)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,overrides', [
+    ('gpt2', {}),  # biases, LayerNorm (scale and bias), learned positions, tied head
+    ('llama-moe', dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                       num_experts=4, tie_embeddings=False)),  # experts and router, a head
+    ('llama-scanned', dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                           scan_layers=True)),  # stacked parameters under layers/
+    ('bert', dict(family='encoder', post_norm=True, num_segments=2, mlp='gelu_exact')),
+])
+def test_weight_decay_reaches_exactly_the_declared_parameters(name, overrides):
+  from lm import train
+  from lm.config import TrainConfig
+  cfg = ModelConfig(**{**CFG.__dict__, **overrides})
+  model, boxed = init(cfg)
+  params = nn.meta.unbox(boxed)
+  lr, wd = 0.1, 0.5
+  tx = train.make_optimizer(TrainConfig(learning_rate=lr, warmup_steps=0, weight_decay=wd), model)
+  # With zero gradients, AdamW's update is -lr * wd * p where it decays, and 0 elsewhere.
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  decayed, kept = set(), set()
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    p = params
+    for k in path:
+      p = p[k.key]
+    if np.any(u != 0):
+      np.testing.assert_allclose(u, -lr * wd * p, rtol=1e-6)
+      decayed.add(jax.tree_util.keystr(path))
+    else:
+      kept.add(jax.tree_util.keystr(path))
+  matrices = {jax.tree_util.keystr(path) for path, _ in
+              jax.tree_util.tree_leaves_with_path(params) if is_matrix(path)}
+  assert decayed == matrices and kept and not kept & matrices, name
+  assert all(k.endswith(("['bias']", "['scale']", "['mlm_bias']")) for k in kept), kept

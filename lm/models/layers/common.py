@@ -3,6 +3,8 @@ positions, the visibility rule of causal and sliding-window attention, fused pro
 remat policies and the per-block parameter and attention FLOP counts."""
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,13 +33,36 @@ def normal(axes: tuple[str | None, ...], std: float = INIT_STD):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
+class NoDecay(nn.LogicallyPartitioned):
+  """The box of a parameter that weight decay leaves alone: biases and norm scales (and a scan
+  layer's A_log, D and dt bias). Every other parameter decays."""
+
+
+def no_decay(init, axes: tuple[str | None, ...]):
+  """`init` whose parameter carries logical axes `axes` and the NoDecay tag."""
+  return lambda *args: NoDecay(init(*args), axes)
+
+
+def decays(boxed_params: Any) -> dict[str, bool]:
+  """'path/to/param' -> whether weight decay applies to it, from the boxes of an init."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return {param_name(path): not isinstance(box, NoDecay)
+          for path, box in jax.tree_util.tree_leaves_with_path(boxed_params, is_leaf=is_box)}
+
+
+def param_name(path: tuple) -> str:
+  """'block_0/attn/query/kernel': the dict keys of a parameter's path, boxed or not."""
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
 def zeros(axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+  """Biases: zeros, not decayed."""
+  return no_decay(nn.initializers.zeros_init(), axes)
 
 
 def norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
-  """`layernorm` (scale and bias) or `rmsnorm` (scale only), over the last axis."""
-  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
+  """`layernorm` (scale and bias) or `rmsnorm` (scale only), over the last axis; not decayed."""
+  scale_init = no_decay(nn.initializers.ones_init(), ('embed',))
   if kind == 'rmsnorm':
     return nn.RMSNorm(epsilon=eps, dtype=dtype, scale_init=scale_init, name=name)
   return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=scale_init,
