@@ -120,6 +120,8 @@ class WorkdirLock:
       self.workdir.mkdir(parents=True, exist_ok=True)
       while not self._create(me):
         owner = self._owner()
+        if owner == {}:  # released meanwhile: try again
+          continue
         if owner is not None and (owner.get('host') != me['host'] or _is_alive(owner)):
           raise WorkdirBusy(
               f'--workdir={str(self.workdir)!r} is in use by the run of pid {owner.get("pid")} '
@@ -147,15 +149,18 @@ class WorkdirLock:
     return True
 
   def _owner(self) -> dict[str, Any] | None:
-    """The lock's content; None for one left empty or cut by a process that died writing it
-    (a second is given for a live writer to finish)."""
+    """The lock's content: {} if it was released meanwhile, None if it is empty or cut (a
+    process that died writing it; a second is given for a live writer to finish)."""
     for _ in range(10):
       try:
-        return json.loads(self.path.read_text())
+        owner = json.loads(self.path.read_text())
+        if isinstance(owner, dict) and isinstance(owner.get('pid'), int):
+          return owner
       except FileNotFoundError:
-        return {'host': None}  # released meanwhile: not ours either; try to create it again
+        return {}
       except ValueError:
-        time.sleep(0.1)
+        pass
+      time.sleep(0.1)
     return None
 
   def __exit__(self, *exc) -> None:

@@ -279,6 +279,7 @@ def write_topic_corpus(directory: Path, num_docs: int = 24) -> Path:
   return directory
 
 
+@pytest.mark.slow
 def test_a_short_run_lifts_next_sentence_accuracy_above_chance(tmp_path, capsys):
   corpus_dir = write_topic_corpus(tmp_path / 'corpus')
   result = train.run(encoder_config(corpus_dir, tmp_path / 'cache'), tmp_path / 'run')

@@ -47,6 +47,7 @@ def metadata_not_json(step_dir: Path) -> None:
   (step_dir / 'state' / '_METADATA').write_text('{"tree_metadata": {"par')
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
     config, tmp_path, capsys):
   # A constant learning rate: the schedule does not depend on train.steps.
@@ -204,6 +205,7 @@ def test_train_step_does_not_apply_a_nonfinite_update():
   assert int(state.step) == 3  # the step count (data order, schedule) still advances
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_workdir_is_refused_and_the_first_finishes(config, tmp_path):
   workdir = tmp_path / 'run'
   first = start_and_wait_for_checkpoint(
@@ -239,6 +241,13 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(config, tmp_path):
                                                r'\(since 2026-01-01 00:00:00\), which is gone'):
       train.run(config, workdir)
     assert not (workdir / 'lock').exists()
+  # A lock left empty by a process that died while writing it.
+  (workdir / 'lock').write_text('')
+  with pytest.warns(CheckpointWarning, match='taking over the lock of a run that died while '
+                                             'taking it'):
+    with checkpoint.WorkdirLock(workdir):
+      assert json.loads((workdir / 'lock').read_text())['pid'] == os.getpid()
+  assert not (workdir / 'lock').exists()
   # A lock of another host cannot be checked from here: refused, and left as it is.
   other = json.dumps({'host': 'elsewhere', 'pid': 1, 'since': '2026-01-01 00:00:00'})
   (workdir / 'lock').write_text(other)
@@ -296,6 +305,7 @@ def test_an_async_save_does_not_read_donated_buffers(tmp_path):
   assert data == {'next_index': 0}
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_exactly(config, tmp_path, capsys):
   # A larger model, so that a save takes long enough to be caught in the act.
   config.model.update(d_model=128, num_heads=4, mlp_dim=512, num_layers=4)
@@ -327,6 +337,7 @@ def read_only_mount_available() -> bool:
   return os.geteuid() != 0 or (probe is not None and probe.returncode == 0)
 
 
+@pytest.mark.slow
 def test_a_save_that_cannot_be_written_fails_clearly_and_keeps_the_older_steps(config, tmp_path):
   assert read_only_mount_available(), 'as root, the test needs unshare -m (mount namespaces)'
   config.train.update(steps=4, checkpoint_every=2, eval_every=100)

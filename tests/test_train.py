@@ -69,6 +69,7 @@ def start_and_wait_for_checkpoint(cmd: list[str], workdir: Path, step: int) -> s
   return proc
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tmp_path, capsys):
   # A constant learning rate makes the schedule independent of train.steps, so the killed
   # run may be started with many more steps than the reference.
@@ -126,6 +127,7 @@ def test_unwritable_workdir(config, tmp_path):
     train.run(config, tmp_path / 'file' / 'run')
 
 
+@pytest.mark.slow
 def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
