@@ -2,7 +2,7 @@
 import os
 
 # XLA:CPU in jaxlib 0.10-0.11 hands float32 matmuls to YNNPACK by default; Eigen's run the
-# train step about 10% faster on the CPUs measured (experiments/bench_train.py, README). The
+# train step faster on the CPUs measured (experiments/README.md, Train step). The
 # flag only touches the CPU backend and takes effect if set before JAX starts one; a value of
 # the user's own in XLA_FLAGS wins. (The decoding loops compile with YNNPACK's matmuls:
 # lm.sampling.decoding_jit.)

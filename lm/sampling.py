@@ -90,8 +90,8 @@ class TopP:
 
     The least kept probability is found among the TOP_P_CANDIDATES most likely tokens when
     every row's nucleus lies within them (the least of them is not kept; always so after a
-    top_k of fewer tokens): 0.2 ms at batch 8 x 8192. Otherwise, a bisection of 32 passes over
-    the float bits of the probabilities (1.0 ms; a sort is 11.7 ms)."""
+    top_k of fewer tokens). Otherwise, a bisection of 32 passes over the float bits of the
+    probabilities (no sort: XLA:CPU sorts slowly)."""
     if self.p >= 1.0:
       return logits_BxV
     probs_BxV = _probs(logits_BxV)
@@ -223,9 +223,8 @@ YNN_MATMULS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDI
 def decoding_jit(**jit_kwargs):
   """jax.jit for a decoding loop. On CPU it compiles with YNNPACK's matmuls, not the Eigen ones
   `import lm` picks for training: a decode step multiplies a few rows by each weight matrix,
-  which YNNPACK does faster (the benchmark's step at batch 8 -9 to -12%, batch 1 and 4 beams
-  unchanged: interleaved A/B runs). A choice of the user's own in XLA_FLAGS wins; other
-  backends compile as jax.jit would."""
+  which YNNPACK does faster (experiments/README.md, Sampling). A choice of the user's own in
+  XLA_FLAGS wins; other backends compile as jax.jit would."""
   def wrap(fn):
     plain = jax.jit(fn, **jit_kwargs)
     ynn = jax.jit(fn, **jit_kwargs, compiler_options=YNN_MATMULS)
@@ -316,8 +315,7 @@ def pick(filter_fn: Filter, logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
 
 def first_argmax(x_BxV: jax.Array) -> jax.Array:
   """jnp.argmax (the first index of each row's maximum) as two plain reductions, the maximum
-  and then the least index that holds it: XLA:CPU reduces (value, index) pairs slowly (a
-  decode loop's argmax over 8192 logits: 38 against 11 us at batch 1, 162 against 89 at 8)."""
+  and then the least index that holds it: XLA:CPU reduces (value, index) pairs slowly."""
   top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
   index_V = jnp.arange(x_BxV.shape[-1], dtype=jnp.int32)
   return jnp.min(jnp.where(x_BxV == top_Bx1, index_V, x_BxV.shape[-1]), axis=-1)

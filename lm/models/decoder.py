@@ -220,12 +220,11 @@ def decoding_params(cfg: ModelConfig, params, rows: int) -> tuple[ModelConfig, d
   """(cfg, params) laid out for a loop of decode steps over `rows` rows on CPU: the same
   logits, faster; on accelerators nothing changes. Done once, before the loop:
   - a tied model gets its output head as a [D, V] copy of the embedding: XLA:CPU multiplies a
-    few rows by the [V, D] table transposed slowly (the benchmark model, 4 rows: 11.8 -> 7.6 ms
-    a decode step);
+    few rows by the [V, D] table transposed slowly;
   - with one row, each dense MLP's down kernel [F, D] is stored transposed, as `kernel_T`
     [D, F] (`mlp.Mlp` reads either): XLA:CPU's matrix-vector product streams a kernel of
-    more rows than columns faster that way (the benchmark model: 130 -> 90 us a layer, the
-    decode step -10%), where at 2 to 8 rows its matrix product is 3-4x slower so."""
+    more rows than columns faster that way, where at 2 to 8 rows it is slower so.
+  (The measurements: experiments/README.md, Sampling.)"""
   if jax.default_backend() != 'cpu':
     return cfg, params
   if cfg.tie_embeddings:

@@ -51,8 +51,8 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
 class Attention(nn.Module):
   """Self-attention, causal (decoders) or bidirectional (encoders): multi-head, grouped-query
   or multi-query; optional RoPE and (causal) sliding window. Query, key and value run as one
-  matmul (their kernels side by side, the parameters kept apart): a decode step of the
-  sampling benchmark's model at batch 8 takes about 10% less time than with three."""
+  matmul (their kernels side by side, the parameters kept apart; measured in
+  experiments/README.md)."""
   num_heads: int
   num_kv_heads: int
   head_dim: int

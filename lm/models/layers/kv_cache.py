@@ -16,12 +16,10 @@ def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
                   window: int | None = None, dtype=jnp.float32) -> dict:
   """Keys and values of up to max_len columns, each a tuple of blocks of slots (`block_sizes`),
   [B * K, block, Dh] (row b's key/value head k at b * K + k): a decode step reads the filled
-  blocks whole, with no copy. (XLA:CPU copies any slice of an array before a matmul reads
-  it: with one [B * K, S, Dh] array, the copies of the filled prefix cost more than the
-  attention; and stored [B, K, ...], a batch of 1 was reshaped for the matmul and the cache
-  copied three times a step.) With a window, a rolling buffer of `window` slots (column p in
-  slot p % window), so memory does not grow with the sequence. `pos` holds the column in each
-  slot, -1 while empty."""
+  blocks whole, with no copy (XLA:CPU copies any slice of an array before a matmul reads it;
+  why this layout: experiments/README.md, Sampling). With a window, a rolling buffer of
+  `window` slots (column p in slot p % window), so memory does not grow with the sequence.
+  `pos` holds the column in each slot, -1 while empty."""
   slots = min(max_len, window) if window is not None else max_len
   blocks = lambda: tuple(jnp.zeros((batch * kv_heads, size, head_dim), dtype)
                          for size in block_sizes(slots))
@@ -76,10 +74,7 @@ def cached_attention(q_Bx1xHxDh: jax.Array, cache: dict, t: jax.Array,
   """The query at column t over the cached keys it may see (from column start_B[b] on).
 
   Only the filled blocks of the cache are read (a jax.lax.switch on their number): a full
-  cache holds column p in slot p, so the blocks past slot t are still empty. On the sampling
-  benchmark (272 slots in blocks of 64), against one [B * K, S, Dh] array whose filled prefix
-  was sliced: a decode step at batch 8 -9% (median of 10 interleaved runs), 4 beams -3%,
-  batch 1 +3% (the per-block writes)."""
+  cache holds column p in slot p, so the blocks past slot t are still empty."""
   sizes = [block.shape[1] for block in cache['k']]
   branch = jnp.sum(t >= np.cumsum(sizes)[:-1])  # the block of slot t (past the last: full)
   return jax.lax.switch(  # one block (a short cache): called directly, no conditional

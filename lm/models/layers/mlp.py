@@ -20,7 +20,7 @@ class Mlp(nn.Module):
   """`gelu`, `gelu_exact`: Dense -> GELU (tanh approximation as GPT-2, or exact as BERT) ->
   Dense.
   `swiglu`: down(silu(gate(x)) * up(x)), as Llama; gate and up run as one matmul (their
-  kernels side by side: about 20% faster on CPU than two), their parameters kept apart.
+  kernels side by side), their parameters kept apart.
   The down kernel may come transposed, as `down/kernel_T` (decoder.decoding_params)."""
   kind: str
   mlp_dim: int
@@ -55,7 +55,7 @@ def grouped_matmul(xs_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Arr
   """Rows sorted by group times their group's matrix: what jax.lax.ragged_dot computes, as a
   batched matmul over blocks of rows (each group padded to whole blocks of `block` rows, at
   most E - 1 partial blocks of waste). XLA:CPU lowers ragged_dot to a masked matmul per group
-  (E times the work, ~10x slower here); this is one dense batched matmul instead."""
+  (E times the work); this is one dense batched matmul instead."""
   rows, num_groups = xs_MxD.shape[0], w_ExDxF.shape[0]
   block = max(8, min(block, rows // num_groups))  # few rows (decoding): small blocks
   num_blocks = rows // block + num_groups  # >= sum of ceil(size / block)
