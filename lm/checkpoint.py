@@ -398,18 +398,10 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
   return cfg, restore_params(workdir, cfg), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """'path/to/param' -> shape of the parameters of a model of `cfg`, computed without memory."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-  from lm import models
-  boxed = jax.eval_shape(lambda: models.build(cfg).init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 1), jnp.int32)))['params']
-  return _shapes(nn.meta.unbox(boxed))
-
-
 def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
+  """'path/to/param' -> shape, of parameters boxed or not."""
+  from lm.models.layers import common
+  return {common.param_name(path): tuple(x.shape)
           for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
@@ -417,15 +409,18 @@ def restore_params(workdir: Path, cfg: ModelConfig):
   """The parameters of the newest checkpoint of a run that reads and holds the shapes of a
   model of `cfg`; each newer one that does not is named in a CheckpointWarning (and left where
   it is: only a training run moves checkpoints)."""
+  from lm import models
   directory = (workdir / 'checkpoints').absolute()
-  steps = ocp.CheckpointManager(directory).all_steps() if directory.is_dir() else []
-  if not steps:
-    raise ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
-                      f'(python -m lm.main --config=... --workdir={workdir}) or wait for its '
-                      'first checkpoint')
-  expected, reasons = param_shapes(cfg), []
+  no_checkpoint = ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
+                              f'(python -m lm.main --config=... --workdir={workdir}) or wait for '
+                              'its first checkpoint')
+  if not directory.is_dir():
+    raise no_checkpoint
+  expected, reasons = _shapes(models.abstract_params(models.build(cfg))), []
   with ocp.CheckpointManager(directory) as manager:
-    for step in sorted(steps, reverse=True):
+    if not manager.all_steps():
+      raise no_checkpoint
+    for step in sorted(manager.all_steps(), reverse=True):
       try:
         with _quiet_failed_reads():
           params = manager.restore(step, args=ocp.args.Composite(

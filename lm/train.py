@@ -47,8 +47,7 @@ def make_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
 def make_optimizer(t: config_lib.TrainConfig, model: nn.Module) -> optax.GradientTransformation:
   """AdamW after global-norm gradient clipping; weight decay on the parameters that `model`
   declares (every parameter but those whose init is tagged common.NoDecay: biases, norms)."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-  decay_by_name = common.decays(boxed['params'])
+  decay_by_name = common.decays(models.abstract_params(model))
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: decay_by_name[common.param_name(path)], params)
   adamw = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
