@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=352,
                  max_len=128, positions='rope', rope_theta=10000.0, norm='rmsnorm',
                  norm_eps=1e-5, mlp='swiglu', use_bias=False,
-                 window=config_dict.placeholder(int), window_pattern='', num_experts=0,
+                 window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
                  remat='none', scan_layers=False)
   c.data = dict(paths='', seq_len=128, val_fraction=0.02, cache_dir='')

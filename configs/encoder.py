@@ -5,7 +5,6 @@ line; A and B are runs of lines).
   python -m lm.main --config=configs/encoder.py [--config.model.post_norm=False ...]
 """
 import ml_collections
-from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,9 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = dict(family='encoder', num_layers=4, d_model=128, num_heads=4, num_kv_heads=0,
                  mlp_dim=512, max_len=128, positions='learned', rope_theta=10000.0,
                  norm='layernorm', norm_eps=1e-12, mlp='gelu_exact', use_bias=True,
-                 post_norm=True, num_segments=2, window=config_dict.placeholder(int),
-                 window_pattern='', num_experts=0, experts_per_token=2, moe_aux_coef=0.01,
-                 tie_embeddings=True, dtype='float32', remat='none', scan_layers=False)
+                 post_norm=True, num_segments=2, dtype='float32', remat='none')
   c.data = dict(paths='', seq_len=128, val_fraction=0.02, cache_dir='', task='mlm_nsp',
                 mask_rate=0.15)
   c.tokenizer = dict(kind='bytes', vocab_size=8192)  # vocab_size: for kind=bpe only

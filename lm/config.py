@@ -25,34 +25,44 @@ def require(ok: bool, field: str, value: Any, fix: str) -> None:
 
 
 DTYPES = ('float32', 'bfloat16')
-POSITIONS = ('learned', 'rope')
+POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'gelu_exact', 'swiglu')
-FAMILIES = ('decoder', 'encoder')
-TASKS = {'decoder': ('clm',), 'encoder': ('mlm_nsp',)}  # the tasks each family trains on
 REMATS = ('none', 'full', 'dots')
+SCANS = ('sequential', 'parallel', 'chunked')
+LAYER_KINDS = {'G': 'global attention', 'L': 'sliding-window attention (model.window)',
+               'M': 'Mamba (selective SSM)', 'S': 'S4D (linear time-invariant SSM)'}
+# The model keys that only one family takes (the rest are common to every family).
+FAMILY_KEYS = {
+    'decoder': ('window', 'layer_pattern', 'num_experts', 'experts_per_token', 'moe_aux_coef',
+                'tie_embeddings', 'scan_layers', 'state_size', 'd_conv', 'expand', 'dt_rank',
+                'dt_min', 'dt_max', 'conv_bias', 'scan', 'scan_chunk'),
+    'encoder': ('post_norm', 'num_segments'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A transformer: a decoder (GPT-2 style by default, Llama/Mistral style by its options) or an
-  encoder (BERT). `vocab_size` comes from the tokenizer, not from the user."""
+  """A decoder (GPT-2 style by default, Llama/Mistral style by its options, attention and scan
+  layers by model.layer_pattern) or an encoder (BERT). `vocab_size` comes from the tokenizer,
+  not from the user. FAMILY_KEYS names the keys only one family takes."""
   vocab_size: int
   family: str = 'decoder'  # decoder (causal LM) | encoder (bidirectional, BERT)
   num_layers: int = 4
   d_model: int = 256
   num_heads: int = 4
   num_kv_heads: int = 0  # key/value heads; 0: num_heads (multi-head), 1: multi-query
-  mlp_dim: int = 1024
+  mlp_dim: int = 1024  # 0: blocks without an MLP (as Mamba-1's)
   max_len: int = 256
-  positions: str = 'learned'  # learned | rope
+  positions: str = 'learned'  # learned | rope | none (a scan layer orders the tokens itself)
   rope_theta: float = 10000.0
   norm: str = 'layernorm'  # layernorm | rmsnorm
   norm_eps: float = 1e-5
   mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
   use_bias: bool = True  # biases of every projection
   window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
-  window_pattern: str = ''  # per layer, repeated over the depth: L local (window), G global; '': all L
+  layer_pattern: str = ''  # a letter a layer, repeated over the depth: G global attention,
+                           # L sliding window, M Mamba, S S4D; '': all L
   num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
@@ -62,6 +72,15 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
   scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
+  state_size: int = 16  # scan layers (M, S): N, the states per channel
+  d_conv: int = 4  # Mamba: the causal convolution's width
+  expand: int = 2  # Mamba: inner width I = expand * d_model
+  dt_rank: int = 0  # Mamba: the rank R of the time step's projection; 0: ceil(d_model / 16)
+  dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
+  dt_max: float = 0.1
+  conv_bias: bool = True  # Mamba: a bias in the convolution
+  scan: str = 'chunked'  # Mamba's selective scan: sequential | parallel | chunked
+  scan_chunk: int = 64  # chunked: steps a chunk (parallel within, sequential across)
 
   @property
   def head_dim(self) -> int:
@@ -69,15 +88,32 @@ class ModelConfig:
 
   @property
   def period(self) -> int:
-    """Layers in one repeat of window_pattern: the unit that scan_layers repeats."""
-    return len(self.window_pattern) or 1
+    """Layers in one repeat of layer_pattern: the unit that scan_layers repeats."""
+    return len(self.layer_pattern) or 1
+
+  @property
+  def layer_kinds(self) -> str:
+    """The letter of each layer (LAYER_KINDS): layer_pattern repeated over the depth."""
+    pattern = self.layer_pattern or 'L'
+    return ''.join(pattern[i % len(pattern)] for i in range(self.num_layers))
 
   @property
   def layer_windows(self) -> tuple[int | None, ...]:
-    """The attention window of each layer (None: full causal attention)."""
-    pattern = self.window_pattern or 'L'
-    return tuple(self.window if pattern[i % len(pattern)] == 'L' else None
-                 for i in range(self.num_layers))
+    """The attention window of each layer (None: full causal attention, or a scan layer)."""
+    return tuple(self.window if kind == 'L' else None for kind in self.layer_kinds)
+
+  @property
+  def has_attention(self) -> bool:
+    return any(kind in 'GL' for kind in self.layer_kinds)
+
+  @property
+  def inner(self) -> int:
+    """Mamba's inner width I."""
+    return self.expand * self.d_model
+
+  @property
+  def time_step_rank(self) -> int:
+    return self.dt_rank or math.ceil(self.d_model / 16)
 
   @property
   def kv_heads(self) -> int:
@@ -211,11 +247,23 @@ def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
   for key in raw:
     require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
   tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
+  _reject_other_families(dict(raw.get('model', {})))
   extra = {'model': {'vocab_size': vocab_size(tokenizer) if callable(vocab_size) else vocab_size}}
   cfg = Config(**{name: _section(name, cls, dict(raw.get(name, {})), extra.get(name, {}))
                   for name, cls in SECTIONS.items()})
   validate(cfg, device_count)
   return cfg
+
+
+def _reject_other_families(model: dict[str, Any]) -> None:
+  """A model section lists only its own family's keys (and the common ones)."""
+  family = model.get('family', 'decoder')
+  for owner, keys in FAMILY_KEYS.items():
+    for key in keys:
+      if owner != family and key in model:
+        raise ConfigError(
+            f'model.{key}={model[key]!r}: a key of the {owner} family, and model.family='
+            f'{family!r}; remove it from the config (a config lists only its family\'s keys)')
 
 
 def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
@@ -226,22 +274,29 @@ def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
 
 def validate(cfg: Config, device_count: int) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
-  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'mlp_dim', 'max_len'])
+  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'max_len'])
+  require(m.mlp_dim >= 0, 'model.mlp_dim', m.mlp_dim, 'give the MLP width, or 0 for no MLP')
   require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
           f'must be divisible by model.num_heads={m.num_heads}; '
           f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
   require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'use one of {DTYPES}')
   validate_model(m)
   _positive(d, 'data', ['seq_len'])
-  require(d.task in TASKS[m.family], 'data.task', d.task,
-          f'a model.family={m.family!r} trains on {TASKS[m.family]}')
+  from lm import models  # models imports this module
+  tasks = models.family(m).tasks
+  require(d.task in tasks, 'data.task', d.task, f'a model.family={m.family!r} trains on {tasks}')
   if d.task == 'mlm_nsp':
     require(0.0 < d.mask_rate < 1.0, 'data.mask_rate', d.mask_rate,
             'the share of tokens chosen for prediction must be in (0, 1), e.g. 0.15')
     require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
             '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
             'give data.seq_len >= 5, e.g. 128')
-  require(d.seq_len <= m.max_len, 'data.seq_len', d.seq_len,
+  if 'M' in m.layer_kinds and m.scan == 'chunked':
+    require(d.seq_len % min(m.scan_chunk, d.seq_len) == 0, 'model.scan_chunk', m.scan_chunk,
+            f'the chunked scan splits data.seq_len={d.seq_len} into chunks: give a divisor of '
+            f'it, e.g. {math.gcd(m.scan_chunk, d.seq_len)}')
+  require(d.seq_len <= m.max_len or not m.has_attention and m.positions != 'learned',
+          'data.seq_len', d.seq_len,
           f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
           'must be in (0, 1)')
@@ -262,49 +317,26 @@ def validate(cfg: Config, device_count: int) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-  """The architecture options of a ModelConfig (also for one read from Hugging Face)."""
-  require(m.family in FAMILIES, 'model.family', m.family, f'use one of {FAMILIES}')
-  if m.family == 'encoder':
-    decoder_only = {'window': (m.window, None), 'window_pattern': (m.window_pattern, ''),
-                    'num_experts': (m.num_experts, 0), 'scan_layers': (m.scan_layers, False),
-                    'tie_embeddings': (m.tie_embeddings, True)}
-    for key, (value, default) in decoder_only.items():
-      require(value == default, f'model.{key}', value,
-              f'the encoder does not take it (its MLM decoder is tied to the token '
-              f'embeddings; windows, experts and scanned layers are decoder options): '
-              f'set {default!r}')
-    require(m.num_segments >= 2, 'model.num_segments', m.num_segments,
-            'the encoder embeds the segments of [CLS] A [SEP] B [SEP]: give >= 2')
-  else:
-    require(not m.post_norm and m.num_segments == 0, 'model.post_norm/num_segments',
-            (m.post_norm, m.num_segments),
-            'encoder options: a decoder is pre-norm without segments; set False and 0')
-  for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS)):
+  """The architecture options of a ModelConfig (also for one read from Hugging Face): the
+  common keys here, each family's own keys by the family (lm.models registry)."""
+  from lm import models  # models imports this module
+  family = models.family(m)
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  for owner, keys in FAMILY_KEYS.items():
+    for key in keys:
+      require(owner == m.family or getattr(m, key) == defaults[key], f'model.{key}',
+              getattr(m, key), f'a key of the {owner} family, which a model.family='
+              f'{m.family!r} does not take: leave it at {defaults[key]!r}')
+  for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS),
+                       ('remat', REMATS)):
     require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
   require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',
           m.num_kv_heads, f'must divide model.num_heads={m.num_heads} (0 means num_heads)')
-  require(m.window is None or m.window >= 1, 'model.window', m.window,
-          'a query sees its last `window` positions, itself included: give >= 1, or leave it '
-          'unset (None) for full causal attention')
-  require(set(m.window_pattern) <= set('LG'), 'model.window_pattern', m.window_pattern,
-          "use the letters L (a sliding-window layer) and G (a global layer), e.g. 'LLLG'")
-  require(m.window is not None or 'L' not in m.window_pattern, 'model.window_pattern',
-          m.window_pattern, 'local (L) layers need model.window; set it, or use only G')
-  require(m.remat in REMATS, 'model.remat', m.remat, f'use one of {REMATS}')
-  require(not m.scan_layers or m.num_layers % m.period == 0, 'model.num_layers', m.num_layers,
-          f'scan_layers repeats model.window_pattern={m.window_pattern!r}: num_layers must be a '
-          f'multiple of its length {m.period}')
   require(m.positions != 'rope' or m.head_dim % 2 == 0, 'model.d_model', m.d_model,
           f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
-  if m.num_experts:
-    require(m.num_experts >= 1 and 1 <= m.experts_per_token <= m.num_experts,
-            'model.experts_per_token', m.experts_per_token,
-            f'must be in [1, model.num_experts={m.num_experts}]')
-    require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
-  require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
-          (m.num_experts, m.moe_aux_coef), 'must be >= 0')
   require(m.rope_theta > 0 and m.norm_eps > 0, 'model.rope_theta/norm_eps',
           (m.rope_theta, m.norm_eps), 'must be positive')
+  family.validate(m)
 
 
 def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:

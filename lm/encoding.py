@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import ConfigError, ModelConfig
-from lm.models.encoder import Encoder
+from lm import models
 
 MASK = '[MASK]'
 POOLINGS = ('cls', 'mean')
@@ -25,17 +25,16 @@ LENGTH_BUCKET = 16  # batches are padded to a multiple of this: few shapes, few 
 
 
 def _check_encoder(cfg: ModelConfig) -> None:
-  if cfg.family != 'encoder':
+  if not hasattr(models.build(cfg), 'encode'):
     raise ConfigError(f'model.family={cfg.family!r}: fill_mask and embed need an encoder '
                       '(configs/encoder.py, or a BertForPreTraining directory)')
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _apply(cfg: ModelConfig, params, tokens_BxT, padding_BxT, encode: bool):
-  model = Encoder(cfg)
+  model = models.build(cfg)
   if encode:
-    return model.apply({'params': params}, tokens_BxT, padding_mask=padding_BxT,
-                       method=Encoder.encode)
+    return model.apply({'params': params}, tokens_BxT, padding_mask=padding_BxT, method='encode')
   return model.apply({'params': params}, tokens_BxT, padding_mask=padding_BxT)[0]
 
 

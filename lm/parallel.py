@@ -28,6 +28,10 @@ RULES = (
     ('head_dim', None),
     ('vocab', 'tensor'),
     ('experts', None),
+    ('inner', 'tensor'),  # a scan layer's channels
+    ('state', None),  # its states per channel (N)
+    ('conv', None),  # Mamba's convolution taps
+    ('dt_rank', None),  # Mamba's time step rank
     ('layers', None),  # the stacked axis of scan_layers
 )
 

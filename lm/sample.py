@@ -20,13 +20,17 @@ from lm.checkpoint import load_model
 from lm.config import ConfigError, require
 
 
+DEFAULT_NEW_TOKENS = 256  # --max_new_tokens=0 for a model without a context bound
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m lm.sample', description=__doc__.splitlines()[0])
   p.add_argument('--workdir', required=True, help='a run directory or a Hugging Face directory')
   p.add_argument('--prompt', default='', help='text to continue (after BOS)')
   p.add_argument('--tokenizer', help='bytes | cl100k | DIR; default: the workdir\'s')
   p.add_argument('--max_new_tokens', type=int, default=0,
-                 help='0: as many as fit the model context after the prompt')
+                 help='0: as many as fit the model context after the prompt (a model without '
+                 f'one: {DEFAULT_NEW_TOKENS})')
   p.add_argument('--temperature', type=float, default=1.0, help='0 is greedy')
   p.add_argument('--top_k', type=int, default=0, help='0: off')
   p.add_argument('--top_p', type=float, default=1.0, help='1: off')
@@ -50,12 +54,12 @@ def run(args: argparse.Namespace) -> str:
     raise ConfigError(f'--num_beams={args.num_beams}: beam search is deterministic and whole; '
                       'drop --temperature/--top_k/--top_p/--min_p/--stream, or use --num_beams=1')
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
+  from lm import models
   cfg, params, tok = load_model(Path(args.workdir), args.tokenizer)
-  require(cfg.family == 'decoder', '--workdir', args.workdir,
-          f'holds an {cfg.family}, which does not generate; use lm.encoding.fill_mask / embed')
+  context = models.decoding(cfg).max_len
   prompt = [tok.bos_id, *tok.encode(args.prompt)]
   if not args.max_new_tokens:
-    args.max_new_tokens = max(1, cfg.max_len - len(prompt))
+    args.max_new_tokens = max(1, (context or DEFAULT_NEW_TOKENS + len(prompt)) - len(prompt))
   rng = jax.random.PRNGKey(args.seed)
   print(args.prompt, end='', flush=True)
   if args.stream:

@@ -1,4 +1,4 @@
-"""Generation on the decoding interface (prefill, decode_step): sampling, beam search, streaming.
+"""Generation on the decoding interface (lm.models.decoding): sampling, beam search, streaming.
 
 A filter is a pure function logits_BxV -> logits_BxV that masks what may not be drawn with
 -inf; `chain` composes them in order. Writing one function adds a method:
@@ -23,7 +23,7 @@ import numpy as np
 
 import lm
 from lm.config import ModelConfig, require
-from lm.models import decoder
+from lm import models
 from lm.tokenizers.tokenizer import StreamDecoder
 
 Filter = Callable[[jax.Array], jax.Array]
@@ -182,12 +182,15 @@ GREEDY = Temperature(0.0)
 
 def fit_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 truncate: bool = False) -> list[list[int]]:
-  """Checks that each prompt and its new tokens fit the model's context (cfg.max_len);
-  `truncate` keeps a long prompt's last tokens instead of refusing it."""
+  """Checks that each prompt and its new tokens fit the model's context (its decoding max_len;
+  a model without attention or learned positions has none); `truncate` keeps a long prompt's
+  last tokens instead of refusing it."""
   require(len(prompts) > 0, 'prompts', prompts, 'give at least one prompt')
-  require(1 <= max_new_tokens < cfg.max_len, 'max_new_tokens', max_new_tokens,
-          f'must be in [1, the model context {cfg.max_len})')
-  room = cfg.max_len - max_new_tokens
+  context = models.decoding(cfg).max_len
+  require(max_new_tokens >= 1 and (context is None or max_new_tokens < context),
+          'max_new_tokens', max_new_tokens,
+          'must be >= 1' if context is None else f'must be in [1, the model context {context})')
+  room = None if context is None else context - max_new_tokens
   out = []
   for i, prompt in enumerate(prompts):
     prompt = [int(t) for t in prompt]
@@ -195,10 +198,10 @@ def fit_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_toke
             'is empty: give at least one token (lm.sample starts every prompt with BOS)')
     bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
     require(not bad, f'prompts[{i}]', bad[:5], f'ids outside the vocabulary [0, {cfg.vocab_size})')
-    if len(prompt) > room:
+    if room is not None and len(prompt) > room:
       require(truncate, f'prompts[{i}]', f'{len(prompt)} tokens',
               f'with max_new_tokens={max_new_tokens} it exceeds the model context '
-              f'{cfg.max_len}: shorten it, lower max_new_tokens, or truncate to keep its last '
+              f'{context}: shorten it, lower max_new_tokens, or truncate to keep its last '
               f'{room} tokens')
       prompt = prompt[-room:]
     out.append(prompt)
@@ -274,9 +277,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id,
                  return_logprobs):
   batch, width = tokens_BxT.shape
-  cfg, params = decoder.decoding_params(cfg, params, batch)
-  logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + max_new_tokens,
-                                        lengths_B)
+  d = models.decoding(cfg)
+  params = d.prepare(params, batch)
+  logits_BxV, state = d.prefill(params, tokens_BxT, lengths_B, width + max_new_tokens)
 
   def next_token(i, logits_BxV, done_B):
     token_B = pick(filter_fn, logits_BxV, jax.random.fold_in(rng, i))
@@ -289,16 +292,16 @@ def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, fil
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    i, logits_BxV, cache, out_BxN, logprobs_BxN, done_B, count_B = carry
+    i, logits_BxV, state, out_BxN, logprobs_BxN, done_B, count_B = carry
     token_B, logprob_B = next_token(i, logits_BxV, done_B)
     out_BxN = out_BxN.at[:, i].set(token_B)
     logprobs_BxN = logprobs_BxN.at[:, i].set(logprob_B)
     count_B = count_B + ~done_B
     done_B = done_B | (token_B == eos_id)
-    logits_BxV, cache = decoder.decode_step(cfg, params, token_B, cache)
-    return i + 1, logits_BxV, cache, out_BxN, logprobs_BxN, done_B, count_B
+    logits_BxV, state = d.decode_step(params, token_B, state)
+    return i + 1, logits_BxV, state, out_BxN, logprobs_BxN, done_B, count_B
 
-  carry = (jnp.int32(0), logits_BxTxV[:, -1], cache, jnp.zeros((batch, max_new_tokens), jnp.int32),
+  carry = (jnp.int32(0), logits_BxV, state, jnp.zeros((batch, max_new_tokens), jnp.int32),
            jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), bool),
            jnp.zeros((batch,), jnp.int32))
   _, _, _, out_BxN, logprobs_BxN, _, count_B = jax.lax.while_loop(cond, body, carry)
@@ -344,7 +347,7 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
   (prompt,) = fit_prompts(cfg, [prompt], max_new_tokens, truncate)
   tokens_1xT, lengths_1 = left_pad([prompt], tokenizer.pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  cfg, params = decoder.decoding_params(cfg, params, rows=1)
+  params = models.decoding(cfg).prepare(params, rows=1)
   logits_1xV, cache = _stream_prefill(cfg, params, tokens_1xT, lengths_1,
                                       tokens_1xT.shape[1] + max_new_tokens)
   text = StreamDecoder(tokenizer)
@@ -363,15 +366,14 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
 
 @decoding_jit(static_argnames=('cfg', 'max_len'))
 def _stream_prefill(cfg, params, tokens_1xT, lengths_1, max_len):
-  logits_1xTxV, cache = decoder.prefill(cfg, params, tokens_1xT, max_len, lengths_1)
-  return logits_1xTxV[:, -1], cache
+  return models.decoding(cfg).prefill(params, tokens_1xT, lengths_1, max_len)
 
 
 @decoding_jit(static_argnames=('cfg', 'filter_fn'))
 def _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn):
   token_1 = pick(filter_fn, logits_1xV, jax.random.fold_in(rng, i))
   token_1 = token_1.astype(jnp.int32)
-  logits_1xV, cache = decoder.decode_step(cfg, params, token_1, cache)
+  logits_1xV, cache = models.decoding(cfg).decode_step(params, token_1, cache)
   return token_1[0], logits_1xV, cache
 
 
@@ -410,12 +412,12 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
                length_penalty):
   batch, width = tokens_BxT.shape
   k, n = num_beams, max_new_tokens
-  cfg, params = decoder.decoding_params(cfg, params, batch * k)
-  logits_BxTxV, cache = decoder.prefill(cfg, params, tokens_BxT, width + n, lengths_B)
-  vocab = logits_BxTxV.shape[-1]
-  cache = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(batch), k))  # row b * k + j
-  cache = decoder.reorder_beams(cache, jnp.broadcast_to(jnp.arange(k), (batch, k)))
-  logits_BKxV = jnp.repeat(logits_BxTxV[:, -1], k, axis=0)
+  d = models.decoding(cfg)
+  params = d.prepare(params, batch * k)
+  logits_BxV, cache = d.prefill(params, tokens_BxT, lengths_B, width + n)
+  vocab = logits_BxV.shape[-1]
+  cache = d.expand(cache, k)  # row b * k + j: beam j of prompt b
+  logits_BKxV = jnp.repeat(logits_BxV, k, axis=0)
   neg_inf = jnp.float32(-jnp.inf)
   norm = lambda logp, length: logp / length.astype(jnp.float32) ** length_penalty
 
@@ -446,9 +448,9 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
     # Alive beams: the best num_beams candidates that did not draw EOS.
     alive_logp_BxK, keep = jax.lax.top_k(jnp.where(ends_BxC, neg_inf, cand_logp_BxC), k)
     alive_BxKxN = jnp.take_along_axis(seqs_BxCxN, keep[:, :, None], axis=1)
-    cache = decoder.reorder_beams(cache, jnp.take_along_axis(beam_BxC, keep, axis=1))
+    cache = d.reorder(cache, jnp.take_along_axis(beam_BxC, keep, axis=1))
     token_BK = jnp.take_along_axis(token_BxC, keep, axis=1).reshape(-1)
-    logits_BKxV, cache = decoder.decode_step(cfg, params, token_BK, cache)
+    logits_BKxV, cache = d.decode_step(params, token_BK, cache)
     return (i + 1, logits_BKxV, cache, alive_BxKxN, alive_logp_BxK, fin_BxKxN, fin_score_BxK,
             fin_len_BxK)
 

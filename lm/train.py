@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lm import checkpoint, config as config_lib, hf, models, parallel, tasks, tokenizers
 from lm.config import Config
 from lm.data import store
-from lm.models import decoder
+
 from lm.models.layers import common
 
 FINAL_EVAL_BATCHES = None  # the final evaluation covers the whole validation split
@@ -198,7 +198,7 @@ def with_pretrained_model(cfg: Config, device_count: int) -> Config:
 def pretrained_params(cfg: Config) -> Any:
   """The weights of train.init_from, in the layout of cfg.model."""
   _, params = hf.load(cfg.train.init_from)
-  return decoder.stack_layers(cfg.model, params) if cfg.model.scan_layers else params
+  return models.layout_for(cfg.model, params)
 
 
 class TrainingError(RuntimeError):

@@ -1,6 +1,7 @@
 """Run by test_train.py with 8 fake CPU devices: three train steps of a decoder and of an
-encoder (BERT) on a (data=2, fsdp=4) mesh and on a 1-device mesh, from the same initial state
-and batches.
+encoder (BERT) on a (data=2, fsdp=4) mesh, and of a hybrid decoder (Mamba, S4D, local and
+global attention) on a (data=2, fsdp=2, tensor=2) mesh, and each on a 1-device mesh, from the
+same initial state and batches.
 Prints one JSON line with both loss curves and the largest parameter difference.
 """
 from __future__ import annotations
@@ -20,15 +21,15 @@ from lm import config as config_lib, models, objectives, parallel, train
 from tests.conftest import load_config, tiny_config
 
 
-def run_on_both_meshes(c, loss_of, batches):
-  """Three train steps on a (data=2, fsdp=4) mesh and on 1 device: (losses of each, the largest
+def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259):
+  """Three train steps on a mesh of 8 devices and on 1 device: (losses of each, the largest
   final parameter difference, the number of shards of a kernel)."""
-  cfg = config_lib.parse(c, vocab_size=259, device_count=8)
+  cfg = config_lib.parse(c, vocab_size=vocab_size, device_count=8)
   model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train, model)
   step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train))
   results = {}
-  for name, shape, devices in (('8', (2, 4, 1), jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
+  for name, shape, devices in (('8', shape, jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
     mesh = parallel.make_mesh(shape, devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
       init_fn, _, shardings = train.abstract_state(model, tx, 32, 0, mesh)
@@ -71,6 +72,16 @@ def main():
       c, lambda model: functools.partial(objectives.mlm_nsp_loss, apply_fn=model.apply,
                                          pad_id=258, mask_id=257, first_special=256,
                                          num_ordinary=256, rate=0.15), batches)
+  c = load_config()  # a hybrid: Mamba, S4D, local and global attention, over a tensor axis
+  c.model.update(num_layers=4, d_model=64, num_heads=4, mlp_dim=128, max_len=32,
+                 layer_pattern='MSLG', window=8, state_size=8, scan_chunk=8)
+  c.data.update(seq_len=32)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  batches = [{**{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')},
+              'loss_mask': np.ones((8, 32), bool)} for _ in range(3)]
+  hybrid = run_on_both_meshes(
+      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply),
+      batches, shape=(2, 2, 2), vocab_size=260)
   # The byte vocabulary of 259 cannot split over tensor=2: a clear error, nothing written.
   workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
   c = tiny_config(corpus, workdir.parent / 'cache')
@@ -83,7 +94,9 @@ def main():
   print(json.dumps({'uneven_error': uneven_error, 'devices': jax.device_count(),
                     'param_shards': decoder[3], 'losses_8': decoder[0], 'losses_1': decoder[1],
                     'max_param_diff': decoder[2], 'encoder_losses_8': encoder[0],
-                    'encoder_losses_1': encoder[1], 'encoder_max_param_diff': encoder[2]}))
+                    'encoder_losses_1': encoder[1], 'encoder_max_param_diff': encoder[2],
+                    'hybrid_losses_8': hybrid[0], 'hybrid_losses_1': hybrid[1],
+                    'hybrid_max_param_diff': hybrid[2], 'hybrid_param_shards': hybrid[3]}))
 
 
 if __name__ == '__main__':

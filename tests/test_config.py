@@ -50,11 +50,11 @@ def test_seq_len_larger_than_max_len():
     (dict(window=0), r'model\.window=0: a query sees its last `window` positions, itself '
                      r'included: give >= 1, or leave it unset \(None\)'),
     (dict(window=-3), r'model\.window=-3: a query sees'),
-    (dict(window=4, window_pattern='LLXG'), r"model\.window_pattern='LLXG': use the letters L"),
-    (dict(window_pattern='LG'), r"model\.window_pattern='LG': local \(L\) layers need model\.window"),
+    (dict(window=4, layer_pattern='LLXG'), r"model\.layer_pattern='LLXG': use one letter a layer: G global"),
+    (dict(layer_pattern='LG'), r"model\.layer_pattern='LG': local \(L\) layers need model\.window"),
     (dict(remat='some'), r"model\.remat='some': use one of \('none', 'full', 'dots'\)"),
-    (dict(num_layers=4, window=8, window_pattern='LLG', scan_layers=True),
-     r"model\.num_layers=4: scan_layers repeats model\.window_pattern='LLG': num_layers must be "
+    (dict(num_layers=4, window=8, layer_pattern='LLG', scan_layers=True),
+     r"model\.num_layers=4: scan_layers repeats model\.layer_pattern='LLG': num_layers must be "
      r'a multiple of its length 3'),
     (dict(positions='rope', d_model=12, num_heads=4),
      r'model\.d_model=12: RoPE rotates pairs: head width d_model / num_heads = 3 must be even'),

@@ -323,7 +323,7 @@ def test_bad_encoder_input_gets_clear_errors(tmp_path):
          ({'data.mask_rate': 1.0}, 'data.mask_rate=1.0'),
          ({'data.seq_len': 4}, 'data.seq_len=4: .CLS. A .SEP. B .SEP. needs at least 5'),
          ({'data.task': 'clm'}, "data.task='clm': a model.family='encoder' trains on"),
-         ({'model.window': 8}, 'model.window=8: the encoder does not take it'),
+         ({'model.window': 8}, "model.window=8: a key of the decoder family, and model.family='encoder'"),
          ({'model.num_segments': 1}, 'model.num_segments=1')]
   for overrides, message in bad:
     c = encoder_config(corpus_dir, cache)

@@ -133,8 +133,8 @@ def _saved(tmp_path):
 
 def test_a_local_global_pattern_has_no_hugging_face_equivalent(tmp_path):
   cfg, params = hf.load(_saved(tmp_path))
-  patterned = type(cfg)(**{**cfg.__dict__, 'window': 4, 'window_pattern': 'LG'})
-  with pytest.raises(ConfigError, match=r"window_pattern='LG': the supported Hugging Face"):
+  patterned = type(cfg)(**{**cfg.__dict__, 'window': 4, 'layer_pattern': 'LG'})
+  with pytest.raises(ConfigError, match=r"layer_pattern='LG': the supported Hugging Face"):
     hf.save(patterned, params, tmp_path / 'out')
 
 

@@ -157,8 +157,8 @@ VARIANTS = {
                            num_kv_heads=1, window=3),
     'mixtral-window': dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
                            num_kv_heads=2, window=4, num_experts=4, experts_per_token=2),
-    'local-global': dict(LLAMA, num_layers=3, window=3, window_pattern='LLG'),
-    'scanned-local-global': dict(LLAMA, num_layers=4, window=3, window_pattern='GL',
+    'local-global': dict(LLAMA, num_layers=3, window=3, layer_pattern='LLG'),
+    'scanned-local-global': dict(LLAMA, num_layers=4, window=3, layer_pattern='GL',
                                  scan_layers=True),
 }
 
@@ -237,11 +237,11 @@ def test_moe_counts_active_parameters():
   assert decoder.matmul_params(moe) - decoder.matmul_params(dense) == 2 * (32 * 8 + 3 * 32 * 64)
 
 
-def test_a_window_pattern_gives_each_layer_its_window_and_flops():
+def test_a_layer_pattern_gives_each_layer_its_window_and_flops():
   cfg = ModelConfig(**{**CFG.__dict__, **LLAMA, 'num_layers': 5, 'window': 4,
-                       'window_pattern': 'LLG'})
+                       'layer_pattern': 'LLG'})
   assert cfg.layer_windows == (4, 4, None, 4, 4)
-  full = ModelConfig(**{**cfg.__dict__, 'window': None, 'window_pattern': ''})
+  full = ModelConfig(**{**cfg.__dict__, 'window': None, 'layer_pattern': ''})
   # Attention FLOPs: 12 * H * Dh per key; local layers see 4 of 16 keys: 12 less per layer.
   saved = decoder.train_flops_per_token(full, 16) - decoder.train_flops_per_token(cfg, 16)
   assert saved == 12 * 32 * 4 * (16 - 4)
@@ -249,7 +249,7 @@ def test_a_window_pattern_gives_each_layer_its_window_and_flops():
   tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 16), 0, 256)
   params = nn.meta.unbox(boxed)
   # Layer 2 is global: it differs from an all-local model only because it sees more keys.
-  local = ModelConfig(**{**cfg.__dict__, 'window_pattern': ''})
+  local = ModelConfig(**{**cfg.__dict__, 'layer_pattern': ''})
   assert not np.allclose(models.build(cfg).apply({'params': params}, tokens),
                          models.build(local).apply({'params': params}, tokens))
 
@@ -258,7 +258,7 @@ REMAT_SCAN = {
     'remat-full': dict(remat='full'),
     'remat-dots': dict(remat='dots'),
     'scan': dict(scan_layers=True),
-    'scan-remat-pattern': dict(scan_layers=True, remat='full', window=3, window_pattern='LG'),
+    'scan-remat-pattern': dict(scan_layers=True, remat='full', window=3, layer_pattern='LG'),
     'scan-moe': dict(scan_layers=True, num_experts=4, experts_per_token=2),
 }
 

@@ -21,7 +21,7 @@ from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
 LLAMA = ModelConfig(**{**CFG.__dict__, 'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu',
                        'use_bias': False, 'num_kv_heads': 2, 'window': 6,
-                       'window_pattern': 'LG'})
+                       'layer_pattern': 'LG'})
 
 
 def params_of(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
@@ -329,13 +329,13 @@ def test_reordering_beams_by_their_rows_table_equals_moving_the_rows(cfg, monkey
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (prompts, 4)), jnp.int32)
   _, cache = decoder.prefill(cfg, params, tokens, max_len=16, lengths_B=jnp.array([4, 2]))
   moved = decoder.select_rows(cfg, cache, jnp.repeat(jnp.arange(prompts), beams))
-  tabled = decoder.reorder_beams(moved, jnp.broadcast_to(jnp.arange(beams), (prompts, beams)))
+  tabled = decoder.reorder_beams(cfg, moved, jnp.broadcast_to(jnp.arange(beams), (prompts, beams)))
   step = jax.jit(lambda token, cache: decoder.decode_step(cfg, params, token, cache))
   for _ in range(12):
     parent_PxR = jnp.asarray(rng.integers(0, beams, (prompts, beams)), jnp.int32)
     rows = (jnp.arange(prompts)[:, None] * beams + parent_PxR).reshape(-1)
     moved = decoder.select_rows(cfg, moved, rows)
-    tabled = decoder.reorder_beams(tabled, parent_PxR)
+    tabled = decoder.reorder_beams(cfg, tabled, parent_PxR)
     token = jnp.asarray(rng.integers(0, cfg.vocab_size, prompts * beams), jnp.int32)
     want, moved = step(token, moved)
     got, tabled = step(token, tabled)

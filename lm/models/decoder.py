@@ -1,8 +1,9 @@
-"""The decoder-only language model: pre-norm blocks of attention and MLP, configured by
+"""The decoder-only language model: pre-norm blocks of a mixer and an MLP, configured by
 ModelConfig into GPT-2 (learned positions, LayerNorm, GELU, biases) or Llama / Mistral (RoPE,
 RMSNorm, SwiGLU, grouped-query attention, sliding window in all layers or a local/global
-pattern, mixture of experts), tied or untied embeddings; optionally rematerialised and
-scanned over layers.
+pattern, mixture of experts), Mamba (selective scan layers, no MLP) or hybrids: the mixer of
+each layer is a letter of model.layer_pattern (G global attention, L sliding window, M Mamba,
+S S4D). Tied or untied embeddings; optionally rematerialised and scanned over layers.
 """
 from __future__ import annotations
 
@@ -13,28 +14,88 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig
-from lm.models.layers import attention, common, kv_cache, mlp
+from lm.config import LAYER_KINDS, SCANS, ModelConfig, require
+from lm.models.layers import attention, common, kv_cache, mlp, ssm
 
 ACTIVATION = ('batch', 'length', 'embed')
 
 
+def mixer(cfg: ModelConfig, kind: str, out_std: float) -> nn.Module:
+  """The mixer of a layer of kind `kind` (a letter of config.LAYER_KINDS)."""
+  dtype = jnp.dtype(cfg.dtype)
+  if kind == 'M':
+    return ssm.MambaMixer(cfg.inner, cfg.state_size, cfg.d_conv, cfg.time_step_rank,
+                          cfg.use_bias, cfg.conv_bias, cfg.dt_min, cfg.dt_max, cfg.scan,
+                          cfg.scan_chunk, dtype, out_std, name='mamba')
+  if kind == 'S':
+    return ssm.S4DMixer(cfg.state_size, cfg.dt_min, cfg.dt_max, cfg.use_bias, dtype, out_std,
+                        name='s4d')
+  return attention.Attention(
+      cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
+      cfg.rope_theta if cfg.positions == 'rope' else 0.0, cfg.window if kind == 'L' else None,
+      dtype, out_std, name='attn')
+
+
+def validate(m: ModelConfig) -> None:
+  """The decoder's own keys (config.FAMILY_KEYS['decoder']); errors name field, value, fix."""
+  require(m.window is None or m.window >= 1, 'model.window', m.window,
+          'a query sees its last `window` positions, itself included: give >= 1, or leave it '
+          'unset (None) for full causal attention')
+  require(set(m.layer_pattern) <= set(LAYER_KINDS), 'model.layer_pattern', m.layer_pattern,
+          'use one letter a layer: ' + ', '.join(f'{k} {v}' for k, v in LAYER_KINDS.items())
+          + ", e.g. 'LLLG' or 'MMMG'")
+  require(m.window is not None or 'L' not in m.layer_pattern, 'model.layer_pattern',
+          m.layer_pattern, 'local (L) layers need model.window; set it, or use only G')
+  require(not m.scan_layers or m.num_layers % m.period == 0, 'model.num_layers', m.num_layers,
+          f'scan_layers repeats model.layer_pattern={m.layer_pattern!r}: num_layers must be a '
+          f'multiple of its length {m.period}')
+  require(m.positions != 'none' or not m.has_attention, 'model.positions', m.positions,
+          f'layer_pattern={m.layer_pattern!r} has attention layers, which need positions: '
+          'use rope or learned')
+  if any(kind in 'MS' for kind in m.layer_kinds):
+    for key in ('state_size', 'd_conv', 'expand'):
+      require(getattr(m, key) >= 1, f'model.{key}', getattr(m, key), 'must be >= 1')
+    require(m.dt_rank >= 0, 'model.dt_rank', m.dt_rank,
+            'the rank of the time step projection must be >= 1, or 0 for ceil(d_model / 16)')
+    require(0 < m.dt_min < m.dt_max, 'model.dt_min', m.dt_min,
+            f'the time step at init is drawn in [dt_min, dt_max={m.dt_max}]: give '
+            '0 < dt_min < dt_max, e.g. 0.001 and 0.1')
+    require(m.scan in SCANS, 'model.scan', m.scan, f'use one of {SCANS}')
+    require(m.scan_chunk >= 1, 'model.scan_chunk', m.scan_chunk, 'must be >= 1')
+  if m.num_experts:
+    require(m.num_experts >= 1 and 1 <= m.experts_per_token <= m.num_experts,
+            'model.experts_per_token', m.experts_per_token,
+            f'must be in [1, model.num_experts={m.num_experts}]')
+    require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
+  require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
+          (m.num_experts, m.moe_aux_coef), 'must be >= 0')
+
+
 class Block(nn.Module):
+  """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
+  `cache` is this layer's decoding state: a KV cache (attention) or a scan layer's state."""
   cfg: ModelConfig
-  window: int | None  # this layer's attention window; None: full causal attention
+  kind: str  # a letter of config.LAYER_KINDS
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     out_std = common.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
-    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'attn_norm')(x_BxTxD)
-    attended = attention.Attention(
-        cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
-        cfg.rope_theta if cfg.positions == 'rope' else 0.0, self.window, dtype, out_std,
-        name='attn')(h_BxTxD, cache, index, start_B)
-    h_BxTxD, cache = attended if cache is not None else (attended, None)
+    scan = self.kind in 'MS'
+    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype,
+                          'mixer_norm' if scan else 'attn_norm')(x_BxTxD)
+    if scan:
+      valid_BxT = None
+      if start_B is not None:  # left padding never enters the state
+        valid_BxT = (index + jnp.arange(x_BxTxD.shape[1]))[None] >= start_B[:, None]
+      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, valid_BxT)
+    else:
+      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, index, start_B)
+    h_BxTxD, cache = mixed if cache is not None else (mixed, None)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
+    if not cfg.mlp_dim:
+      return x_BxTxD if cache is None else (x_BxTxD, cache)
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
     if cfg.num_experts:
       ffn = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype, out_std,
@@ -76,8 +137,8 @@ class Period(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
                start_B: jax.Array | None):
     cls = block_class(self.cfg, decoding=caches is not None)
-    blocks = [cls(self.cfg, window, name=f'block_{j}')
-              for j, window in enumerate(self.cfg.layer_windows[:self.cfg.period])]
+    blocks = [cls(self.cfg, kind, name=f'block_{j}')
+              for j, kind in enumerate(self.cfg.layer_kinds[:self.cfg.period])]
     x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
     return x_BxTxD, (None if caches is None else tuple(caches))
 
@@ -115,7 +176,7 @@ class Decoder(nn.Module):
       x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B)
     else:
       cls = block_class(cfg, decoding=cache is not None)
-      blocks = [cls(cfg, window, name=f'block_{i}') for i, window in enumerate(cfg.layer_windows)]
+      blocks = [cls(cfg, kind, name=f'block_{i}') for i, kind in enumerate(cfg.layer_kinds)]
       x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
     x_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
@@ -155,17 +216,23 @@ def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
 # --- the decoding interface: init_cache, prefill, decode_step ------------------------------
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
-  """An empty cache for sequences of up to max_len positions (prompt included). A layer with a
-  sliding window keeps `window` slots whatever max_len is."""
+  """An empty cache for sequences of up to max_len positions (prompt included): per layer, a KV
+  cache (a layer with a sliding window keeps `window` slots whatever max_len is) or a scan
+  layer's state (the same size at any length)."""
   dtype = jnp.dtype(cfg.dtype)
-  make = lambda window: kv_cache.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
-                                             window, dtype)
+
+  def make(kind):
+    if kind in 'MS':
+      return ssm.init_state(kind, batch_size, cfg.d_model, cfg.inner, cfg.state_size,
+                            cfg.d_conv, dtype)
+    return kv_cache.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                                  cfg.window if kind == 'L' else None, dtype)
   if cfg.scan_layers:  # per block of the period, stacked over its repeats
     repeats = cfg.num_layers // cfg.period
     stacked = lambda c: jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats, *x.shape)), c)
-    caches = tuple(stacked(make(w)) for w in cfg.layer_windows[:cfg.period])
+    caches = tuple(stacked(make(kind)) for kind in cfg.layer_kinds[:cfg.period])
   else:
-    caches = [make(w) for w in cfg.layer_windows]
+    caches = [make(kind) for kind in cfg.layer_kinds]
   return {'index': jnp.zeros((), jnp.int32), 'start': jnp.zeros((batch_size,), jnp.int32),
           'layers': caches}
 
@@ -178,17 +245,21 @@ def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
     x_BxKxSxDh = x.reshape(*lead, cache['start'].shape[0], -1, slots, head_dim)
     return jnp.take(x_BxKxSxDh, rows_N, axis=len(lead)).reshape(*lead, -1, slots, head_dim)
   take_kv = lambda c: {**c, 'k': tuple(map(take, c['k'])), 'v': tuple(map(take, c['v']))}
+  axis = 1 if cfg.scan_layers else 0  # a scan layer's state: rows on its batch axis
+  take_state = lambda c: jax.tree.map(lambda x: jnp.take(x, rows_N, axis=axis), c)
   return {**cache, 'start': cache['start'][rows_N],
-          'layers': type(cache['layers'])(take_kv(c) for c in cache['layers'])}
+          'layers': type(cache['layers'])(take_state(c) if kind in 'MS' else take_kv(c)
+                                          for kind, c in zip(cfg.layer_kinds, cache['layers']))}
 
 
-def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
+def reorder_beams(cfg: ModelConfig, cache: dict, parent_PxR: jax.Array) -> dict:
   """The cache once beam j of prompt p continues beam parent_PxR[p, j] (the B = P * R rows of
   the cache being P prompts' R beams): no key or value moves. Each layer keeps a table
   `beam_row` [P, R, S] of the row of its prompt that holds each beam's slot s (read by
   kv_cache.attention_over_blocks); the beams take their parents' tables, and the slot the next
   decode step writes is each beam's own row. Without a table yet, each beam's slots start in
-  its own row (the rows of a prompt then hold the same keys, as select_rows leaves them)."""
+  its own row (the rows of a prompt then hold the same keys, as select_rows leaves them).
+  A scan layer's state is small: its rows are gathered from the parents'."""
   prompts, beams = parent_PxR.shape
   own_PxR = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (prompts, beams))
 
@@ -199,7 +270,12 @@ def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
     rows = jnp.take_along_axis(rows, jnp.broadcast_to(parent_PxR[..., None], shape), axis=-2)
     rows = rows.at[..., cache['index'] % slots].set(jnp.broadcast_to(own_PxR, shape[:-1]))
     return {**c, 'beam_row': rows}
-  return {**cache, 'layers': type(cache['layers'])(layer(c) for c in cache['layers'])}
+  parent_rows = (jnp.arange(prompts)[:, None] * beams + parent_PxR).reshape(-1)
+  axis = 1 if cfg.scan_layers else 0
+  state = lambda c: jax.tree.map(lambda x: jnp.take(x, parent_rows, axis=axis), c)
+  return {**cache, 'layers': type(cache['layers'])(
+      state(c) if kind in 'MS' else layer(c)
+      for kind, c in zip(cfg.layer_kinds, cache['layers']))}
 
 
 def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
@@ -208,7 +284,7 @@ def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
   `lengths_B`, the prompts are left-padded: row b's prompt is its last lengths_B[b] tokens, its
   positions count from there, and every row's next token goes in the same column T."""
   batch, length = tokens_BxT.shape
-  if length > max_len:
+  if length > max_len and (cfg.has_attention or cfg.positions == 'learned'):
     raise ValueError(f'a prompt of {length} tokens does not fit max_len={max_len}')
   cache = init_cache(cfg, batch, max_len)
   if lengths_B is not None:
@@ -254,21 +330,73 @@ def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
   return logits_Bx1xV[:, 0], cache
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """The decoding interface of the decoder family (lm.models.decoding). The state is a dict:
+  'index' (the next column), 'start' (each row's first column, after its left padding) and
+  'layers', one state a layer: a KV cache (attention, kv_cache.init_kv_cache) or a scan
+  layer's conv window and SSM state (ssm.init_state)."""
+  cfg: ModelConfig
+
+  @property
+  def max_len(self) -> int | None:
+    """The longest sequence (prompt and new tokens) it decodes; None: no bound (no attention
+    and no learned positions: the state has the same size at any length)."""
+    return self.cfg.max_len if self.cfg.has_attention or self.cfg.positions == 'learned' else None
+
+  def prepare(self, params, rows: int):
+    """params laid out for decoding `rows` rows on this device (decoding_params)."""
+    return decoding_params(self.cfg, params, rows)[1]
+
+  def _cfg(self, params) -> ModelConfig:  # prepared params may hold an untied head
+    untied = self.cfg.tie_embeddings and 'head' in params
+    return dataclasses.replace(self.cfg, tie_embeddings=False) if untied else self.cfg
+
+  def prefill(self, params, prompts_BxT: jax.Array, lengths_B: jax.Array | None,
+              max_len: int) -> tuple[jax.Array, dict]:
+    """Row b's prompt is the last lengths_B[b] columns of prompts_BxT (left-padded): the
+    logits of each row's next token, and the state to continue from, for up to max_len
+    columns in all."""
+    logits_BxTxV, state = prefill(self._cfg(params), params, prompts_BxT, max_len, lengths_B)
+    return logits_BxTxV[:, -1], state
+
+  def decode_step(self, params, token_B: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    return decode_step(self._cfg(params), params, token_B, state)
+
+  def expand(self, state: dict, beams: int) -> dict:
+    """The state of B rows as B * beams rows (row b * beams + j: beam j of row b), ready for
+    `reorder`."""
+    batch = state['start'].shape[0]
+    state = select_rows(self.cfg, state, jnp.repeat(jnp.arange(batch), beams))
+    return reorder_beams(self.cfg, state, jnp.broadcast_to(jnp.arange(beams), (batch, beams)))
+
+  def reorder(self, state: dict, parent_PxR: jax.Array) -> dict:
+    """Beam j of prompt p continues beam parent_PxR[p, j] (reorder_beams)."""
+    return reorder_beams(self.cfg, state, parent_PxR)
+
+
 def matmul_params(cfg: ModelConfig) -> int:
-  """Weights that take part in a matmul per token: blocks and the output head (for a mixture
-  of experts, the router and the experts each token uses)."""
-  block = common.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp,
-                                     cfg.mlp_dim)
-  if cfg.num_experts:  # the router, and the experts a token is sent to: active parameters
-    mlp = 3 * cfg.d_model * cfg.mlp_dim
-    block += cfg.d_model * cfg.num_experts + (cfg.experts_per_token - 1) * mlp
-  return cfg.num_layers * block + cfg.d_model * cfg.vocab_size
+  """Weights that take part in a matmul per token in the attention layers, the MLPs and the
+  output head (for a mixture of experts, the router and the experts each token uses); a scan
+  layer's mixer is counted by ssm's FLOP counts."""
+  mlp = common.block_matmul_params(cfg.d_model, 0, cfg.mlp, cfg.mlp_dim) - 2 * cfg.d_model ** 2
+  if cfg.num_experts and cfg.mlp_dim:  # the router, and the experts a token is sent to
+    mlp += cfg.d_model * cfg.num_experts + (cfg.experts_per_token - 1) * 3 * cfg.d_model * cfg.mlp_dim
+  attn = common.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp, 0)
+  attention_layers = sum(kind in 'GL' for kind in cfg.layer_kinds)
+  return attention_layers * attn + cfg.num_layers * mlp + cfg.d_model * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's over all
-  keys a query may see in each layer (seq_len, or that layer's window), as in PaLM's MFU: not
-  halved for causality."""
-  keys = sum(seq_len if w is None else min(seq_len, w) for w in cfg.layer_windows)
-  return 6 * matmul_params(cfg) + common.attention_flops_per_token(keys, cfg.num_heads,
-                                                                   cfg.head_dim)
+  keys a query may see in each attention layer (seq_len, or that layer's window), as in PaLM's
+  MFU: not halved for causality; plus each scan layer's (ssm.mamba_flops_per_token,
+  ssm.s4d_flops_per_token)."""
+  keys = sum(seq_len if w is None else min(seq_len, w)
+             for kind, w in zip(cfg.layer_kinds, cfg.layer_windows) if kind in 'GL')
+  kinds = cfg.layer_kinds
+  scan = (kinds.count('M') * ssm.mamba_flops_per_token(cfg.d_model, cfg.inner, cfg.state_size,
+                                                       cfg.d_conv, cfg.time_step_rank)
+          + kinds.count('S') * ssm.s4d_flops_per_token(cfg.d_model, cfg.state_size, seq_len))
+  return (6 * matmul_params(cfg) + scan
+          + common.attention_flops_per_token(keys, cfg.num_heads, cfg.head_dim))

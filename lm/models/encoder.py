@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig
+from lm.config import ModelConfig, require
 from lm.models.layers import attention, common, mlp
 
 ACTIVATION = ('batch', 'length', 'embed')
@@ -107,6 +107,14 @@ class Encoder(nn.Module):
     mlm_logits_BxMxV = nn.with_logical_constraint(mlm_logits_BxMxV, ('batch', 'length', 'vocab'))
     pooled_BxD = jnp.tanh(self.pooler(hidden_BxTxD[:, 0]))
     return mlm_logits_BxMxV, self.nsp(pooled_BxD).astype(jnp.float32)
+
+
+def validate(m: ModelConfig) -> None:
+  """The encoder's own keys (config.FAMILY_KEYS['encoder']); errors name field, value, fix."""
+  require(m.num_segments >= 2, 'model.num_segments', m.num_segments,
+          'the encoder embeds the segments of [CLS] A [SEP] B [SEP]: give >= 2')
+  require(m.mlp_dim > 0 and m.positions != 'none', 'model.mlp_dim/positions',
+          (m.mlp_dim, m.positions), 'the encoder has MLPs and positions (learned or rope)')
 
 
 def matmul_params(cfg: ModelConfig, mask_rate: float = 1.0) -> float:
