@@ -9,7 +9,7 @@ float32, AdamW with gradient clipping) in three variants:
          load-balancing loss): the active parameters of llama, 4x its MLP weights
 Each (variant, framework) runs in a worker process of its own (so no thread pool spins on
 another's cores); the parent alternates timed rounds between them so that all see the same
-machine. MFU is model FLOPs (lm.models.decoder.train_flops_per_token, active parameters for the
+machine. MFU is model FLOPs (lm.models.train_flops_per_token, active parameters for the
 MoE) over the measured matmul peak of the machine (the better of JAX's and PyTorch's).
 
   python experiments/bench_train.py [--variants=gpt2,llama,moe] [--steps=5] [--rounds=2]
@@ -39,7 +39,7 @@ import transformers
 
 from lm import hf, models, objectives, parallel, train
 from lm.config import ModelConfig, TrainConfig
-from lm.models import decoder
+
 
 SHAPE = dict(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, max_len=256)
 LLAMA = dict(SHAPE, mlp_dim=1024, num_kv_heads=2, positions='rope', norm='rmsnorm', mlp='swiglu',
@@ -180,7 +180,7 @@ def main() -> None:
   results = {}
   for variant in variants:
     cfg = VARIANTS[variant]
-    flops_per_token = decoder.train_flops_per_token(cfg, SEQ_LEN)
+    flops_per_token = models.train_flops_per_token(cfg, SEQ_LEN)
     params = sum(p.numel() for p in torch_model(cfg).parameters())
     row = {}
     for framework in RUNNERS:
