@@ -46,7 +46,7 @@ from lm.models.layers import ssm
 
 MAMBA = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=0,
                     max_len=4608, positions='none', norm='rmsnorm', use_bias=False,
-                    layer_pattern='M', state_size=16, d_conv=4, expand=2, scan='chunked',
+                    layer_pattern='M', state_size=16, d_conv=4, expand=2, scan='sequential',
                     scan_chunk=64)
 # Llama-style blocks whose parameters match the Mamba's: attention 2 D (D + 2 Dh) and a
 # SwiGLU of 512 (0.98M a layer against the Mamba layer's 0.96M).

@@ -79,7 +79,7 @@ class ModelConfig:
   dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
   dt_max: float = 0.1
   conv_bias: bool = True  # Mamba: a bias in the convolution
-  scan: str = 'chunked'  # Mamba's selective scan: sequential | parallel | chunked
+  scan: str = 'sequential'  # Mamba's selective scan: sequential | parallel | chunked
   scan_chunk: int = 64  # chunked: steps a chunk (parallel within, sequential across)
 
   @property

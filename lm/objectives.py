@@ -21,15 +21,27 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
                                                          targets_BxT)
 
 
+PACKING = ('segment_ids', 'positions')  # the keys of a causal batch whose rows are packed
+
+
+def _packing(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """A packed batch's segment_ids and positions, as the decoder's keyword arguments."""
+  return {k: batch[k] for k in PACKING if k in batch}
+
+
 def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
              aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true; with `aux_coef`,
-  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`)."""
+  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`).
+  A batch of packed rows also carries `segment_ids` and `positions` [B, T]: no token attends
+  across (or carries a scan state across) two segments, and positions restart in each."""
   del rng  # the decoder has no dropout
+  packing = _packing(batch)
   if aux_coef:
-    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], mutable=['intermediates'])
+    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], mutable=['intermediates'],
+                                   **packing)
   else:
-    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs']), {}
+    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], **packing), {}
   nll_BxT = token_nll(logits_BxTxV, batch['targets'])
   mask_BxT = batch['loss_mask']
   nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
@@ -51,7 +63,8 @@ def clm_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_
   and the NLL and UTF-8 bytes of those that are text (special tokens have 0 bytes), for bits
   per byte."""
   targets_BxT, mask_BxT = batch['targets'], batch['loss_mask']
-  nll_BxT = token_nll(apply_fn({'params': params}, batch['inputs']), targets_BxT)
+  nll_BxT = token_nll(apply_fn({'params': params}, batch['inputs'], **_packing(batch)),
+                      targets_BxT)
   bytes_BxT = token_bytes_V[targets_BxT] * mask_BxT
   return {'nll': jnp.sum(nll_BxT * mask_BxT), 'tokens': jnp.sum(mask_BxT),
           'text_nll': jnp.sum(nll_BxT * (bytes_BxT > 0)), 'bytes': jnp.sum(bytes_BxT)}

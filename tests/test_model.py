@@ -180,7 +180,7 @@ def test_prefill_then_decode_steps_equal_the_full_forward(variant):
   # A window's cache does not grow with the sequence; a global layer's holds max_len.
   period_windows = cfg.layer_windows[:cfg.period] if cfg.scan_layers else cfg.layer_windows
   for layer_cache, window in zip(cache['layers'], period_windows):
-    assert layer_cache['pos'].shape[-1] == (16 if window is None else window)
+    assert layer_cache.pos.shape[-1] == (16 if window is None else window)
 
 
 def test_block_sizes_by_hand():

@@ -299,7 +299,7 @@ def test_mamba_flops_count_its_matmuls():
     (dict(layer_pattern='M', dt_rank=-1), r'model\.dt_rank=-1: the rank of the time step'),
     (dict(layer_pattern='S', dt_min=0.1, dt_max=0.1), r'model\.dt_min=0\.1: .*0 < dt_min < dt_max'),
     (dict(layer_pattern='M', scan='fast'), r"model\.scan='fast': use one of"),
-    (dict(layer_pattern='M', scan_chunk=48), r'model\.scan_chunk=48: the chunked scan splits '
+    (dict(layer_pattern='M', scan='chunked', scan_chunk=48), r'model\.scan_chunk=48: the chunked scan splits '
                                              r'data\.seq_len=128 into chunks: give a divisor'),
     (dict(layer_pattern='MG', positions='none'), r"model\.positions='none': layer_pattern='MG' "
                                                  r'has attention layers'),
@@ -323,3 +323,34 @@ def test_a_key_of_another_family_is_one_line_naming_its_owner():
   c.model.num_segments = 2
   with pytest.raises(ConfigError, match=r'model\.num_segments=2: a key of the encoder family'):
     config_lib.parse(c, vocab_size=259, device_count=1)
+
+
+@pytest.mark.parametrize('pattern,positions', [('MSLG', 'rope'), ('G', 'learned')])
+def test_packed_rows_equal_each_segment_run_alone(pattern, positions):
+  """segment_ids and positions (packed rows): attention, convolution and scan states stay
+  within each segment, so every segment's logits are its logits alone; the causal loss reads
+  them from the batch."""
+  from lm import objectives
+  cfg = tiny(pattern, positions=positions, num_layers=4)
+  params = init(cfg)
+  model = models.build(cfg)
+  lengths = [5, 1, 7, 3]
+  docs = [jax.random.randint(jax.random.PRNGKey(i), (n,), 0, 61) for i, n in enumerate(lengths)]
+  tokens = jnp.concatenate(docs)[None]
+  segment_ids = jnp.concatenate([jnp.full((n,), i) for i, n in enumerate(lengths)])[None]
+  positions_ = jnp.concatenate([jnp.arange(n) for n in lengths])[None]
+  packed = model.apply({'params': params}, tokens, segment_ids=segment_ids, positions=positions_)
+  start = 0
+  for doc in docs:
+    alone = model.apply({'params': params}, doc[None])
+    np.testing.assert_allclose(packed[:, start:start + len(doc)], alone, atol=1e-5, rtol=1e-5)
+    start += len(doc)
+  unpacked = model.apply({'params': params}, tokens)
+  assert not np.allclose(unpacked[:, 5:], packed[:, 5:], atol=1e-3)
+  batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, 1), 'loss_mask': jnp.ones_like(
+      tokens, bool), 'segment_ids': segment_ids, 'positions': positions_}
+  loss, _ = objectives.clm_loss(params, batch, None, apply_fn=model.apply)
+  want = jnp.mean(objectives.token_nll(packed, batch['targets']))
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  grads = jax.grad(lambda p: objectives.clm_loss(p, batch, None, apply_fn=model.apply)[0])(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

@@ -78,8 +78,9 @@ class Block(nn.Module):
   kind: str  # a letter of config.LAYER_KINDS
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
-               start_B: jax.Array | None = None):
+  def __call__(self, x_BxTxD: jax.Array, cache=None, index: jax.Array | int = 0,
+               start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
+               positions_BxT: jax.Array | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     out_std = common.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
     scan = self.kind in 'MS'
@@ -89,9 +90,11 @@ class Block(nn.Module):
       valid_BxT = None
       if start_B is not None:  # left padding never enters the state
         valid_BxT = (index + jnp.arange(x_BxTxD.shape[1]))[None] >= start_B[:, None]
-      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, valid_BxT)
+      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, valid_BxT, segment_ids_BxT)
     else:
-      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, index, start_B)
+      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, index, start_B,
+                                              segment_ids_BxT=segment_ids_BxT,
+                                              positions_BxT=positions_BxT)
     h_BxTxD, cache = mixed if cache is not None else (mixed, None)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
     if not cfg.mlp_dim:
@@ -115,11 +118,12 @@ def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
   return nn.remat(Block, policy=common.REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
-def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B):
+def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B,
+               segment_ids_BxT=None, positions_BxT=None):
   """The blocks in order; with caches (one per block), also their updated caches."""
   if caches is None:
     for block in blocks:
-      x_BxTxD = block(x_BxTxD)
+      x_BxTxD = block(x_BxTxD, None, 0, None, segment_ids_BxT, positions_BxT)
     return x_BxTxD, None
   new_caches = []
   for block, cache in zip(blocks, caches):
@@ -135,24 +139,29 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
-               start_B: jax.Array | None):
+               start_B: jax.Array | None, segment_ids_BxT: jax.Array | None,
+               positions_BxT: jax.Array | None):
     cls = block_class(self.cfg, decoding=caches is not None)
     blocks = [cls(self.cfg, kind, name=f'block_{j}')
               for j, kind in enumerate(self.cfg.layer_kinds[:self.cfg.period])]
-    x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
+    x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids_BxT,
+                                 positions_BxT)
     return x_BxTxD, (None if caches is None else tuple(caches))
 
 
 class Decoder(nn.Module):
   """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache,
   whose rows may be left-padded (cache['start']: the column each row's tokens begin at).
+  Packed training rows pass `segment_ids` and `positions` [B, T]: a token attends to (and a
+  scan layer carries its state within) its own segment only, at its position in it.
   Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
   scan_layers, `layers/block_j` stacked over the L / P repeats of the pattern), final_norm,
   head (untied)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, cache: dict | None = None):
+  def __call__(self, tokens_BxT: jax.Array, cache: dict | None = None,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     index = 0 if cache is None else cache['index']
     start_B = None if cache is None else cache['start']
@@ -163,21 +172,25 @@ class Decoder(nn.Module):
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, name='pos_embed',
                            embedding_init=common.normal((None, 'embed'), 0.01))
       columns_T = index + jnp.arange(tokens_BxT.shape[1])
-      positions = (columns_T[None] if start_B is None
-                   else jnp.maximum(columns_T - start_B[:, None], 0))  # padding: any position
+      if positions is None:
+        positions = (columns_T[None] if start_B is None
+                     else jnp.maximum(columns_T - start_B[:, None], 0))  # padding: any position
       x_BxTxD = x_BxTxD + pos_embed(positions)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
     caches = None if cache is None else cache['layers']
     if cfg.scan_layers:
       stack = nn.scan(Period, variable_axes={'params': 0, 'intermediates': 0},
-                      split_rngs={'params': True}, in_axes=(0, nn.broadcast, nn.broadcast),
+                      split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.num_layers // cfg.period,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B)
+      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B, segment_ids,
+                                                  positions)
     else:
       cls = block_class(cfg, decoding=cache is not None)
       blocks = [cls(cfg, kind, name=f'block_{i}') for i, kind in enumerate(cfg.layer_kinds)]
-      x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B)
+      x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids,
+                                   positions)
     x_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
@@ -237,45 +250,20 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
           'layers': caches}
 
 
-def select_rows(cfg: ModelConfig, cache: dict, rows_N: jax.Array) -> dict:
+def select_rows(cache: dict, rows_N: jax.Array) -> dict:
   """The cache of rows rows_N of the batch (beam search gives each prompt's beams a copy of its
-  row, then reorders them with reorder_beams, which moves no rows)."""
-  def take(x):  # a block [B * K, S, Dh], scanned [repeats, B * K, S, Dh]: rows_N of B
-    lead, (slots, head_dim) = x.shape[:-3], x.shape[-2:]
-    x_BxKxSxDh = x.reshape(*lead, cache['start'].shape[0], -1, slots, head_dim)
-    return jnp.take(x_BxKxSxDh, rows_N, axis=len(lead)).reshape(*lead, -1, slots, head_dim)
-  take_kv = lambda c: {**c, 'k': tuple(map(take, c['k'])), 'v': tuple(map(take, c['v']))}
-  axis = 1 if cfg.scan_layers else 0  # a scan layer's state: rows on its batch axis
-  take_state = lambda c: jax.tree.map(lambda x: jnp.take(x, rows_N, axis=axis), c)
+  row, then reorders them with reorder_beams, which moves no key or value)."""
+  batch = cache['start'].shape[0]
   return {**cache, 'start': cache['start'][rows_N],
-          'layers': type(cache['layers'])(take_state(c) if kind in 'MS' else take_kv(c)
-                                          for kind, c in zip(cfg.layer_kinds, cache['layers']))}
+          'layers': type(cache['layers'])(c.take_rows(rows_N, batch) for c in cache['layers'])}
 
 
-def reorder_beams(cfg: ModelConfig, cache: dict, parent_PxR: jax.Array) -> dict:
+def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
   """The cache once beam j of prompt p continues beam parent_PxR[p, j] (the B = P * R rows of
-  the cache being P prompts' R beams): no key or value moves. Each layer keeps a table
-  `beam_row` [P, R, S] of the row of its prompt that holds each beam's slot s (read by
-  kv_cache.attention_over_blocks); the beams take their parents' tables, and the slot the next
-  decode step writes is each beam's own row. Without a table yet, each beam's slots start in
-  its own row (the rows of a prompt then hold the same keys, as select_rows leaves them).
-  A scan layer's state is small: its rows are gathered from the parents'."""
-  prompts, beams = parent_PxR.shape
-  own_PxR = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (prompts, beams))
-
-  def layer(c):
-    lead, slots = c['pos'].shape[:-1], c['pos'].shape[-1]  # lead: scanned layers' repeats
-    shape = (*lead, prompts, beams, slots)
-    rows = c['beam_row'] if 'beam_row' in c else jnp.broadcast_to(own_PxR[..., None], shape)
-    rows = jnp.take_along_axis(rows, jnp.broadcast_to(parent_PxR[..., None], shape), axis=-2)
-    rows = rows.at[..., cache['index'] % slots].set(jnp.broadcast_to(own_PxR, shape[:-1]))
-    return {**c, 'beam_row': rows}
-  parent_rows = (jnp.arange(prompts)[:, None] * beams + parent_PxR).reshape(-1)
-  axis = 1 if cfg.scan_layers else 0
-  state = lambda c: jax.tree.map(lambda x: jnp.take(x, parent_rows, axis=axis), c)
-  return {**cache, 'layers': type(cache['layers'])(
-      state(c) if kind in 'MS' else layer(c)
-      for kind, c in zip(cfg.layer_kinds, cache['layers']))}
+  the cache being P prompts' R beams): each layer's state reorders itself (KVCache.reorder
+  by a table of rows, moving no key or value; ScanState.reorder by taking its parents' rows)."""
+  return {**cache, 'layers': type(cache['layers'])(c.reorder(parent_PxR, cache['index'])
+                                                   for c in cache['layers'])}
 
 
 def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
@@ -334,8 +322,8 @@ def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
 class Decoding:
   """The decoding interface of the decoder family (lm.models.decoding). The state is a dict:
   'index' (the next column), 'start' (each row's first column, after its left padding) and
-  'layers', one state a layer: a KV cache (attention, kv_cache.init_kv_cache) or a scan
-  layer's conv window and SSM state (ssm.init_state)."""
+  'layers', one typed state a layer: a kv_cache.KVCache (attention) or an ssm.ScanState (a scan
+  layer's conv window and SSM state)."""
   cfg: ModelConfig
 
   @property
@@ -367,12 +355,12 @@ class Decoding:
     """The state of B rows as B * beams rows (row b * beams + j: beam j of row b), ready for
     `reorder`."""
     batch = state['start'].shape[0]
-    state = select_rows(self.cfg, state, jnp.repeat(jnp.arange(batch), beams))
-    return reorder_beams(self.cfg, state, jnp.broadcast_to(jnp.arange(beams), (batch, beams)))
+    state = select_rows(state, jnp.repeat(jnp.arange(batch), beams))
+    return reorder_beams(state, jnp.broadcast_to(jnp.arange(beams), (batch, beams)))
 
   def reorder(self, state: dict, parent_PxR: jax.Array) -> dict:
     """Beam j of prompt p continues beam parent_PxR[p, j] (reorder_beams)."""
-    return reorder_beams(self.cfg, state, parent_PxR)
+    return reorder_beams(state, parent_PxR)
 
 
 def matmul_params(cfg: ModelConfig) -> int:

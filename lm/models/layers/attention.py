@@ -9,12 +9,13 @@ import jax.numpy as jnp
 
 from lm.models.layers.common import (DenseParams, INIT_STD, fused_projection, normal, rope,
                                      visible, zeros)
-from lm.models.layers.kv_cache import cached_attention, write_kv_cache
+from lm.models.layers.kv_cache import KVCache, cached_attention, write_kv_cache
 
 
 def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
               causal: bool = True, window: int | None = None,
-              key_valid_BxS: jax.Array | None = None, block: int = 128) -> jax.Array:
+              key_valid_BxS: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
+              block: int = 128) -> jax.Array:
   """Softmax(q k^T / sqrt(Dh)) v over query blocks of `block` rows; causal (query t sees keys
   s <= t) or bidirectional (every key).
 
@@ -22,7 +23,9 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
   K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` (causal
   only) a query at t sees keys t - window + 1 .. t only. A causal query block [i, i + block)
   scores only the keys it can see, [i - window + 1, i + block): key blocks wholly outside are
-  skipped, not masked. `key_valid_BxS` False marks padding keys, which no query sees.
+  skipped, not masked. `key_valid_BxS` False marks padding keys, which no query sees. With
+  `segment_ids_BxT` (self-attention over packed rows, S = T) a query sees only the keys of its
+  own segment.
   """
   batch, length, heads, head_dim = q_BxTxHxDh.shape
   kv_heads = k_BxSxKxDh.shape[2]
@@ -41,6 +44,10 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
     if key_valid_BxS is not None:
       valid_Bx1x1x1xS = key_valid_BxS[:, None, None, None, lo:hi]
       mask = valid_Bx1x1x1xS if mask is None else mask & valid_Bx1x1x1xS
+    if segment_ids_BxT is not None:
+      same_Bx1x1xQxS = (segment_ids_BxT[:, None, None, start:end, None]
+                        == segment_ids_BxT[:, None, None, None, lo:hi])
+      mask = same_Bx1x1xQxS if mask is None else mask & same_Bx1x1xQxS
     if mask is not None:
       logits_BxKxGxQxS = jnp.where(mask, logits_BxKxGxQxS, jnp.finfo(jnp.float32).min)
     att_BxKxGxQxS = jax.nn.softmax(logits_BxKxGxQxS, axis=-1).astype(v_BxSxKxDh.dtype)
@@ -64,14 +71,16 @@ class Attention(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: dict | None = None, index: jax.Array | int = 0,
-               start_B: jax.Array | None = None, key_valid_BxT: jax.Array | None = None
-               ) -> jax.Array | tuple[jax.Array, dict]:
+  def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None,
+               index: jax.Array | int = 0, start_B: jax.Array | None = None,
+               key_valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
+               positions_BxT: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a
     `cache` from `init_kv_cache`): the T new columns start at column `index` of the rows;
     T > 1 is a prefill into an empty cache, T = 1 a decode step. Row b is left-padded up to
     column start_B[b]: its positions count from there and its padding is never attended.
-    Returns (y_BxTxD, cache)."""
+    Returns (y_BxTxD, cache). Packed rows (training): `segment_ids_BxT` keep attention within
+    each segment and `positions_BxT` give RoPE each token's position in its segment."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     h, k = self.num_heads, self.num_kv_heads
@@ -83,6 +92,8 @@ class Attention(nn.Module):
     columns_T = index + jnp.arange(length)
     if self.rope_theta:
       positions = columns_T if start_B is None else columns_T - start_B[:, None]
+      if positions_BxT is not None:
+        positions = positions_BxT
       q_BxTxHxDh = rope(q_BxTxHxDh, positions, self.rope_theta)
       k_BxTxKxDh = rope(k_BxTxKxDh, positions, self.rope_theta)
     if cache is not None and length == 1:
@@ -92,7 +103,8 @@ class Attention(nn.Module):
       if start_B is not None:  # left padding
         key_valid_BxT = columns_T[None] >= start_B[:, None]
       out_BxTxHxDh = attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, causal=self.causal,
-                               window=self.window, key_valid_BxS=key_valid_BxT)
+                               window=self.window, key_valid_BxS=key_valid_BxT,
+                               segment_ids_BxT=segment_ids_BxT)
       if cache is not None:
         cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
     y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -30,8 +31,8 @@ def _combine(left, right):
   return a1 * a2, a2 * b1 + b2
 
 
-def _parallel(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN):
-  dA_BxTxIxN = jnp.exp(dt_BxTxI[..., None] * A_IxN)
+def _parallel(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT):
+  dA_BxTxIxN = jnp.exp(dt_BxTxI[..., None] * A_IxN) * keep_BxT[..., None, None]
   dBu_BxTxIxN = (dt_BxTxI * u_BxTxI)[..., None] * B_BxTxN[:, :, None, :]
   dBu_BxTxIxN = dBu_BxTxIxN.at[:, 0].add(dA_BxTxIxN[:, 0] * h_BxIxN)
   _, h_BxTxIxN = jax.lax.associative_scan(_combine, (dA_BxTxIxN, dBu_BxTxIxN), axis=1)
@@ -39,46 +40,104 @@ def _parallel(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN):
   return y_BxTxI, h_BxTxIxN[:, -1]
 
 
-def _sequential(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN):
+def _time_major(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _sequential_states(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT,
+                       save: bool):
+  """The recurrence step by step, the discretisation fused into each step: y, the final state
+  and, if `save`, each step's state before its update, h_{t-1} ([T, B, I, N], for the
+  backward pass)."""
   def step(h_BxIxN, inputs):
-    u_BxI, dt_BxI, B_BxN, C_BxN = inputs
-    h_BxIxN = (jnp.exp(dt_BxI[..., None] * A_IxN) * h_BxIxN
+    u_BxI, dt_BxI, B_BxN, C_BxN, keep_B = inputs
+    before_BxIxN = h_BxIxN
+    h_BxIxN = (jnp.exp(dt_BxI[..., None] * A_IxN) * keep_B[:, None, None] * h_BxIxN
                + (dt_BxI * u_BxI)[..., None] * B_BxN[:, None, :])
-    return h_BxIxN, jnp.einsum('bin,bn->bi', h_BxIxN, C_BxN)
-  time_major = lambda x: jnp.swapaxes(x, 0, 1)
-  h_BxIxN, y_TxBxI = jax.lax.scan(step, h_BxIxN, tuple(map(time_major, (
-      u_BxTxI, dt_BxTxI, B_BxTxN, C_BxTxN))))
-  return time_major(y_TxBxI), h_BxIxN
+    y_BxI = jnp.sum(h_BxIxN * C_BxN[:, None, :], -1)
+    return h_BxIxN, ((y_BxI, before_BxIxN) if save else (y_BxI,))
+  h_BxIxN, outputs = jax.lax.scan(step, h_BxIxN, tuple(map(_time_major, (
+      u_BxTxI, dt_BxTxI, B_BxTxN, C_BxTxN, keep_BxT))))
+  return (_time_major(outputs[0]), h_BxIxN, *outputs[1:])
 
 
-def _chunked(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, chunk: int):
+@jax.custom_vjp
+def _sequential(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT):
+  return _sequential_states(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT,
+                            False)
+
+
+def _sequential_fwd(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT):
+  y_BxTxI, h_BxIxN, before_TxBxIxN = _sequential_states(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN,
+                                                        C_BxTxN, h_BxIxN, keep_BxT, True)
+  return (y_BxTxI, h_BxIxN), (u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, keep_BxT,
+                              before_TxBxIxN)
+
+
+def _sequential_bwd(residuals, grads):
+  """The backward pass as one reverse scan over the saved states: g_t = dL/dh_t flows back
+  through exp(dt_{t+1} A); each step's gradients of u, dt, B and C, and A's summed. (jax's
+  derivative of the scan stores exp(dt A) as well and runs about 1.5 times slower on CPU.)"""
+  u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, keep_BxT, before_TxBxIxN = residuals
+  dy_BxTxI, dh_BxIxN = grads
+
+  def step(carry, inputs):
+    g_BxIxN, dA_IxN = carry  # g: exp(dt_{t+1} A) dL/dh_{t+1}, the gradient reaching h_t
+    u_BxI, dt_BxI, B_BxN, C_BxN, keep_B, dy_BxI, before_BxIxN = inputs
+    a_BxIxN = jnp.exp(dt_BxI[..., None] * A_IxN) * keep_B[:, None, None]
+    bu_BxIxN = u_BxI[..., None] * B_BxN[:, None, :]
+    h_BxIxN = a_BxIxN * before_BxIxN + dt_BxI[..., None] * bu_BxIxN
+    g_BxIxN = g_BxIxN + dy_BxI[..., None] * C_BxN[:, None, :]
+    gah_BxIxN = g_BxIxN * a_BxIxN * before_BxIxN
+    ddt_BxI = jnp.sum(gah_BxIxN * A_IxN + g_BxIxN * bu_BxIxN, -1)
+    du_BxI = jnp.sum(g_BxIxN * B_BxN[:, None, :], -1) * dt_BxI
+    dB_BxN = jnp.sum(g_BxIxN * (dt_BxI * u_BxI)[..., None], 1)
+    dC_BxN = jnp.sum(h_BxIxN * dy_BxI[..., None], 1)
+    dA_IxN = dA_IxN + jnp.sum(gah_BxIxN * dt_BxI[..., None], 0)
+    return (g_BxIxN * a_BxIxN, dA_IxN), (du_BxI, ddt_BxI, dB_BxN, dC_BxN)
+  inputs = tuple(map(_time_major, (u_BxTxI, dt_BxTxI, B_BxTxN, C_BxTxN, keep_BxT,
+                                   dy_BxTxI))) + (before_TxBxIxN,)
+  (dh0_BxIxN, dA_IxN), grads_T = jax.lax.scan(step, (dh_BxIxN, jnp.zeros_like(A_IxN)), inputs,
+                                              reverse=True)
+  du, ddt, dB, dC = map(_time_major, grads_T)
+  return du, ddt, dA_IxN, dB, dC, dh0_BxIxN, jnp.zeros_like(keep_BxT)
+
+
+_sequential.defvjp(_sequential_fwd, _sequential_bwd)
+
+
+def _chunked(u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, h_BxIxN, keep_BxT, chunk: int):
   batch, length = u_BxTxI.shape[:2]
   chunks = length // chunk
   split = lambda x: jnp.swapaxes(x.reshape(batch, chunks, chunk, *x.shape[2:]), 0, 1)
 
   @jax.checkpoint  # the backward pass recomputes a chunk's [B, c, I, N] instead of storing it
   def step(h_BxIxN, inputs):
-    y_BxCxI, h_BxIxN = _parallel(*inputs[:2], A_IxN, *inputs[2:], h_BxIxN)
+    u, dt, B, C, keep = inputs
+    y_BxCxI, h_BxIxN = _parallel(u, dt, A_IxN, B, C, h_BxIxN, keep)
     return h_BxIxN, y_BxCxI
   h_BxIxN, y_KxBxCxI = jax.lax.scan(step, h_BxIxN, tuple(map(split, (
-      u_BxTxI, dt_BxTxI, B_BxTxN, C_BxTxN))))
+      u_BxTxI, dt_BxTxI, B_BxTxN, C_BxTxN, keep_BxT))))
   return jnp.swapaxes(y_KxBxCxI, 0, 1).reshape(u_BxTxI.shape), h_BxIxN
 
 
 def selective_scan(u_BxTxI: jax.Array, dt_BxTxI: jax.Array, A_IxN: jax.Array,
                    B_BxTxN: jax.Array, C_BxTxN: jax.Array, h_BxIxN: jax.Array | None = None, *,
-                   scan: str = 'chunked', chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+                   scan: str = 'chunked', chunk: int = 64,
+                   keep_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """y_BxTxI and the final state h_BxIxN of h_t = exp(dt_t A) h_{t-1} + (dt_t u_t) B_t,
   y_t = h_t C_t (channel i of u, dt and h; B_t and C_t shared by the channels), from h_0
-  (zeros if None). In float32. `chunked` pads a length that `chunk` does not divide with steps
-  of dt = 0, which leave the state as it is."""
+  (zeros if None). In float32. Where `keep_BxT` is False (a packed segment's first token) the
+  state restarts: h_{t-1} is taken as 0. `chunked` pads a length that `chunk` does not divide
+  with steps of dt = 0, which leave the state as it is."""
   f32 = lambda x: x.astype(jnp.float32)
   u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN = map(f32, (u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN,
                                                       C_BxTxN))
   batch, length, inner = u_BxTxI.shape
   if h_BxIxN is None:
     h_BxIxN = jnp.zeros((batch, inner, A_IxN.shape[1]), jnp.float32)
-  args = (u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, f32(h_BxIxN))
+  keep_BxT = jnp.ones((batch, length), jnp.float32) if keep_BxT is None else f32(keep_BxT)
+  args = (u_BxTxI, dt_BxTxI, A_IxN, B_BxTxN, C_BxTxN, f32(h_BxIxN), keep_BxT)
   if scan == 'sequential' or length == 1:
     return _sequential(*args)
   if scan == 'parallel':
@@ -88,24 +147,63 @@ def selective_scan(u_BxTxI: jax.Array, dt_BxTxI: jax.Array, A_IxN: jax.Array,
   chunk = min(chunk, length)
   pad = -length % chunk
   if pad:
-    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-    args = (*map(widen, args[:2]), A_IxN, *map(widen, args[3:5]), args[5])
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2),
+                              constant_values=1 if x.ndim == 2 else 0)
+    args = (*map(widen, args[:2]), A_IxN, *map(widen, args[3:5]), args[5], widen(args[6]))
   y_BxTxI, h_BxIxN = _chunked(*args, chunk=chunk)
   return y_BxTxI[:, :length], h_BxIxN
 
 
+# --- decoding states -------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class ScanState:
+  """A scan layer's decoding state, the same size at any position: `ssm` [B, C, N] and, for
+  Mamba, `conv` [B, d_conv - 1, I] (the convolution's last inputs; None for S4D). Scanned
+  layers stack both on a leading axis."""
+  ssm: jax.Array
+  conv: jax.Array | None = None
+
+  def take_rows(self, rows_N: jax.Array, batch: int) -> ScanState:
+    del batch  # every array is [..., B, x, y]
+    return jax.tree.map(lambda x: jnp.take(x, rows_N, axis=x.ndim - 3), self)
+
+  def reorder(self, parent_PxR: jax.Array, index: jax.Array) -> ScanState:
+    """Beam j of prompt p continues beam parent_PxR[p, j]: its row takes the parent's state."""
+    del index
+    prompts, beams = parent_PxR.shape
+    return self.take_rows((jnp.arange(prompts)[:, None] * beams + parent_PxR).reshape(-1),
+                          prompts * beams)
+
+
+def init_state(kind: str, batch: int, d_model: int, inner: int, state_size: int,
+               d_conv: int, dtype=jnp.float32) -> ScanState:
+  """The empty decoding state of a scan layer: `M` (Mamba) the conv window and the SSM state,
+  `S` (S4D) the SSM state."""
+  if kind == 'M':
+    return ScanState(jnp.zeros((batch, inner, state_size), jnp.float32),
+                     jnp.zeros((batch, d_conv - 1, inner), dtype))
+  return ScanState(jnp.zeros((batch, d_model, state_size), jnp.float32))
+
+
 # --- the causal depthwise convolution -------------------------------------------------------
 
-def causal_conv(x_BxTxI: jax.Array, kernel_KxI: jax.Array, window_BxWxI: jax.Array | None = None):
+def causal_conv(x_BxTxI: jax.Array, kernel_KxI: jax.Array, window_BxWxI: jax.Array | None = None,
+                segment_ids_BxT: jax.Array | None = None):
   """y_t = sum_k kernel[k] * x_{t - (K - 1) + k}, per channel, the inputs before t = 0 taken
-  from window_BxWxI (the last W = K - 1 inputs before this call; zeros if None). Returns y and
-  the new window."""
+  from window_BxWxI (the last W = K - 1 inputs before this call; zeros if None); with
+  `segment_ids_BxT`, only the inputs of t's own segment. Returns y and the new window."""
   taps = kernel_KxI.shape[0]
   batch, length, inner = x_BxTxI.shape
   if window_BxWxI is None:
     window_BxWxI = jnp.zeros((batch, taps - 1, inner), x_BxTxI.dtype)
   full_BxWTxI = jnp.concatenate([window_BxWxI.astype(x_BxTxI.dtype), x_BxTxI], axis=1)
-  y_BxTxI = sum(full_BxWTxI[:, k:k + length] * kernel_KxI[k] for k in range(taps))
+  tap = lambda k: full_BxWTxI[:, k:k + length]
+  if segment_ids_BxT is not None:  # (the window before t = 0 is zeros: any segment will do)
+    ids_BxWT = jnp.pad(segment_ids_BxT, ((0, 0), (taps - 1, 0)), constant_values=-1)
+    same = lambda k: (ids_BxWT[:, k:k + length] == segment_ids_BxT)[..., None]
+    tap = lambda k, tap=tap: jnp.where(same(k), tap(k), 0)
+  y_BxTxI = sum(tap(k) * kernel_KxI[k] for k in range(taps))
   return y_BxTxI, full_BxWTxI[:, full_BxWTxI.shape[1] - (taps - 1):]
 
 
@@ -130,6 +228,15 @@ def s4d_real_log_a(key, shape, dtype=jnp.float32):
   return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=dtype)), shape)
 
 
+def segment_starts(segment_ids_BxT: jax.Array | None) -> jax.Array | None:
+  """False at each token whose segment differs from the token before it (a packed row's
+  segments), where a scan's state restarts; None without segments."""
+  if segment_ids_BxT is None:
+    return None
+  return jnp.pad(segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1], ((0, 0), (1, 0)),
+                 constant_values=True)
+
+
 def mask_padding(x_BxTxC: jax.Array, valid_BxT: jax.Array | None) -> jax.Array:
   return x_BxTxC if valid_BxT is None else jnp.where(valid_BxT[..., None], x_BxTxC, 0)
 
@@ -142,9 +249,10 @@ class MambaMixer(nn.Module):
   I -> D. Initialised as Mamba: A_log = log(1..N), D = 1, the dt bias the inverse softplus of
   a log-uniform dt in [dt_min, dt_max], dt_proj's kernel uniform in +-R^-0.5.
 
-  Training: x_BxTxD -> y_BxTxD. Decoding, with `state` {'conv': [B, d_conv - 1, I],
-  'ssm': [B, I, N]}: also the state after these T tokens. `valid_BxT` False marks left
-  padding, which never enters the state."""
+  Training: x_BxTxD -> y_BxTxD. Decoding, with a ScanState (conv [B, d_conv - 1, I], ssm
+  [B, I, N]): also the state after these T tokens. `valid_BxT` False marks left
+  padding, which never enters the state; `segment_ids_BxT` (packed rows) restart the state
+  and the convolution at each segment."""
   inner: int
   state_size: int
   d_conv: int
@@ -159,8 +267,8 @@ class MambaMixer(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, state: dict | None = None,
-               valid_BxT: jax.Array | None = None):
+  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None,
+               valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None):
     d_model, inner, n, rank = x_BxTxD.shape[-1], self.inner, self.state_size, self.dt_rank
     dense = lambda features, axes, name, **kw: nn.Dense(
         features, dtype=self.dtype, name=name, kernel_init=kw.pop('init', normal(axes)),
@@ -172,7 +280,7 @@ class MambaMixer(nn.Module):
     kernel_KxI = self.param('conv_kernel', nn.with_logical_partitioning(
         _uniform(bound), ('conv', 'inner')), (self.d_conv, inner))
     u_BxTxI, window = causal_conv(u_BxTxI, kernel_KxI.astype(self.dtype),
-                                  None if state is None else state['conv'])
+                                  None if state is None else state.conv, segment_ids_BxT)
     if self.conv_bias:
       u_BxTxI = u_BxTxI + self.param('conv_bias', zeros(('inner',)), (inner,)).astype(self.dtype)
     u_BxTxI = mask_padding(nn.silu(u_BxTxI), valid_BxT)
@@ -190,11 +298,12 @@ class MambaMixer(nn.Module):
     D = self.param('D', no_decay(nn.initializers.ones_init(), ('inner',)), (inner,))
     y_BxTxI, h_BxIxN = selective_scan(
         u_BxTxI, dt_BxTxI, -jnp.exp(A_log), B_BxTxN, C_BxTxN,
-        None if state is None else state['ssm'], scan=self.scan, chunk=self.chunk)
+        None if state is None else state.ssm, scan=self.scan, chunk=self.chunk,
+        keep_BxT=segment_starts(segment_ids_BxT))
     y_BxTxI = (y_BxTxI + u_BxTxI.astype(jnp.float32) * D) * nn.silu(z_BxTxI.astype(jnp.float32))
     y_BxTxD = dense(d_model, ('inner', 'embed'), 'out_proj', use_bias=self.use_bias,
                     init=normal(('inner', 'embed'), self.out_std))(y_BxTxI.astype(self.dtype))
-    return y_BxTxD if state is None else (y_BxTxD, {'conv': window, 'ssm': h_BxIxN})
+    return y_BxTxD if state is None else (y_BxTxD, ScanState(h_BxIxN, window))
 
 
 def _uniform(bound: float):
@@ -225,7 +334,7 @@ class S4DMixer(nn.Module):
   Bbar = (Abar - 1) / A * B, with a learned time step per channel (log-uniform in
   [dt_min, dt_max] at init); y = K * u + D u with the kernel K of `s4d_kernel` (FFT), then
   GELU and an output projection D -> D. Decoding runs the same system as a recurrence from
-  `state` {'ssm': [B, D, N]}; `valid_BxT` False marks left padding, which never enters it."""
+  a ScanState (ssm [B, D, N]); `valid_BxT` False marks left padding, which never enters it."""
   state_size: int
   dt_min: float = 0.001
   dt_max: float = 0.1
@@ -234,8 +343,8 @@ class S4DMixer(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, state: dict | None = None,
-               valid_BxT: jax.Array | None = None):
+  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None,
+               valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None):
     channels, n = x_BxTxD.shape[-1], self.state_size
     log_dt = self.param('log_dt', no_decay(
         lambda key, shape: jnp.log(log_uniform_dt(self.dt_min, self.dt_max)(key, shape)),
@@ -247,12 +356,15 @@ class S4DMixer(nn.Module):
     D = self.param('D', no_decay(nn.initializers.ones_init(), ('embed',)), (channels,))
     u_BxTxC = mask_padding(x_BxTxD.astype(jnp.float32), valid_BxT)
     dt_C, A_CxN = jnp.exp(log_dt), -jnp.exp(A_log)
-    if state is None:
+    if state is None and segment_ids_BxT is None:
       y_BxTxC = fft_causal_conv(u_BxTxC, s4d_kernel(dt_C, A_CxN, B, C, u_BxTxC.shape[1]))
-    else:  # the recurrence: the same system, step by step
+    else:  # the recurrence: the same system, step by step (restarting at each segment)
       Bbar_CxN = jnp.expm1(dt_C[:, None] * A_CxN) / A_CxN * B
-      y_BxTxC, h_BxCxN = _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C, state['ssm'])
-      state = {'ssm': h_BxCxN}
+      h_BxCxN = (jnp.zeros((u_BxTxC.shape[0], channels, n), jnp.float32) if state is None
+                 else state.ssm)
+      y_BxTxC, h_BxCxN = _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C, h_BxCxN,
+                                         segment_starts(segment_ids_BxT))
+      state = None if state is None else ScanState(h_BxCxN)
     y_BxTxC = jax.nn.gelu(y_BxTxC + u_BxTxC * D)
     y_BxTxD = nn.Dense(channels, dtype=self.dtype, use_bias=self.use_bias, name='out_proj',
                        kernel_init=normal(('inner', 'embed'), self.out_std),
@@ -260,25 +372,20 @@ class S4DMixer(nn.Module):
     return y_BxTxD if state is None else (y_BxTxD, state)
 
 
-def _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C_CxN, h_BxCxN):
-  """The S4D recurrence h_t = exp(dt A) h_{t-1} + Bbar u_t, y_t = C . h_t, step by step."""
+def _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C_CxN, h_BxCxN, keep_BxT=None):
+  """The S4D recurrence h_t = exp(dt A) h_{t-1} + Bbar u_t, y_t = C . h_t, step by step
+  (h_{t-1} taken as 0 where keep_BxT is False)."""
   dA_CxN = jnp.exp(dt_C[:, None] * A_CxN)
+  if keep_BxT is None:
+    keep_BxT = jnp.ones(u_BxTxC.shape[:2], bool)
 
-  def step(h_BxCxN, u_BxC):
-    h_BxCxN = dA_CxN * h_BxCxN + u_BxC[..., None] * Bbar_CxN
+  def step(h_BxCxN, inputs):
+    u_BxC, keep_B = inputs
+    h_BxCxN = dA_CxN * jnp.where(keep_B[:, None, None], h_BxCxN, 0) + u_BxC[..., None] * Bbar_CxN
     return h_BxCxN, jnp.einsum('bcn,cn->bc', h_BxCxN, C_CxN)
-  h_BxCxN, y_TxBxC = jax.lax.scan(step, h_BxCxN.astype(jnp.float32), jnp.swapaxes(u_BxTxC, 0, 1))
+  h_BxCxN, y_TxBxC = jax.lax.scan(step, h_BxCxN.astype(jnp.float32),
+                                  (jnp.swapaxes(u_BxTxC, 0, 1), jnp.swapaxes(keep_BxT, 0, 1)))
   return jnp.swapaxes(y_TxBxC, 0, 1), h_BxCxN
-
-
-def init_state(kind: str, batch: int, d_model: int, inner: int, state_size: int,
-               d_conv: int, dtype=jnp.float32) -> dict:
-  """The empty decoding state of a scan layer: `M` (Mamba) the conv window and the SSM state,
-  `S` (S4D) the SSM state."""
-  if kind == 'M':
-    return {'conv': jnp.zeros((batch, d_conv - 1, inner), dtype),
-            'ssm': jnp.zeros((batch, inner, state_size), jnp.float32)}
-  return {'ssm': jnp.zeros((batch, d_model, state_size), jnp.float32)}
 
 
 def mamba_flops_per_token(d_model: int, inner: int, state_size: int, d_conv: int,
