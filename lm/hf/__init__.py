@@ -79,7 +79,7 @@ def architecture_of(cfg: ModelConfig) -> str:
                       'architectures have one kind of layer, with one window, in every layer; '
                       'use a pattern of one letter')
   for module in MODULES:
-    model_type = module.fits(cfg)
+    model_type = module.FAMILY == cfg.family and module.fits(cfg)
     if model_type:
       return model_type
   fields = ', '.join(f'{k}={getattr(cfg, k)!r}' for k in (

@@ -8,13 +8,14 @@ from lm.hf.convert import Rule, copies, flat, linear, same
 MODEL_TYPES = {'bert': 'BertForPreTraining'}
 REQUIRES = ('BERT is an encoder: learned positions, layernorm, gelu_exact (or gelu), biases, '
             'post_norm=True, multi-head')
+FAMILY = 'encoder'  # the lm family whose models this architecture maps
 IGNORED = (r'^bert\.embeddings\.position_ids$',)  # a buffer of older checkpoints
 ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
 
 
 def fits(cfg: ModelConfig) -> str | None:
-  ok = (cfg.family, cfg.positions, cfg.norm, cfg.use_bias, cfg.post_norm) == (
-      'encoder', 'learned', 'layernorm', True, True)
+  ok = (cfg.positions, cfg.norm, cfg.use_bias, cfg.post_norm) == (
+      'learned', 'layernorm', True, True)
   return 'bert' if ok and cfg.mlp != 'swiglu' and cfg.kv_heads == cfg.num_heads else None
 
 

@@ -7,13 +7,14 @@ from lm.hf.convert import Rule, concat, conv1d, flat, linear, same
 
 MODEL_TYPES = {'gpt2': 'GPT2LMHeadModel'}
 REQUIRES = 'GPT-2 is learned positions, layernorm, gelu, biases, multi-head, no window'
+FAMILY = 'decoder'  # the lm family whose models this architecture maps
 IGNORED = (r'\.attn\.(masked_)?bias$',)  # causal-mask buffers of older checkpoints
 
 
 def fits(cfg: ModelConfig) -> str | None:
-  ok = (cfg.family, cfg.layer_kinds.replace('L', 'G'), cfg.positions, cfg.norm, cfg.mlp,
-        cfg.use_bias, cfg.window, cfg.num_experts) == (
-      'decoder', 'G' * cfg.num_layers, 'learned', 'layernorm', 'gelu', True, None, 0)
+  ok = (cfg.layer_kinds.replace('L', 'G'), cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias,
+        cfg.window, cfg.num_experts) == (
+      'G' * cfg.num_layers, 'learned', 'layernorm', 'gelu', True, None, 0)
   return 'gpt2' if ok and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim else None
 
 

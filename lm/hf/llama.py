@@ -11,12 +11,13 @@ MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                'mixtral': 'MixtralForCausalLM'}
 REQUIRES = ('Llama and Mistral are rope, rmsnorm, swiglu (Mixtral: with experts and no '
             'biases), one window in every layer')
+FAMILY = 'decoder'  # the lm family whose models this architecture maps
 IGNORED = ()
 
 
 def fits(cfg: ModelConfig) -> str | None:
   kinds = set(cfg.layer_kinds)
-  if cfg.family != 'decoder' or not cfg.mlp_dim or not kinds <= set('GL') or len(kinds) > 1:
+  if not cfg.mlp_dim or not kinds <= set('GL') or len(kinds) > 1:
     return None
   if (cfg.positions, cfg.norm, cfg.mlp) != ('rope', 'rmsnorm', 'swiglu') or (
       cfg.num_experts and cfg.use_bias):

@@ -8,11 +8,12 @@ from lm.hf.convert import Rule, depthwise_conv, linear, same
 
 MODEL_TYPES = {'mamba': 'MambaForCausalLM'}
 REQUIRES = 'Mamba is layer_pattern M with mlp_dim=0, positions none, rmsnorm'
+FAMILY = 'decoder'  # the lm family whose models this architecture maps
 IGNORED = ()
 
 def fits(cfg: ModelConfig) -> str | None:
-  ok = (cfg.family, set(cfg.layer_kinds), cfg.mlp_dim, cfg.positions, cfg.norm) == (
-      'decoder', {'M'}, 0, 'none', 'rmsnorm')
+  ok = (set(cfg.layer_kinds), cfg.mlp_dim, cfg.positions, cfg.norm) == (
+      {'M'}, 0, 'none', 'rmsnorm')
   return 'mamba' if ok else None
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
