@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -33,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
-from lm import hf, models, objectives, parallel, sampling, train
+from bench_train import BATCH, SEQ_LEN, lm_step_fn, random_batch  # the same train step and batch
+from lm import hf, models, sampling, train
 from lm.config import ModelConfig, TrainConfig
 from lm.models.layers import ssm
 
@@ -53,35 +52,7 @@ MAMBA = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp
 LLAMA = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, num_kv_heads=2,
                     mlp_dim=512, max_len=4608, positions='rope', norm='rmsnorm', mlp='swiglu',
                     use_bias=False)
-SEQ_LEN, BATCH = 256, 16
 TRAIN = TrainConfig(steps=1000, learning_rate=1e-3)
-
-
-def random_batch() -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  return {**{k: rng.integers(0, 8192, (BATCH, SEQ_LEN)).astype(np.int32)
-             for k in ('inputs', 'targets')}, 'loss_mask': np.ones((BATCH, SEQ_LEN), bool)}
-
-
-def lm_train(cfg: ModelConfig):
-  model = models.build(cfg)
-  mesh = parallel.make_mesh((jax.device_count(), 1, 1))
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(TRAIN, model),
-                                                 SEQ_LEN, 0, mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(TRAIN)),
-                   in_shardings=(shardings, batch_sharding), donate_argnums=0)
-    state = init_fn()
-  batch = parallel.global_batch(random_batch(), batch_sharding)
-
-  def run(state, n):
-    for _ in range(n):
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics['loss'])
-    return state
-  return run, state
 
 
 def peer_model(cfg: ModelConfig = MAMBA):
@@ -110,8 +81,8 @@ def peer_train(cfg: ModelConfig):
   return run, None
 
 
-WORKERS = {'lm_mamba': lambda: lm_train(MAMBA), 'peer_mamba': lambda: peer_train(MAMBA),
-           'lm_llama': lambda: lm_train(LLAMA)}
+WORKERS = {'lm_mamba': lambda: lm_step_fn(MAMBA, TRAIN), 'peer_mamba': lambda: peer_train(MAMBA),
+           'lm_llama': lambda: lm_step_fn(LLAMA, TRAIN)}
 
 
 def worker(name: str) -> None:

@@ -49,21 +49,25 @@ def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259):
   return results['8'][0], results['1'][0], diff, shards
 
 
+def small_config(name: str = 'decoder', **model):
+  """A config of 2 layers of width 64 (or `model`'s keys), windows of 32, batch 8."""
+  c = load_config(name)
+  c.model.update(dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32, **model))
+  c.data.update(seq_len=32)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  return c
+
+
+def causal_batches(rng, count: int = 3):
+  return [{**{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')},
+           'loss_mask': np.ones((8, 32), bool)} for _ in range(count)]
+
+
 def main():
   rng = np.random.default_rng(0)
-  c = load_config()
-  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
-  c.data.update(seq_len=32)
-  c.train.update(batch_size=8, warmup_steps=1, steps=10)
-  batches = [{**{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')},
-              'loss_mask': np.ones((8, 32), bool)} for _ in range(3)]
-  decoder = run_on_both_meshes(
-      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply),
-      batches)
-  c = load_config('encoder')  # BERT: masks drawn in the loss, NSP labels a [B] array
-  c.model.update(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32)
-  c.data.update(seq_len=32)
-  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  clm = lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply)
+  decoder = run_on_both_meshes(small_config(), clm, causal_batches(rng))
+  c = small_config('encoder')  # BERT: masks drawn in the loss, NSP labels a [B] array
   tokens = lambda: np.concatenate([np.full((8, 1), 256), rng.integers(0, 256, (8, 31))], 1)
   batches = [{'tokens': tokens().astype(np.int32),
               'segment_ids': (np.arange(32)[None] >= 16).repeat(8, 0).astype(np.int32),
@@ -72,16 +76,9 @@ def main():
       c, lambda model: functools.partial(objectives.mlm_nsp_loss, apply_fn=model.apply,
                                          pad_id=258, mask_id=257, first_special=256,
                                          num_ordinary=256, rate=0.15), batches)
-  c = load_config()  # a hybrid: Mamba, S4D, local and global attention, over a tensor axis
-  c.model.update(num_layers=4, d_model=64, num_heads=4, mlp_dim=128, max_len=32,
-                 layer_pattern='MSLG', window=8, state_size=8, scan_chunk=8)
-  c.data.update(seq_len=32)
-  c.train.update(batch_size=8, warmup_steps=1, steps=10)
-  batches = [{**{k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ('inputs', 'targets')},
-              'loss_mask': np.ones((8, 32), bool)} for _ in range(3)]
-  hybrid = run_on_both_meshes(
-      c, lambda model: functools.partial(objectives.clm_loss, apply_fn=model.apply),
-      batches, shape=(2, 2, 2), vocab_size=260)
+  # a hybrid: Mamba, S4D, local and global attention, over a tensor axis
+  c = small_config(num_layers=4, layer_pattern='MSLG', window=8, state_size=8, scan_chunk=8)
+  hybrid = run_on_both_meshes(c, clm, causal_batches(rng), shape=(2, 2, 2), vocab_size=260)
   # The byte vocabulary of 259 cannot split over tensor=2: a clear error, nothing written.
   workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
   c = tiny_config(corpus, workdir.parent / 'cache')
