@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import Config, ConfigError, ModelConfig, validate_model
+from lm.config import Config, ConfigError, ModelConfig, upgrade_saved, validate_model
 
 # Keys that may differ when a run is resumed: they change how long it runs, what it reports or
 # how it saves, not what the saved state means. Any other difference is an incompatible run.
@@ -180,7 +180,7 @@ def prepare_workdir(workdir: Path, cfg: Config) -> None:
   """
   saved_path = workdir / 'config.json'
   if saved_path.is_file():
-    saved = flatten(json.loads(saved_path.read_text()))
+    saved = flatten(upgrade_saved(json.loads(saved_path.read_text())))
     current = flatten(json.loads(cfg.to_json()))
     diffs = [f'{k}: {saved.get(k)!r} in the workdir, {current.get(k)!r} now'
              for k in sorted(set(saved) | set(current))
@@ -393,7 +393,7 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
                         'tokenizer with --tokenizer=bytes|cl100k|DIR')
     cfg, params = hf.load(workdir)
     return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-  cfg = ModelConfig(**saved['model'])
+  cfg = ModelConfig(**upgrade_saved(saved)['model'])
   validate_model(cfg)
   return cfg, restore_params(workdir, cfg), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
 

@@ -255,6 +255,21 @@ def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
   return cfg
 
 
+RENAMED = {('model', 'window_pattern'): 'layer_pattern'}  # keys of older runs' config.json
+
+
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+  """A run's config.json as this version writes it: renamed keys under their new names, and
+  keys added since (which a run before them used at their defaults) filled in."""
+  out = {}
+  for name, cls in SECTIONS.items():
+    section = {RENAMED.get((name, k), k): v for k, v in saved.get(name, {}).items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    out[name] = json.loads(json.dumps({**defaults, **section}))  # tuples as JSON has them
+  return {**saved, **out}
+
+
 def _reject_other_families(model: dict[str, Any]) -> None:
   """A model section lists only its own family's keys (and the common ones)."""
   family = model.get('family', 'decoder')

@@ -270,10 +270,10 @@ class MambaMixer(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None,
                valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None):
     d_model, inner, n, rank = x_BxTxD.shape[-1], self.inner, self.state_size, self.dt_rank
-    dense = lambda features, axes, name, **kw: nn.Dense(
-        features, dtype=self.dtype, name=name, kernel_init=kw.pop('init', normal(axes)),
-        bias_init=zeros(axes[1:]), **kw)
-    xz_BxTx2I = dense(2 * inner, ('embed', 'inner'), 'in_proj', use_bias=self.use_bias)(x_BxTxD)
+    def dense(features: int, axes: tuple, name: str, use_bias: bool, std: float = INIT_STD):
+      return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name,
+                      kernel_init=normal(axes, std), bias_init=zeros(axes[1:]))
+    xz_BxTx2I = dense(2 * inner, ('embed', 'inner'), 'in_proj', self.use_bias)(x_BxTxD)
     u_BxTxI = mask_padding(xz_BxTx2I[..., :inner], valid_BxT)
     z_BxTxI = xz_BxTx2I[..., inner:]
     bound = 1 / math.sqrt(self.d_conv)  # PyTorch's Conv1d default: fan-in d_conv
@@ -285,7 +285,7 @@ class MambaMixer(nn.Module):
       u_BxTxI = u_BxTxI + self.param('conv_bias', zeros(('inner',)), (inner,)).astype(self.dtype)
     u_BxTxI = mask_padding(nn.silu(u_BxTxI), valid_BxT)
     u_BxTxI = nn.with_logical_constraint(u_BxTxI, ('batch', 'length', 'inner'))
-    dbc_BxTxRN2 = dense(rank + 2 * n, ('inner', None), 'x_proj', use_bias=False)(u_BxTxI)
+    dbc_BxTxRN2 = dense(rank + 2 * n, ('inner', None), 'x_proj', False)(u_BxTxI)
     dt_BxTxR, B_BxTxN, C_BxTxN = jnp.split(dbc_BxTxRN2, [rank, rank + n], axis=-1)
     dt_kernel = self.param('dt_kernel', nn.with_logical_partitioning(
         _uniform(rank ** -0.5), ('dt_rank', 'inner')), (rank, inner))
@@ -301,8 +301,8 @@ class MambaMixer(nn.Module):
         None if state is None else state.ssm, scan=self.scan, chunk=self.chunk,
         keep_BxT=segment_starts(segment_ids_BxT))
     y_BxTxI = (y_BxTxI + u_BxTxI.astype(jnp.float32) * D) * nn.silu(z_BxTxI.astype(jnp.float32))
-    y_BxTxD = dense(d_model, ('inner', 'embed'), 'out_proj', use_bias=self.use_bias,
-                    init=normal(('inner', 'embed'), self.out_std))(y_BxTxI.astype(self.dtype))
+    y_BxTxD = dense(d_model, ('inner', 'embed'), 'out_proj', self.use_bias,
+                    self.out_std)(y_BxTxI.astype(self.dtype))
     return y_BxTxD if state is None else (y_BxTxD, ScanState(h_BxIxN, window))
 
 
