@@ -52,7 +52,7 @@ def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259):
 def small_config(name: str = 'decoder', **model):
   """A config of 2 layers of width 64 (or `model`'s keys), windows of 32, batch 8."""
   c = load_config(name)
-  c.model.update(dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32, **model))
+  c.model.update({**dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32), **model})
   c.data.update(seq_len=32)
   c.train.update(batch_size=8, warmup_steps=1, steps=10)
   return c

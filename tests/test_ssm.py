@@ -182,8 +182,7 @@ def init(cfg: ModelConfig, seed: int = 0):
   return jax.tree.map(lambda x: x * 1.5, params['params'])
 
 
-@pytest.mark.parametrize('pattern,scanned', [('M', False), ('S', False), ('MSLG', False),
-                                             ('MG', True)])
+@pytest.mark.parametrize('pattern,scanned', [('M', False), ('MSLG', False), ('MG', True)])
 def test_prefill_and_decode_steps_equal_the_full_forward(pattern, scanned):
   cfg = tiny(pattern, scan_layers=scanned)
   params = init(cfg)
