@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 import transformers
 
-from bench_train import BATCH, SEQ_LEN, lm_step_fn, random_batch  # the same train step and batch
+from bench_train import (BATCH, SEQ_LEN, lm_step_fn, random_batch, serve, start_workers,
+                         timed_rounds)  # the same train step, batch and workers
 from lm import hf, models, sampling, train
 from lm.config import ModelConfig, TrainConfig
 from lm.models.layers import ssm
@@ -87,32 +87,13 @@ WORKERS = {'lm_mamba': lambda: lm_step_fn(MAMBA, TRAIN), 'peer_mamba': lambda: p
 
 def worker(name: str) -> None:
   torch.set_num_threads(os.cpu_count() or 1)
-  run, state = WORKERS[name]()
-  state = run(state, 1)  # compile, warm up
-  print('ready', flush=True)
-  for line in sys.stdin:
-    start = time.perf_counter()
-    state = run(state, int(line))
-    print((time.perf_counter() - start) / int(line), flush=True)
+  serve(*WORKERS[name](), warmup=1)
 
 
 def train_part(rounds: int) -> dict:
-  procs = {name: subprocess.Popen([sys.executable, __file__, f'--worker={name}'],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-           for name in WORKERS}
-  for name, proc in procs.items():
-    if proc.stdout.readline().strip() != 'ready':
-      sys.exit(f'the benchmark worker {name} failed (exit {proc.wait()})')
+  procs = start_workers(__file__, list(WORKERS))
   peak = train.measure_peak_flops('float32')
-  times = {name: [] for name in procs}
-  for _ in range(rounds):
-    for name, proc in procs.items():
-      proc.stdin.write('1\n' if name == 'peer_mamba' else '3\n')
-      proc.stdin.flush()
-      times[name].append(float(proc.stdout.readline()))
-  for proc in procs.values():
-    proc.stdin.close()
-    proc.wait()
+  times = timed_rounds(procs, rounds, lambda name: 1 if name == 'peer_mamba' else 3)
   out = {'peak_flops_per_sec': peak}
   print(f'train step: d_model 384, 6 layers, vocab 8192, seq {SEQ_LEN}, batch {BATCH}, float32, '
         f'AdamW; matmul peak {peak / 1e9:.0f} GFLOP/s')

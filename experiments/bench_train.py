@@ -124,17 +124,49 @@ RUNNERS = {'lm': lm_step_fn, 'transformers': torch_step_fn}
 
 
 def worker(spec: str) -> None:
-  """Builds one (variant, framework)'s step, warms it up, then for each line `n` on stdin runs
-  n steps and answers the seconds per step."""
+  """Builds one (variant, framework)'s step, then serves it (serve)."""
   variant, framework = spec.split(':')
   torch.set_num_threads(os.cpu_count() or 1)
-  run, state = RUNNERS[framework](VARIANTS[variant], TrainConfig(steps=1000, learning_rate=1e-3))
-  state = run(state, 2)  # compile, warm up
+  serve(*RUNNERS[framework](VARIANTS[variant], TrainConfig(steps=1000, learning_rate=1e-3)),
+        warmup=2)
+
+
+def serve(run, state, warmup: int) -> None:
+  """A worker's loop: warms `run` up, says ready, then for each line `n` on stdin runs n steps
+  and answers the seconds per step."""
+  state = run(state, warmup)  # compile, warm up
   print('ready', flush=True)
   for line in sys.stdin:
     start = time.perf_counter()
     state = run(state, int(line))
     print((time.perf_counter() - start) / int(line), flush=True)
+
+
+def start_workers(script: str, names: list[str]) -> dict[str, subprocess.Popen]:
+  """`python script --worker=NAME` for each name, once each has said it is ready."""
+  workers = {name: subprocess.Popen([sys.executable, script, f'--worker={name}'],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for name in names}
+  for name, proc in workers.items():
+    if proc.stdout.readline().strip() != 'ready':
+      sys.exit(f'the benchmark worker {name} failed (exit {proc.wait()})')
+  return workers
+
+
+def timed_rounds(workers: dict[str, subprocess.Popen], rounds: int,
+                 steps_of) -> dict[str, list[float]]:
+  """Seconds per step of each worker over `rounds` alternating rounds of steps_of(name) steps;
+  the workers are ended."""
+  times: dict[str, list[float]] = {name: [] for name in workers}
+  for _ in range(rounds):
+    for name, proc in workers.items():
+      proc.stdin.write(f'{steps_of(name)}\n')
+      proc.stdin.flush()
+      times[name].append(float(proc.stdout.readline()))
+  for proc in workers.values():
+    proc.stdin.close()
+    proc.wait()
+  return times
 
 
 def main() -> None:
@@ -153,22 +185,9 @@ def main() -> None:
     parser.error(f'--variants: unknown {unknown}; use some of {sorted(VARIANTS)}')
   torch.set_num_threads(os.cpu_count() or 1)
   specs = [f'{v}:{f}' for v in variants for f in RUNNERS]
-  workers = {spec: subprocess.Popen([sys.executable, __file__, f'--worker={spec}'],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for spec in specs}
-  for spec, proc in workers.items():
-    if proc.stdout.readline().strip() != 'ready':
-      sys.exit(f'the benchmark worker {spec} failed (exit {proc.wait()})')
+  workers = start_workers(__file__, specs)
   peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with all idle
-  times: dict[str, list[float]] = {spec: [] for spec in workers}
-  for _ in range(args.rounds):
-    for spec, proc in workers.items():
-      proc.stdin.write(f'{args.steps}\n')
-      proc.stdin.flush()
-      times[spec].append(float(proc.stdout.readline()))
-  for proc in workers.values():
-    proc.stdin.close()
-    proc.wait()
+  times = timed_rounds(workers, args.rounds, lambda spec: args.steps)
   machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
   print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
   print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.rounds} '
