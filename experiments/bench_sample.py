@@ -35,9 +35,9 @@ import torch
 import transformers
 
 from lm import hf, models, sampling
-from lm.config import ModelConfig
+from lm.models import DecoderConfig
 
-CFG = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536,
+CFG = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536,
                   max_len=512)
 PROMPT_LEN = 16
 CASES = [  # name, batch, lm filter (or beams), transformers generate kwargs

@@ -40,28 +40,29 @@ import transformers
 from bench_train import (BATCH, SEQ_LEN, lm_step_fn, random_batch, serve, start_workers,
                          timed_rounds)  # the same train step, batch and workers
 from lm import hf, models, sampling, train
-from lm.config import ModelConfig, TrainConfig
+from lm.config import TrainConfig
+from lm.models import DecoderConfig
 from lm.models.layers import ssm
 
-MAMBA = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=0,
+MAMBA = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=0,
                     max_len=4608, positions='none', norm='rmsnorm', use_bias=False,
                     layer_pattern='M', state_size=16, d_conv=4, expand=2, scan='sequential',
                     scan_chunk=64)
 # Llama-style blocks whose parameters match the Mamba's: attention 2 D (D + 2 Dh) and a
 # SwiGLU of 512 (0.98M a layer against the Mamba layer's 0.96M).
-LLAMA = ModelConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, num_kv_heads=2,
+LLAMA = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, num_kv_heads=2,
                     mlp_dim=512, max_len=4608, positions='rope', norm='rmsnorm', mlp='swiglu',
                     use_bias=False)
 TRAIN = TrainConfig(steps=1000, learning_rate=1e-3)
 
 
-def peer_model(cfg: ModelConfig = MAMBA):
+def peer_model(cfg: DecoderConfig = MAMBA):
   hf_config = hf.config_to_hf(cfg)
   hf_config.pop('model_type')
   return transformers.MambaForCausalLM(transformers.MambaConfig(**hf_config, use_mambapy=True))
 
 
-def peer_train(cfg: ModelConfig):
+def peer_train(cfg: DecoderConfig):
   model = peer_model(cfg)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.learning_rate, betas=(TRAIN.b1, TRAIN.b2),

@@ -38,18 +38,19 @@ import torch
 import transformers
 
 from lm import hf, models, objectives, parallel, train
-from lm.config import ModelConfig, TrainConfig
+from lm.config import TrainConfig
+from lm.models import DecoderConfig
 
 
 SHAPE = dict(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, max_len=256)
 LLAMA = dict(SHAPE, mlp_dim=1024, num_kv_heads=2, positions='rope', norm='rmsnorm', mlp='swiglu',
              use_bias=False, tie_embeddings=False)
-VARIANTS = {'gpt2': ModelConfig(**SHAPE), 'llama': ModelConfig(**LLAMA),
-            'moe': ModelConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2))}
+VARIANTS = {'gpt2': DecoderConfig(**SHAPE), 'llama': DecoderConfig(**LLAMA),
+            'moe': DecoderConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2))}
 SEQ_LEN, BATCH = 256, 16
 
 
-def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
+def lm_step_fn(cfg: DecoderConfig, t: TrainConfig):
   """A compiled lm train step on a mesh of every device, and its initial state."""
   model = models.build(cfg)
   mesh = parallel.make_mesh((jax.device_count(), 1, 1))
@@ -72,14 +73,14 @@ def lm_step_fn(cfg: ModelConfig, t: TrainConfig):
   return run, state
 
 
-def torch_model(cfg: ModelConfig):
+def torch_model(cfg: DecoderConfig):
   """transformers' model of the same architecture (lm.hf writes its config)."""
   hf_config = hf.config_to_hf(cfg)
   config_class = transformers.AutoConfig.for_model(hf_config.pop('model_type'), **hf_config)
   return transformers.AutoModelForCausalLM.from_config(config_class)
 
 
-def torch_step_fn(cfg: ModelConfig, t: TrainConfig):
+def torch_step_fn(cfg: DecoderConfig, t: TrainConfig):
   model = torch_model(cfg)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2),

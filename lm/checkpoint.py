@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import Config, ConfigError, ModelConfig, upgrade_saved, validate_model
+from lm.config import (Config, ConfigError, ModelConfig, model_from_dict, upgrade_saved,
+                       validate_model)
 
 # Keys that may differ when a run is resumed: they change how long it runs, what it reports or
 # how it saves, not what the saved state means. Any other difference is an incompatible run.
@@ -393,9 +394,15 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
                         'tokenizer with --tokenizer=bytes|cl100k|DIR')
     cfg, params = hf.load(workdir)
     return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-  cfg = ModelConfig(**upgrade_saved(saved)['model'])
-  validate_model(cfg)
+  cfg = saved_model(workdir)
   return cfg, restore_params(workdir, cfg), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
+
+
+def saved_model(workdir: Path) -> ModelConfig:
+  """The model config of a run's workdir (its config.json), checked."""
+  cfg = model_from_dict(upgrade_saved(json.loads((workdir / 'config.json').read_text()))['model'])
+  validate_model(cfg)
+  return cfg
 
 
 def _shapes(params: Any) -> dict[str, tuple[int, ...]]:

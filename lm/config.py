@@ -29,25 +29,15 @@ POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'gelu_exact', 'swiglu')
 REMATS = ('none', 'full', 'dots')
-SCANS = ('sequential', 'parallel', 'chunked')
-LAYER_KINDS = {'G': 'global attention', 'L': 'sliding-window attention (model.window)',
-               'M': 'Mamba (selective SSM)', 'S': 'S4D (linear time-invariant SSM)'}
-# The model keys that only one family takes (the rest are common to every family).
-FAMILY_KEYS = {
-    'decoder': ('window', 'layer_pattern', 'num_experts', 'experts_per_token', 'moe_aux_coef',
-                'tie_embeddings', 'scan_layers', 'state_size', 'd_conv', 'expand', 'dt_rank',
-                'dt_min', 'dt_max', 'conv_bias', 'scan', 'scan_chunk'),
-    'encoder': ('post_norm', 'num_segments'),
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder (GPT-2 style by default, Llama/Mistral style by its options, attention and scan
-  layers by model.layer_pattern) or an encoder (BERT). `vocab_size` comes from the tokenizer,
-  not from the user. FAMILY_KEYS names the keys only one family takes."""
+  """The keys every family's model has. Each family's own frozen config adds its keys to these
+  (lm.models.DecoderConfig, lm.models.EncoderConfig; the registry maps model.family to it), so
+  a config lists only its family's keys. `vocab_size` comes from the tokenizer, not the user."""
   vocab_size: int
-  family: str = 'decoder'  # decoder (causal LM) | encoder (bidirectional, BERT)
+  family: str = dataclasses.field(default='', init=False)  # fixed by the family's class
   num_layers: int = 4
   d_model: int = 256
   num_heads: int = 4
@@ -60,60 +50,12 @@ class ModelConfig:
   norm_eps: float = 1e-5
   mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
   use_bias: bool = True  # biases of every projection
-  window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
-  layer_pattern: str = ''  # a letter a layer, repeated over the depth: G global attention,
-                           # L sliding window, M Mamba, S S4D; '': all L
-  num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
-  experts_per_token: int = 2
-  moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
-  tie_embeddings: bool = True
-  post_norm: bool = False  # encoder: LayerNorm after each residual sum (original BERT)
-  num_segments: int = 0  # encoder: segment (token type) embeddings; 0: none (decoders)
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
-  scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
-  state_size: int = 16  # scan layers (M, S): N, the states per channel
-  d_conv: int = 4  # Mamba: the causal convolution's width
-  expand: int = 2  # Mamba: inner width I = expand * d_model
-  dt_rank: int = 0  # Mamba: the rank R of the time step's projection; 0: ceil(d_model / 16)
-  dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
-  dt_max: float = 0.1
-  conv_bias: bool = True  # Mamba: a bias in the convolution
-  scan: str = 'sequential'  # Mamba's selective scan: sequential | parallel | chunked
-  scan_chunk: int = 64  # chunked: steps a chunk (parallel within, sequential across)
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
-
-  @property
-  def period(self) -> int:
-    """Layers in one repeat of layer_pattern: the unit that scan_layers repeats."""
-    return len(self.layer_pattern) or 1
-
-  @property
-  def layer_kinds(self) -> str:
-    """The letter of each layer (LAYER_KINDS): layer_pattern repeated over the depth."""
-    pattern = self.layer_pattern or 'L'
-    return ''.join(pattern[i % len(pattern)] for i in range(self.num_layers))
-
-  @property
-  def layer_windows(self) -> tuple[int | None, ...]:
-    """The attention window of each layer (None: full causal attention, or a scan layer)."""
-    return tuple(self.window if kind == 'L' else None for kind in self.layer_kinds)
-
-  @property
-  def has_attention(self) -> bool:
-    return any(kind in 'GL' for kind in self.layer_kinds)
-
-  @property
-  def inner(self) -> int:
-    """Mamba's inner width I."""
-    return self.expand * self.d_model
-
-  @property
-  def time_step_rank(self) -> int:
-    return self.dt_rank or math.ceil(self.d_model / 16)
 
   @property
   def kv_heads(self) -> int:
@@ -126,7 +68,7 @@ class DataConfig:
   seq_len: int = 256
   val_fraction: float = 0.02
   cache_dir: str = ''  # empty: ~/.cache/lm/tokens
-  task: str = 'clm'  # clm (next token; decoder) | mlm_nsp (masked LM + next sentence; encoder)
+  task: str = 'clm'  # clm (next token; decoder) | sft (chat; decoder) | mlm_nsp (BERT; encoder)
   mask_rate: float = 0.15  # mlm_nsp: share of a sequence's tokens chosen for prediction
 
 
@@ -182,12 +124,12 @@ class Config:
 
 
 SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'tokenizer': TokenizerConfig,
-            'train': TrainConfig, 'mesh': MeshConfig}
+            'train': TrainConfig, 'mesh': MeshConfig}  # model: the family's class, by family
 DERIVED = {('model', 'vocab_size')}  # filled in by the boundary, never by the user
 
 
 def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any]):
-  fields = {f.name: f for f in dataclasses.fields(cls)}
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   for key in given:
     require(key in fields and (name, key) not in DERIVED, f'{name}.{key}', given[key],
             f'unknown key; {name} takes {sorted(k for k in fields if (name, k) not in DERIVED)}')
@@ -200,6 +142,27 @@ def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any])
     elif f.default is dataclasses.MISSING:
       raise ConfigError(f'{name}.{key} is missing: set it in the config file')
   return cls(**values)
+
+
+def _model_section(given: dict[str, Any], vocab_size: int) -> ModelConfig:
+  """The model section as its family's config class: a key that another family owns is one
+  line naming that family."""
+  from lm import models  # models imports this module
+  family = given.pop('family', 'decoder')
+  cls = models.config_class(family)
+  for key in given:
+    owners = [name for name, other in models.config_classes().items()
+              if key in {f.name for f in dataclasses.fields(other)} - _names(cls)]
+    if owners:
+      raise ConfigError(
+          f'model.{key}={given[key]!r}: a key of the {" and ".join(owners)} family, and '
+          f'model.family={family!r}; remove it from the config (a config lists only its '
+          'family\'s keys)')
+  return _section('model', cls, given, {'vocab_size': vocab_size})
+
+
+def _names(cls: type) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
 
 
 def _coerce(field: str, value: Any, default: Any) -> Any:
@@ -247,10 +210,11 @@ def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
   for key in raw:
     require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
   tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
-  _reject_other_families(dict(raw.get('model', {})))
-  extra = {'model': {'vocab_size': vocab_size(tokenizer) if callable(vocab_size) else vocab_size}}
-  cfg = Config(**{name: _section(name, cls, dict(raw.get(name, {})), extra.get(name, {}))
-                  for name, cls in SECTIONS.items()})
+  model = _model_section(dict(raw.get('model', {})),
+                         vocab_size(tokenizer) if callable(vocab_size) else vocab_size)
+  cfg = Config(model=model, tokenizer=tokenizer, **{
+      name: _section(name, cls, dict(raw.get(name, {})), {})
+      for name, cls in SECTIONS.items() if name not in ('model', 'tokenizer')})
   validate(cfg, device_count)
   return cfg
 
@@ -259,26 +223,27 @@ RENAMED = {('model', 'window_pattern'): 'layer_pattern'}  # keys of older runs' 
 
 
 def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
-  """A run's config.json as this version writes it: renamed keys under their new names, and
-  keys added since (which a run before them used at their defaults) filled in."""
+  """A run's config.json as this version writes it: renamed keys under their new names, keys
+  added since (which a run before them used at their defaults) filled in, and the model keys of
+  other families (which older versions wrote at their defaults) left out."""
+  from lm import models  # models imports this module
   out = {}
   for name, cls in SECTIONS.items():
     section = {RENAMED.get((name, k), k): v for k, v in saved.get(name, {}).items()}
+    if name == 'model':
+      cls = models.config_class(section.get('family', 'decoder'))
+      section = {k: v for k, v in section.items() if k in _names(cls)}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING}
     out[name] = json.loads(json.dumps({**defaults, **section}))  # tuples as JSON has them
   return {**saved, **out}
 
 
-def _reject_other_families(model: dict[str, Any]) -> None:
-  """A model section lists only its own family's keys (and the common ones)."""
-  family = model.get('family', 'decoder')
-  for owner, keys in FAMILY_KEYS.items():
-    for key in keys:
-      if owner != family and key in model:
-        raise ConfigError(
-            f'model.{key}={model[key]!r}: a key of the {owner} family, and model.family='
-            f'{family!r}; remove it from the config (a config lists only its family\'s keys)')
+def model_from_dict(model: dict[str, Any]) -> ModelConfig:
+  """The model section of a config.json (as upgrade_saved gives it) as its family's config."""
+  from lm import models  # models imports this module
+  cls = models.config_class(model.get('family', 'decoder'))
+  return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls) if f.init})
 
 
 def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
@@ -289,14 +254,8 @@ def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
 
 def validate(cfg: Config, device_count: int) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
-  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'max_len'])
-  require(m.mlp_dim >= 0, 'model.mlp_dim', m.mlp_dim, 'give the MLP width, or 0 for no MLP')
-  require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
-          f'must be divisible by model.num_heads={m.num_heads}; '
-          f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
-  require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'use one of {DTYPES}')
-  validate_model(m)
   _positive(d, 'data', ['seq_len'])
+  validate_model(m, d.seq_len)
   from lm import models  # models imports this module
   tasks = models.family(m).tasks
   require(d.task in tasks, 'data.task', d.task, f'a model.family={m.family!r} trains on {tasks}')
@@ -306,13 +265,6 @@ def validate(cfg: Config, device_count: int) -> None:
     require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
             '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
             'give data.seq_len >= 5, e.g. 128')
-  if 'M' in m.layer_kinds and m.scan == 'chunked':
-    require(d.seq_len % min(m.scan_chunk, d.seq_len) == 0, 'model.scan_chunk', m.scan_chunk,
-            f'the chunked scan splits data.seq_len={d.seq_len} into chunks: give a divisor of '
-            f'it, e.g. {math.gcd(m.scan_chunk, d.seq_len)}')
-  require(d.seq_len <= m.max_len or not m.has_attention and m.positions != 'learned',
-          'data.seq_len', d.seq_len,
-          f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
           'must be in (0, 1)')
   _positive(t, 'train', ['steps', 'batch_size', 'log_every', 'eval_every', 'eval_batches',
@@ -331,19 +283,19 @@ def validate(cfg: Config, device_count: int) -> None:
           f'must be divisible by the data x fsdp mesh size {data_parallel}')
 
 
-def validate_model(m: ModelConfig) -> None:
-  """The architecture options of a ModelConfig (also for one read from Hugging Face): the
-  common keys here, each family's own keys by the family (lm.models registry)."""
+def validate_model(m: ModelConfig, seq_len: int | None = None) -> None:
+  """The architecture options of a model config (also of one read from Hugging Face): the
+  common keys here, each family's own keys by the family (lm.models registry); with `seq_len`,
+  also that the model takes sequences of that length."""
   from lm import models  # models imports this module
   family = models.family(m)
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-  for owner, keys in FAMILY_KEYS.items():
-    for key in keys:
-      require(owner == m.family or getattr(m, key) == defaults[key], f'model.{key}',
-              getattr(m, key), f'a key of the {owner} family, which a model.family='
-              f'{m.family!r} does not take: leave it at {defaults[key]!r}')
+  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'max_len'])
+  require(m.mlp_dim >= 0, 'model.mlp_dim', m.mlp_dim, 'give the MLP width, or 0 for no MLP')
+  require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
+          f'must be divisible by model.num_heads={m.num_heads}; '
+          f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
   for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS),
-                       ('remat', REMATS)):
+                       ('remat', REMATS), ('dtype', DTYPES)):
     require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
   require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',
           m.num_kv_heads, f'must divide model.num_heads={m.num_heads} (0 means num_heads)')
@@ -351,7 +303,7 @@ def validate_model(m: ModelConfig) -> None:
           f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
   require(m.rope_theta > 0 and m.norm_eps > 0, 'model.rope_theta/norm_eps',
           (m.rope_theta, m.norm_eps), 'must be positive')
-  family.validate(m)
+  family.validate(m, seq_len)
 
 
 def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:

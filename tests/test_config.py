@@ -179,7 +179,7 @@ def test_a_run_saved_before_layer_pattern_and_the_scan_keys_still_resumes(tmp_pa
   scan layer's keys existed: the same config resumes it, and its model loads."""
   import json
   from lm import checkpoint
-  from lm.config import ModelConfig, upgrade_saved
+  from lm.config import model_from_dict, upgrade_saved
   c = load_config()
   c.model.update(window=8, layer_pattern='LG')
   cfg = config_lib.parse(c, vocab_size=259, device_count=1)
@@ -188,9 +188,10 @@ def test_a_run_saved_before_layer_pattern_and_the_scan_keys_still_resumes(tmp_pa
   for key in ('state_size', 'd_conv', 'expand', 'dt_rank', 'dt_min', 'dt_max', 'conv_bias',
               'scan', 'scan_chunk'):
     del old['model'][key]
+  old['model'].update(post_norm=False, num_segments=0)  # every family's keys were saved then
   (tmp_path / 'config.json').write_text(json.dumps(old))
   checkpoint.prepare_workdir(tmp_path, cfg)  # no error: the same run
-  assert ModelConfig(**upgrade_saved(old)['model']) == cfg.model
+  assert model_from_dict(upgrade_saved(old)['model']) == cfg.model
   c.model.layer_pattern = 'GL'
   with pytest.raises(ConfigError, match=r"model.layer_pattern: 'LG' in the workdir, 'GL' now"):
     checkpoint.prepare_workdir(tmp_path, config_lib.parse(c, vocab_size=259, device_count=1))

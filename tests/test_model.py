@@ -2,6 +2,8 @@
 Parity with Hugging Face models is in test_hf.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,11 +11,11 @@ import numpy as np
 import pytest
 
 from lm import models
-from lm.config import ModelConfig
+from lm.models import DecoderConfig
 from lm.models import decoder
 from lm.models.layers import attention, common, kv_cache, mlp
 
-CFG = ModelConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
+CFG = DecoderConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
 
 
 def is_matrix(path: tuple) -> bool:
@@ -22,7 +24,7 @@ def is_matrix(path: tuple) -> bool:
   return getattr(path[-1], 'key', None) in ('kernel', 'embedding', 'router', 'gate', 'up', 'down')
 
 
-def init(cfg: ModelConfig = CFG, seed: int = 0):
+def init(cfg: DecoderConfig = CFG, seed: int = 0):
   model = models.build(cfg)
   boxed = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.max_len), jnp.int32))['params']
   return model, boxed
@@ -30,7 +32,7 @@ def init(cfg: ModelConfig = CFG, seed: int = 0):
 
 @pytest.mark.parametrize('tie', [True, False])
 def test_changing_a_token_leaves_earlier_logits_unchanged(tie):
-  cfg = ModelConfig(**{**CFG.__dict__, 'tie_embeddings': tie})
+  cfg = dataclasses.replace(CFG, **{'tie_embeddings': tie})
   model, params = init(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 256)
   apply = jax.jit(model.apply)
@@ -51,7 +53,7 @@ def test_every_parameter_has_a_logical_axis_per_dimension():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-  cfg = ModelConfig(**{**CFG.__dict__, 'dtype': 'bfloat16'})
+  cfg = dataclasses.replace(CFG, **{'dtype': 'bfloat16'})
   model, params = init(cfg)
   assert {p.dtype for p in jax.tree.leaves(nn.meta.unbox(params))} == {jnp.dtype('float32')}
   tokens = jnp.arange(16)[None] % 256
@@ -116,8 +118,8 @@ def test_a_query_is_unaffected_by_keys_before_its_window():
 
 
 def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
-  cfg = ModelConfig(**{**CFG.__dict__, 'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu'})
-  explicit = ModelConfig(**{**cfg.__dict__, 'num_kv_heads': cfg.num_heads})
+  cfg = dataclasses.replace(CFG, **{'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu'})
+  explicit = dataclasses.replace(cfg, **{'num_kv_heads': cfg.num_heads})
   model, params = init(cfg)
   tokens = jnp.arange(16)[None] % 256
   np.testing.assert_array_equal(model.apply({'params': params}, tokens),
@@ -135,7 +137,7 @@ def test_rope_rotates_pairs_by_position():
 
 
 def test_llama_style_counts_by_hand():
-  cfg = ModelConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+  cfg = DecoderConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, max_len=16, positions='rope', norm='rmsnorm', mlp='swiglu',
                     use_bias=False, window=8, tie_embeddings=False)
   _, boxed = init(cfg)
@@ -165,7 +167,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_prefill_then_decode_steps_equal_the_full_forward(variant):
-  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  cfg = dataclasses.replace(CFG, **{**VARIANTS[variant]})
   model, boxed = init(cfg, seed=2)
   params = nn.meta.unbox(boxed)
   tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 14), 0, 256)
@@ -197,7 +199,7 @@ def test_decode_steps_reading_cache_blocks_equal_the_full_forward(variant, monke
   # slots: one block, which the rolling buffer overwrites).
   monkeypatch.setattr(kv_cache, 'CACHE_BLOCK', 4)
   assert kv_cache.block_sizes(16) == [4, 4, 4, 4]
-  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  cfg = dataclasses.replace(CFG, **{**VARIANTS[variant]})
   model, boxed = init(cfg, seed=3)
   params = nn.meta.unbox(boxed)
   tokens = jax.random.randint(jax.random.PRNGKey(6), (3, 16), 0, 256)
@@ -213,7 +215,7 @@ def test_decode_steps_reading_cache_blocks_equal_the_full_forward(variant, monke
 
 
 def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
-  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS['mixtral-window']})
+  cfg = dataclasses.replace(CFG, **{**VARIANTS['mixtral-window']})
   moe = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
   p = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x)['params'])
@@ -230,18 +232,18 @@ def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
 
 
 def test_moe_counts_active_parameters():
-  dense = ModelConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+  dense = DecoderConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
                       positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False)
-  moe = ModelConfig(**{**dense.__dict__, 'num_experts': 8, 'experts_per_token': 2})
+  moe = dataclasses.replace(dense, **{'num_experts': 8, 'experts_per_token': 2})
   # Per layer the router adds 32*8 and the two active experts double the MLP's 3*32*64.
   assert decoder.matmul_params(moe) - decoder.matmul_params(dense) == 2 * (32 * 8 + 3 * 32 * 64)
 
 
 def test_a_layer_pattern_gives_each_layer_its_window_and_flops():
-  cfg = ModelConfig(**{**CFG.__dict__, **LLAMA, 'num_layers': 5, 'window': 4,
+  cfg = dataclasses.replace(CFG, **{**LLAMA, 'num_layers': 5, 'window': 4,
                        'layer_pattern': 'LLG'})
   assert cfg.layer_windows == (4, 4, None, 4, 4)
-  full = ModelConfig(**{**cfg.__dict__, 'window': None, 'layer_pattern': ''})
+  full = dataclasses.replace(cfg, **{'window': None, 'layer_pattern': ''})
   # Attention FLOPs: 12 * H * Dh per key; local layers see 4 of 16 keys: 12 less per layer.
   saved = decoder.train_flops_per_token(full, 16) - decoder.train_flops_per_token(cfg, 16)
   assert saved == 12 * 32 * 4 * (16 - 4)
@@ -249,7 +251,7 @@ def test_a_layer_pattern_gives_each_layer_its_window_and_flops():
   tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 16), 0, 256)
   params = nn.meta.unbox(boxed)
   # Layer 2 is global: it differs from an all-local model only because it sees more keys.
-  local = ModelConfig(**{**cfg.__dict__, 'layer_pattern': ''})
+  local = dataclasses.replace(cfg, **{'layer_pattern': ''})
   assert not np.allclose(models.build(cfg).apply({'params': params}, tokens),
                          models.build(local).apply({'params': params}, tokens))
 
@@ -265,13 +267,13 @@ REMAT_SCAN = {
 
 @pytest.mark.parametrize('variant', list(REMAT_SCAN))
 def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
-  plain = ModelConfig(**{**CFG.__dict__, **LLAMA, 'num_layers': 4,
+  plain = dataclasses.replace(CFG, **{**LLAMA, 'num_layers': 4,
                          **{k: v for k, v in REMAT_SCAN[variant].items()
                             if k not in ('remat', 'scan_layers')}})
-  cfg = ModelConfig(**{**plain.__dict__, **REMAT_SCAN[variant]})
+  cfg = dataclasses.replace(plain, **{**REMAT_SCAN[variant]})
   _, boxed = init(plain, seed=4)
   params = nn.meta.unbox(boxed)
-  moved = decoder.stack_layers(cfg, params) if cfg.scan_layers else params
+  moved = models.layout_for(cfg, params)
   _, scanned_boxed = init(cfg)  # the layouts agree, shapes and logical axes included
   assert jax.tree.map(np.shape, nn.meta.unbox(scanned_boxed)) == jax.tree.map(np.shape, moved)
   tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 16), 0, 256)
@@ -292,15 +294,15 @@ def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
   np.testing.assert_allclose(got_logits, want_logits, atol=2e-5)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   if cfg.scan_layers:
-    got_grads = decoder.unstack_layers(cfg, got_grads)
+    got_grads = models.plain_layout(cfg, got_grads)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6), got_grads, want_grads)
   if cfg.scan_layers:
-    jax.tree.map(np.testing.assert_array_equal, decoder.unstack_layers(cfg, moved), params)
+    jax.tree.map(np.testing.assert_array_equal, models.plain_layout(cfg, moved), params)
 
 
 @pytest.mark.parametrize('variant', ['gpt2', 'mistral-window', 'scanned-local-global'])
 def test_left_padded_rows_decode_as_each_row_alone(variant):
-  cfg = ModelConfig(**{**CFG.__dict__, **VARIANTS[variant]})
+  cfg = dataclasses.replace(CFG, **{**VARIANTS[variant]})
   _, boxed = init(cfg, seed=3)
   params = nn.meta.unbox(boxed)
   tokens = jax.random.randint(jax.random.PRNGKey(8), (2, 10), 0, 256)
@@ -339,12 +341,14 @@ def test_grouped_matmul_equals_a_numpy_loop_over_groups(sizes):
                        num_experts=4, tie_embeddings=False)),  # experts and router, a head
     ('llama-scanned', dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
                            scan_layers=True)),  # stacked parameters under layers/
-    ('bert', dict(family='encoder', post_norm=True, num_segments=2, mlp='gelu_exact')),
+    ('bert', dict(post_norm=True, num_segments=2, mlp='gelu_exact')),
 ])
 def test_weight_decay_reaches_exactly_the_declared_parameters(name, overrides):
   from lm import train
-  from lm.config import TrainConfig
-  cfg = ModelConfig(**{**CFG.__dict__, **overrides})
+  from lm.config import ModelConfig, TrainConfig
+  common = {f.name: getattr(CFG, f.name) for f in dataclasses.fields(ModelConfig) if f.init}
+  cls = models.EncoderConfig if name == 'bert' else DecoderConfig
+  cfg = cls(**{**common, **overrides})
   model, boxed = init(cfg)
   params = nn.meta.unbox(boxed)
   lr, wd = 0.1, 0.5

@@ -13,18 +13,19 @@ import pytest
 
 import lm
 from lm import models, sampling
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import DecoderConfig
 from lm.models import decoder
 from lm.models.layers import kv_cache
 from lm.tokenizers.tokenizer import StreamDecoder, byte_tokenizer
 
-CFG = ModelConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
-LLAMA = ModelConfig(**{**CFG.__dict__, 'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu',
+CFG = DecoderConfig(vocab_size=269, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=64)
+LLAMA = dataclasses.replace(CFG, **{'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu',
                        'use_bias': False, 'num_kv_heads': 2, 'window': 6,
                        'layer_pattern': 'LG'})
 
 
-def params_of(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
+def params_of(cfg: DecoderConfig, seed: int = 0, scale: float = 1.0):
   """Random weights, scaled up so that the next-token distributions are far from uniform."""
   boxed = models.build(cfg).init(jax.random.PRNGKey(seed),
                                  jnp.zeros((1, 8), jnp.int32))['params']
@@ -357,7 +358,7 @@ def test_beam_scores_are_the_full_forward_scores_of_their_tokens():
 
 @pytest.mark.parametrize('length_penalty', [0.0, 1.0])
 def test_beam_search_finds_the_exhaustive_best_on_a_tiny_vocabulary(length_penalty):
-  cfg = ModelConfig(**{**CFG.__dict__, 'vocab_size': 4})
+  cfg = dataclasses.replace(CFG, **{'vocab_size': 4})
   params = params_of(cfg, seed=1, scale=2.0)
   apply = jax.jit(models.build(cfg).apply)
   prompt, eos, n = [0, 1], 3, 3

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lm import hf, models, sampling
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import DecoderConfig
 from lm.models import decoder
 from lm.models.layers import common, ssm
 from tests.conftest import load_config
@@ -166,17 +167,17 @@ def test_a_mamba_directory_with_missing_or_extra_tensors(tmp_path):
 
 # --- decoding through the interface ----------------------------------------------------------
 
-def tiny(pattern: str, **kw) -> ModelConfig:
+def tiny(pattern: str, **kw) -> DecoderConfig:
   attention = any(k in 'GL' for k in pattern)
   base = dict(vocab_size=61, num_layers=len(pattern) * 2 if len(pattern) < 3 else len(pattern),
               d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=0 if pattern == 'M' else 48,
               max_len=64, positions='rope' if attention else 'none', norm='rmsnorm',
               mlp='swiglu', use_bias=False, layer_pattern=pattern, window=3, state_size=4,
               scan_chunk=4)
-  return ModelConfig(**{**base, **kw})
+  return DecoderConfig(**{**base, **kw})
 
 
-def init(cfg: ModelConfig, seed: int = 0):
+def init(cfg: DecoderConfig, seed: int = 0):
   params = models.build(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
   # Scale the SSM parameters away from their init so that every part matters.
   return jax.tree.map(lambda x: x * 1.5, params['params'])

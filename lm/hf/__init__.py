@@ -49,7 +49,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def load(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) of a local Hugging Face model directory, in the plain layer layout
-  (stack them with lm.models.stack_layers for scan_layers)."""
+  (lm.models.layout_for gives the layout of a config such as scan_layers)."""
   directory = Path(path)
   hf = _read_config(directory)
   cfg = config_from_hf(hf, directory)
@@ -74,19 +74,16 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
 
 def architecture_of(cfg: ModelConfig) -> str:
   """The Hugging Face model_type that has exactly this architecture."""
-  if len(set(cfg.layer_windows)) > 1 or len(set(cfg.layer_kinds.replace('L', 'G'))) > 1:
-    raise ConfigError(f'model.layer_pattern={cfg.layer_pattern!r}: the supported Hugging Face '
-                      'architectures have one kind of layer, with one window, in every layer; '
-                      'use a pattern of one letter')
   for module in MODULES:
-    model_type = module.FAMILY == cfg.family and module.fits(cfg)
+    model_type = isinstance(cfg, module.CONFIG) and module.fits(cfg)
     if model_type:
       return model_type
-  fields = ', '.join(f'{k}={getattr(cfg, k)!r}' for k in (
-      'family', 'layer_pattern', 'positions', 'norm', 'mlp', 'mlp_dim', 'use_bias', 'post_norm',
-      'window', 'num_kv_heads'))
-  raise ConfigError(f'model: {fields}: no supported Hugging Face architecture has this '
-                    'combination; ' + '; '.join(m.REQUIRES for m in MODULES))
+  options = [f for f in dataclasses.fields(cfg) if f.name != 'vocab_size' and (
+      not isinstance(f.default, (int, float)) or isinstance(f.default, bool)
+      or getattr(cfg, f.name) != f.default)]  # every choice, and the numbers off their default
+  fields = ', '.join(f'{f.name}={getattr(cfg, f.name)!r}' for f in options)
+  raise ConfigError(f'model: {fields}: no supported Hugging Face '
+                    'architecture has this combination; ' + '; '.join(m.REQUIRES for m in MODULES))
 
 
 def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
@@ -106,7 +103,7 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict:
   model_type = architecture_of(cfg)
   return {'model_type': model_type, 'architectures': [ARCHITECTURES[model_type]],
-          'vocab_size': cfg.vocab_size, 'tie_word_embeddings': cfg.tie_embeddings,
+          'vocab_size': cfg.vocab_size,
           'torch_dtype': 'float32',
           'bos_token_id': None, 'eos_token_id': None,  # lm's tokenizer holds its special ids
           **_module(model_type).config_to_hf(cfg)}
@@ -114,9 +111,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def _abstract(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """'path/to/param' -> its shape and dtype, for the plain layout of cfg's model."""
-  plain = dataclasses.replace(cfg, scan_layers=False)
-  return {common.param_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(
-      nn.meta.unbox(models.abstract_params(models.build(plain))))}
+  abstract = nn.meta.unbox(models.abstract_params(models.build(cfg)))
+  plain = jax.eval_shape(lambda params: models.plain_layout(cfg, params), abstract)
+  return {common.param_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(plain)}
 
 
 def _read_config(directory: Path) -> dict:

@@ -2,24 +2,25 @@
 GELU, a pooler, the MLM transform and the next-sentence head; torch Linear weights [out, in]."""
 from __future__ import annotations
 
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import EncoderConfig
 from lm.hf.convert import Rule, copies, flat, linear, same
 
 MODEL_TYPES = {'bert': 'BertForPreTraining'}
 REQUIRES = ('BERT is an encoder: learned positions, layernorm, gelu_exact (or gelu), biases, '
             'post_norm=True, multi-head')
-FAMILY = 'encoder'  # the lm family whose models this architecture maps
+CONFIG = EncoderConfig  # the lm family config whose models this architecture maps
 IGNORED = (r'^bert\.embeddings\.position_ids$',)  # a buffer of older checkpoints
 ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
 
 
-def fits(cfg: ModelConfig) -> str | None:
+def fits(cfg: EncoderConfig) -> str | None:
   ok = (cfg.positions, cfg.norm, cfg.use_bias, cfg.post_norm) == (
       'learned', 'layernorm', True, True)
   return 'bert' if ok and cfg.mlp != 'swiglu' and cfg.kv_heads == cfg.num_heads else None
 
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
+def config_from_hf(hf: dict, where: str) -> EncoderConfig:
   act = hf.get('hidden_act', 'gelu')
   if act not in ACTIVATIONS:
     raise ConfigError(f'{where}: hidden_act={act!r}; lm\'s BERT takes {sorted(ACTIVATIONS)}')
@@ -29,16 +30,17 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
   if not hf.get('tie_word_embeddings', True):
     raise ConfigError(f'{where}: tie_word_embeddings=false; lm\'s MLM decoder is the token '
                       'embedding')
-  return ModelConfig(
-      vocab_size=hf['vocab_size'], family='encoder', num_layers=hf['num_hidden_layers'],
+  return EncoderConfig(
+      vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
       d_model=hf['hidden_size'], num_heads=hf['num_attention_heads'],
       mlp_dim=hf['intermediate_size'], max_len=hf.get('max_position_embeddings', 512),
       norm_eps=hf.get('layer_norm_eps', 1e-12), mlp=ACTIVATIONS[act], post_norm=True,
       num_segments=hf.get('type_vocab_size', 2))
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-  return {'num_hidden_layers': cfg.num_layers, 'hidden_size': cfg.d_model,
+def config_to_hf(cfg: EncoderConfig) -> dict:
+  return {'tie_word_embeddings': True,  # the MLM decoder is the token embedding
+          'num_hidden_layers': cfg.num_layers, 'hidden_size': cfg.d_model,
           'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.mlp_dim,
           'hidden_act': {'gelu_exact': 'gelu', 'gelu': 'gelu_new'}[cfg.mlp],
           'max_position_embeddings': cfg.max_len, 'type_vocab_size': cfg.num_segments,
@@ -59,7 +61,7 @@ def norm(ours: str, theirs: str) -> list[Rule]:
   return [same(ours + '/scale', theirs + '.weight'), same(ours + '/bias', theirs + '.bias')]
 
 
-def rules(cfg: ModelConfig) -> list[Rule]:
+def rules(cfg: EncoderConfig) -> list[Rule]:
   e = 'bert.embeddings.'
   out = [same('embed/embedding', e + 'word_embeddings.weight'),
          same('pos_embed/embedding', e + 'position_embeddings.weight'),

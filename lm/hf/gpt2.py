@@ -2,36 +2,38 @@
 and query, key and value fused in one c_attn."""
 from __future__ import annotations
 
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import DecoderConfig
 from lm.hf.convert import Rule, concat, conv1d, flat, linear, same
 
 MODEL_TYPES = {'gpt2': 'GPT2LMHeadModel'}
 REQUIRES = 'GPT-2 is learned positions, layernorm, gelu, biases, multi-head, no window'
-FAMILY = 'decoder'  # the lm family whose models this architecture maps
+CONFIG = DecoderConfig  # the lm family config whose models this architecture maps
 IGNORED = (r'\.attn\.(masked_)?bias$',)  # causal-mask buffers of older checkpoints
 
 
-def fits(cfg: ModelConfig) -> str | None:
+def fits(cfg: DecoderConfig) -> str | None:
   ok = (cfg.layer_kinds.replace('L', 'G'), cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias,
         cfg.window, cfg.num_experts) == (
       'G' * cfg.num_layers, 'learned', 'layernorm', 'gelu', True, None, 0)
   return 'gpt2' if ok and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim else None
 
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
+def config_from_hf(hf: dict, where: str) -> DecoderConfig:
   act = hf.get('activation_function', 'gelu_new')
   if act not in ('gelu_new', 'gelu_pytorch_tanh'):
     raise ConfigError(f'{where}: activation_function={act!r}; lm\'s GPT-2 MLP is the tanh '
                       'GELU (gelu_new)')
-  return ModelConfig(
+  return DecoderConfig(
       vocab_size=hf['vocab_size'], num_layers=hf['n_layer'], d_model=hf['n_embd'],
       num_heads=hf['n_head'], mlp_dim=hf.get('n_inner') or 4 * hf['n_embd'],
       max_len=hf['n_positions'], norm_eps=hf.get('layer_norm_epsilon', 1e-5),
       tie_embeddings=hf.get('tie_word_embeddings', True))
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-  return {'n_layer': cfg.num_layers, 'n_embd': cfg.d_model, 'n_head': cfg.num_heads,
+def config_to_hf(cfg: DecoderConfig) -> dict:
+  return {'tie_word_embeddings': cfg.tie_embeddings,
+          'n_layer': cfg.num_layers, 'n_embd': cfg.d_model, 'n_head': cfg.num_heads,
           'n_inner': cfg.mlp_dim, 'n_positions': cfg.max_len, 'layer_norm_epsilon': cfg.norm_eps,
           'activation_function': 'gelu_new', 'resid_pdrop': 0.0, 'embd_pdrop': 0.0,
           'attn_pdrop': 0.0}
@@ -47,7 +49,7 @@ def norm(ours: str, theirs: str) -> list[Rule]:
   return [same(ours + '/scale', theirs + '.weight'), same(ours + '/bias', theirs + '.bias')]
 
 
-def rules(cfg: ModelConfig) -> list[Rule]:
+def rules(cfg: DecoderConfig) -> list[Rule]:
   t = 'transformer.'
   out = [same('embed/embedding', t + 'wte.weight'), same('pos_embed/embedding', t + 'wpe.weight'),
          *norm('final_norm', t + 'ln_f')]

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import DecoderConfig
 from lm.hf.convert import Rule, concat, flat, linear, same, swap_last
 
 MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                'mixtral': 'MixtralForCausalLM'}
 REQUIRES = ('Llama and Mistral are rope, rmsnorm, swiglu (Mixtral: with experts and no '
             'biases), one window in every layer')
-FAMILY = 'decoder'  # the lm family whose models this architecture maps
+CONFIG = DecoderConfig  # the lm family config whose models this architecture maps
 IGNORED = ()
 
 
-def fits(cfg: ModelConfig) -> str | None:
+def fits(cfg: DecoderConfig) -> str | None:
   kinds = set(cfg.layer_kinds)
   if not cfg.mlp_dim or not kinds <= set('GL') or len(kinds) > 1:
     return None
@@ -26,7 +27,7 @@ def fits(cfg: ModelConfig) -> str | None:
   return 'mixtral' if cfg.num_experts else 'mistral' if window is not None else 'llama'
 
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
+def config_from_hf(hf: dict, where: str) -> DecoderConfig:
   model_type = hf['model_type']
   rope = hf.get('rope_parameters') or {}
   rope_type = rope.get('rope_type', (hf.get('rope_scaling') or {}).get('rope_type', 'default'))
@@ -39,7 +40,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
   if hf.get('head_dim') not in (None, hf['hidden_size'] // heads):
     raise ConfigError(f'{where}: head_dim={hf["head_dim"]} is not hidden_size / '
                       'num_attention_heads, which lm requires')
-  return ModelConfig(
+  return DecoderConfig(
       vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
       d_model=hf['hidden_size'], num_heads=heads,
       num_kv_heads=hf.get('num_key_value_heads') or heads,
@@ -54,8 +55,9 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
       tie_embeddings=hf.get('tie_word_embeddings', False))
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-  out = {'num_hidden_layers': cfg.num_layers, 'hidden_size': cfg.d_model,
+def config_to_hf(cfg: DecoderConfig) -> dict:
+  out = {'tie_word_embeddings': cfg.tie_embeddings,
+         'num_hidden_layers': cfg.num_layers, 'hidden_size': cfg.d_model,
          'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.kv_heads,
          'head_dim': cfg.head_dim, 'intermediate_size': cfg.mlp_dim,
          'max_position_embeddings': cfg.max_len, 'hidden_act': 'silu',
@@ -90,7 +92,7 @@ def normalize(tensors: dict) -> dict:
   return tensors
 
 
-def rules(cfg: ModelConfig) -> list[Rule]:
+def rules(cfg: DecoderConfig) -> list[Rule]:
   out = [same('embed/embedding', 'model.embed_tokens.weight'),
          same('final_norm/scale', 'model.norm.weight')]
   if not cfg.tie_embeddings:

@@ -3,24 +3,25 @@ head, with or without the projections' biases; torch Linear weights [out, in], t
 Conv1d weight [I, 1, d_conv]."""
 from __future__ import annotations
 
-from lm.config import ConfigError, ModelConfig
+from lm.config import ConfigError
+from lm.models import DecoderConfig
 from lm.hf.convert import Rule, depthwise_conv, linear, same
 
 MODEL_TYPES = {'mamba': 'MambaForCausalLM'}
 REQUIRES = 'Mamba is layer_pattern M with mlp_dim=0, positions none, rmsnorm'
-FAMILY = 'decoder'  # the lm family whose models this architecture maps
+CONFIG = DecoderConfig  # the lm family config whose models this architecture maps
 IGNORED = ()
 
-def fits(cfg: ModelConfig) -> str | None:
+def fits(cfg: DecoderConfig) -> str | None:
   ok = (set(cfg.layer_kinds), cfg.mlp_dim, cfg.positions, cfg.norm) == (
       {'M'}, 0, 'none', 'rmsnorm')
   return 'mamba' if ok else None
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
+def config_from_hf(hf: dict, where: str) -> DecoderConfig:
   if hf.get('hidden_act', 'silu') != 'silu':
     raise ConfigError(f'{where}: hidden_act={hf["hidden_act"]!r}; Mamba\'s activation is SiLU')
   d_model, rank = hf['hidden_size'], hf.get('time_step_rank', 'auto')
-  return ModelConfig(
+  return DecoderConfig(
       vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'], d_model=d_model,
       num_heads=1, mlp_dim=0, positions='none', norm='rmsnorm',
       norm_eps=hf.get('layer_norm_epsilon', 1e-5), use_bias=hf.get('use_bias', False),
@@ -30,8 +31,9 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
       conv_bias=hf.get('use_conv_bias', True), tie_embeddings=hf.get('tie_word_embeddings', True),
       max_len=hf.get('max_position_embeddings', 2048))
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-  return {'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
+def config_to_hf(cfg: DecoderConfig) -> dict:
+  return {'tie_word_embeddings': cfg.tie_embeddings,
+          'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
           'state_size': cfg.state_size, 'expand': cfg.expand, 'intermediate_size': cfg.inner,
           'conv_kernel': cfg.d_conv, 'use_bias': cfg.use_bias, 'use_conv_bias': cfg.conv_bias,
           'hidden_act': 'silu', 'layer_norm_epsilon': cfg.norm_eps,
@@ -42,7 +44,7 @@ def normalize(tensors: dict) -> dict:
   """Older checkpoints name the embedding `backbone.embedding`."""
   return {k.replace('backbone.embedding.', 'backbone.embeddings.'): v for k, v in tensors.items()}
 
-def rules(cfg: ModelConfig) -> list[Rule]:
+def rules(cfg: DecoderConfig) -> list[Rule]:
   out = [same('embed/embedding', 'backbone.embeddings.weight'),
          same('final_norm/scale', 'backbone.norm_f.weight')]
   if not cfg.tie_embeddings:

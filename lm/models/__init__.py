@@ -1,7 +1,9 @@
-"""The registry of model families. A family registers its Flax module (`build`), its training
-FLOPs per token, the tasks it trains on, the checks of its own config keys and, if it
-generates, its decoding interface; nothing outside this module branches on a family's name.
+"""The registry of model families. A family registers its frozen config class (the common
+lm.config.ModelConfig keys plus its own), its Flax module (`build`), its training FLOPs per
+token, the tasks it trains on, the checks of its own config keys and, if it generates, its
+decoding interface; nothing outside this module branches on a family's name.
 
+  cfg = lm.models.DecoderConfig(vocab_size=259, layer_pattern='MMMG', mlp_dim=0, ...)
   model = lm.models.build(cfg)                 # the family's nn.Module
   d = lm.models.decoding(cfg)                  # prefill, decode_step, reorder, expand, prepare
 """
@@ -16,29 +18,46 @@ import jax.numpy as jnp
 
 from lm.config import ConfigError, ModelConfig
 from lm.models import decoder, encoder
+from lm.models.decoder import DecoderConfig
+from lm.models.encoder import EncoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+  config: type[ModelConfig]  # its frozen config dataclass: ModelConfig's keys plus its own
   build: Callable[[ModelConfig], nn.Module]
   train_flops_per_token: Callable[[ModelConfig, int, float], float]  # (cfg, seq_len, mask_rate)
   tasks: tuple[str, ...]  # the data.task values it trains on (lm.tasks)
-  validate: Callable[[ModelConfig], None]  # the checks of its own keys (ConfigError)
+  validate: Callable[[ModelConfig, int | None], None]  # its own keys' checks, and (with
+                                                      # data.seq_len) its sequences' (ConfigError)
   decoding: Callable[[ModelConfig], Any] | None = None  # None: it does not generate
+  plain_layout: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
+  layout_for: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
 
 
 FAMILIES = {
-    'decoder': Family(decoder.Decoder,
+    'decoder': Family(DecoderConfig, decoder.Decoder,
                       lambda cfg, seq_len, mask_rate: decoder.train_flops_per_token(cfg, seq_len),
-                      ('clm',), decoder.validate, decoder.Decoding),
-    'encoder': Family(encoder.Encoder, encoder.train_flops_per_token, ('mlm_nsp',),
-                      encoder.validate),
+                      ('clm', 'sft'), decoder.validate, decoder.Decoding,
+                      decoder.plain_layout, decoder.layout_for),
+    'encoder': Family(EncoderConfig, encoder.Encoder, encoder.train_flops_per_token,
+                      ('mlm_nsp',), encoder.validate),
 }
 
 
+def config_class(name: str) -> type[ModelConfig]:
+  """The config class of the family called `name` (a model.family value)."""
+  if name not in FAMILIES:
+    raise ConfigError(f'model.family={name!r}: use one of {sorted(FAMILIES)}')
+  return FAMILIES[name].config
+
+
+def config_classes() -> dict[str, type[ModelConfig]]:
+  return {name: f.config for name, f in FAMILIES.items()}
+
+
 def family(cfg: ModelConfig) -> Family:
-  if cfg.family not in FAMILIES:
-    raise ConfigError(f'model.family={cfg.family!r}: use one of {sorted(FAMILIES)}')
+  config_class(cfg.family)  # an unknown family is a ConfigError
   return FAMILIES[cfg.family]
 
 
@@ -63,14 +82,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0
 
 
 def plain_layout(cfg: ModelConfig, params: dict) -> dict:
-  """params in the layout of one entry a layer (block_i), whatever cfg.scan_layers."""
-  return decoder.unstack_layers(cfg, params) if cfg.scan_layers else params
+  """params in the layout of one entry a layer (block_i), whatever the family's options (a
+  decoder's scan_layers stacks them)."""
+  return family(cfg).plain_layout(cfg, params)
 
 
 def layout_for(cfg: ModelConfig, plain_params: dict) -> dict:
-  """Params of the plain layout (block_i) in cfg's layout (stacked under `layers` for
-  scan_layers): the inverse of plain_layout."""
-  return decoder.stack_layers(cfg, plain_params) if cfg.scan_layers else plain_params
+  """Params of the plain layout (block_i) in cfg's layout: the inverse of plain_layout."""
+  return family(cfg).layout_for(cfg, plain_params)
 
 
 def abstract_params(model: nn.Module):

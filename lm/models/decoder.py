@@ -1,5 +1,5 @@
 """The decoder-only language model: pre-norm blocks of a mixer and an MLP, configured by
-ModelConfig into GPT-2 (learned positions, LayerNorm, GELU, biases) or Llama / Mistral (RoPE,
+DecoderConfig into GPT-2 (learned positions, LayerNorm, GELU, biases) or Llama / Mistral (RoPE,
 RMSNorm, SwiGLU, grouped-query attention, sliding window in all layers or a local/global
 pattern, mixture of experts), Mamba (selective scan layers, no MLP) or hybrids: the mixer of
 each layer is a letter of model.layer_pattern (G global attention, L sliding window, M Mamba,
@@ -14,14 +14,69 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import LAYER_KINDS, SCANS, ModelConfig, require
+from lm.config import ModelConfig, require
 from lm.models.layers import attention, common, kv_cache, mlp, ssm
 
 ACTIVATION = ('batch', 'length', 'embed')
+LAYER_KINDS = {'G': 'global attention', 'L': 'sliding-window attention (model.window)',
+               'M': 'Mamba (selective SSM)', 'S': 'S4D (linear time-invariant SSM)'}
+SCANS = ('sequential', 'parallel', 'chunked')
 
 
-def mixer(cfg: ModelConfig, kind: str, out_std: float) -> nn.Module:
-  """The mixer of a layer of kind `kind` (a letter of config.LAYER_KINDS)."""
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig(ModelConfig):
+  """A decoder-only model: the common keys (lm.config.ModelConfig) and these."""
+  family: str = dataclasses.field(default='decoder', init=False)
+  window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
+  layer_pattern: str = ''  # a letter a layer, repeated over the depth: G global attention,
+                           # L sliding window, M Mamba, S S4D; '': all L
+  tie_embeddings: bool = True
+  num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
+  experts_per_token: int = 2
+  moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
+  scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
+  state_size: int = 16  # scan layers (M, S): N, the states per channel
+  d_conv: int = 4  # Mamba: the causal convolution's width
+  expand: int = 2  # Mamba: inner width I = expand * d_model
+  dt_rank: int = 0  # Mamba: the rank R of the time step's projection; 0: ceil(d_model / 16)
+  dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
+  dt_max: float = 0.1
+  conv_bias: bool = True  # Mamba: a bias in the convolution
+  scan: str = 'sequential'  # Mamba's selective scan: sequential | parallel | chunked
+  scan_chunk: int = 64  # chunked: steps a chunk (parallel within, sequential across)
+
+  @property
+  def period(self) -> int:
+    """Layers in one repeat of layer_pattern: the unit that scan_layers repeats."""
+    return len(self.layer_pattern) or 1
+
+  @property
+  def layer_kinds(self) -> str:
+    """The letter of each layer (LAYER_KINDS): layer_pattern repeated over the depth."""
+    pattern = self.layer_pattern or 'L'
+    return ''.join(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """The attention window of each layer (None: full causal attention, or a scan layer)."""
+    return tuple(self.window if kind == 'L' else None for kind in self.layer_kinds)
+
+  @property
+  def has_attention(self) -> bool:
+    return any(kind in 'GL' for kind in self.layer_kinds)
+
+  @property
+  def inner(self) -> int:
+    """Mamba's inner width I."""
+    return self.expand * self.d_model
+
+  @property
+  def time_step_rank(self) -> int:
+    return self.dt_rank or math.ceil(self.d_model / 16)
+
+
+def mixer(cfg: DecoderConfig, kind: str, out_std: float) -> nn.Module:
+  """The mixer of a layer of kind `kind` (a letter of LAYER_KINDS)."""
   dtype = jnp.dtype(cfg.dtype)
   if kind == 'M':
     return ssm.MambaMixer(cfg.inner, cfg.state_size, cfg.d_conv, cfg.time_step_rank,
@@ -36,8 +91,9 @@ def mixer(cfg: ModelConfig, kind: str, out_std: float) -> nn.Module:
       dtype, out_std, name='attn')
 
 
-def validate(m: ModelConfig) -> None:
-  """The decoder's own keys (config.FAMILY_KEYS['decoder']); errors name field, value, fix."""
+def validate(m: DecoderConfig, seq_len: int | None) -> None:
+  """The decoder's own keys, and with `seq_len` the length of its training sequences; errors
+  name field, value, fix."""
   require(m.window is None or m.window >= 1, 'model.window', m.window,
           'a query sees its last `window` positions, itself included: give >= 1, or leave it '
           'unset (None) for full causal attention')
@@ -69,13 +125,22 @@ def validate(m: ModelConfig) -> None:
     require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
   require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
           (m.num_experts, m.moe_aux_coef), 'must be >= 0')
+  if seq_len is None:
+    return
+  if 'M' in m.layer_kinds and m.scan == 'chunked':
+    require(seq_len % min(m.scan_chunk, seq_len) == 0, 'model.scan_chunk', m.scan_chunk,
+            f'the chunked scan splits data.seq_len={seq_len} into chunks: give a divisor of '
+            f'it, e.g. {math.gcd(m.scan_chunk, seq_len)}')
+  require(seq_len <= m.max_len or not m.has_attention and m.positions != 'learned',
+          'data.seq_len', seq_len,
+          f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
 
 
 class Block(nn.Module):
   """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
   `cache` is this layer's decoding state: a KV cache (attention) or a scan layer's state."""
-  cfg: ModelConfig
-  kind: str  # a letter of config.LAYER_KINDS
+  cfg: DecoderConfig
+  kind: str  # a letter of LAYER_KINDS
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache=None, index: jax.Array | int = 0,
@@ -110,7 +175,7 @@ class Block(nn.Module):
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
-def block_class(cfg: ModelConfig, decoding: bool) -> type[Block]:
+def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
   """Block, or Block rematerialised as cfg.remat asks when training (decoding keeps nothing
   for a backward pass). The parameters are the same either way."""
   if cfg.remat == 'none' or decoding:
@@ -135,7 +200,7 @@ def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B,
 class Period(nn.Module):
   """Blocks block_0 .. block_{P-1}: one repeat of the window pattern, the unit nn.scan
   repeats. Scanned, `caches` holds each block's cache and comes back updated."""
-  cfg: ModelConfig
+  cfg: DecoderConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
@@ -157,7 +222,7 @@ class Decoder(nn.Module):
   Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
   scan_layers, `layers/block_j` stacked over the L / P repeats of the pattern), final_norm,
   head (untied)."""
-  cfg: ModelConfig
+  cfg: DecoderConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, cache: dict | None = None,
@@ -205,9 +270,11 @@ class Decoder(nn.Module):
                           'layers': caches}
 
 
-def stack_layers(cfg: ModelConfig, params: dict) -> dict:
-  """Parameters of the plain layout (block_i) in the scan_layers layout (layers/block_j with a
-  leading axis of the L / P repeats): block g * P + j is layers/block_j[g]."""
+def layout_for(cfg: DecoderConfig, params: dict) -> dict:
+  """Parameters of the plain layout (block_i) in cfg's layout: with scan_layers, layers/block_j
+  with a leading axis of the L / P repeats (block g * P + j is layers/block_j[g])."""
+  if not cfg.scan_layers:
+    return params
   repeats, p = cfg.num_layers // cfg.period, cfg.period
   out = {k: v for k, v in params.items() if not k.startswith('block_')}
   out['layers'] = {f'block_{j}': jax.tree.map(
@@ -216,8 +283,10 @@ def stack_layers(cfg: ModelConfig, params: dict) -> dict:
   return out
 
 
-def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
-  """The inverse of stack_layers."""
+def plain_layout(cfg: DecoderConfig, params: dict) -> dict:
+  """The inverse of layout_for."""
+  if not cfg.scan_layers:
+    return params
   repeats, p = cfg.num_layers // cfg.period, cfg.period
   out = {k: v for k, v in params.items() if k != 'layers'}
   for g in range(repeats):
@@ -228,7 +297,7 @@ def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
 
 # --- the decoding interface: init_cache, prefill, decode_step ------------------------------
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
+def init_cache(cfg: DecoderConfig, batch_size: int, max_len: int) -> dict:
   """An empty cache for sequences of up to max_len positions (prompt included): per layer, a KV
   cache (a layer with a sliding window keeps `window` slots whatever max_len is) or a scan
   layer's state (the same size at any length)."""
@@ -266,7 +335,7 @@ def reorder_beams(cache: dict, parent_PxR: jax.Array) -> dict:
                                                    for c in cache['layers'])}
 
 
-def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
+def prefill(cfg: DecoderConfig, params, tokens_BxT: jax.Array, max_len: int,
             lengths_B: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Runs the prompts, returns their logits_BxTxV and the cache to continue from. With
   `lengths_B`, the prompts are left-padded: row b's prompt is its last lengths_B[b] tokens, its
@@ -280,7 +349,7 @@ def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, max_len: int,
   return Decoder(cfg).apply({'params': params}, tokens_BxT, cache)
 
 
-def decoding_params(cfg: ModelConfig, params, rows: int) -> tuple[ModelConfig, dict]:
+def decoding_params(cfg: DecoderConfig, params, rows: int) -> tuple[DecoderConfig, dict]:
   """(cfg, params) laid out for a loop of decode steps over `rows` rows on CPU: the same
   logits, faster; on accelerators nothing changes. Done once, before the loop:
   - a tied model gets its output head as a [D, V] copy of the embedding: XLA:CPU multiplies a
@@ -311,7 +380,7 @@ def transpose_down_kernels(params: dict) -> dict:
   return walk(params, ())
 
 
-def decode_step(cfg: ModelConfig, params, token_B: jax.Array,
+def decode_step(cfg: DecoderConfig, params, token_B: jax.Array,
                 cache: dict) -> tuple[jax.Array, dict]:
   """One new token per row, in column cache['index']: logits_BxV and the updated cache."""
   logits_Bx1xV, cache = Decoder(cfg).apply({'params': params}, token_B[:, None], cache)
@@ -324,7 +393,7 @@ class Decoding:
   'index' (the next column), 'start' (each row's first column, after its left padding) and
   'layers', one typed state a layer: a kv_cache.KVCache (attention) or an ssm.ScanState (a scan
   layer's conv window and SSM state)."""
-  cfg: ModelConfig
+  cfg: DecoderConfig
 
   @property
   def max_len(self) -> int | None:
@@ -336,7 +405,7 @@ class Decoding:
     """params laid out for decoding `rows` rows on this device (decoding_params)."""
     return decoding_params(self.cfg, params, rows)[1]
 
-  def _cfg(self, params) -> ModelConfig:  # prepared params may hold an untied head
+  def _cfg(self, params) -> DecoderConfig:  # prepared params may hold an untied head
     untied = self.cfg.tie_embeddings and 'head' in params
     return dataclasses.replace(self.cfg, tie_embeddings=False) if untied else self.cfg
 
@@ -363,7 +432,7 @@ class Decoding:
     return reorder_beams(state, parent_PxR)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def matmul_params(cfg: DecoderConfig) -> int:
   """Weights that take part in a matmul per token in the attention layers, the MLPs and the
   output head (for a mixture of experts, the router and the experts each token uses); a scan
   layer's mixer is counted by ssm's FLOP counts."""
@@ -375,7 +444,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   return attention_layers * attn + cfg.num_layers * mlp + cfg.d_model * cfg.vocab_size
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
   """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's over all
   keys a query may see in each attention layer (seq_len, or that layer's window), as in PaLM's
   MFU: not halved for causality; plus each scan layer's (ssm.mamba_flops_per_token,

@@ -10,6 +10,7 @@ embeddings, an output bias) and the next-sentence head.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -22,10 +23,18 @@ from lm.models.layers import attention, common, mlp
 ACTIVATION = ('batch', 'length', 'embed')
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ModelConfig):
+  """An encoder (BERT): the common keys (lm.config.ModelConfig) and these."""
+  family: str = dataclasses.field(default='encoder', init=False)
+  post_norm: bool = False  # LayerNorm after each residual sum (original BERT); False: pre-norm
+  num_segments: int = 2  # segment (token type) embeddings: A and B of [CLS] A [SEP] B [SEP]
+
+
 class EncoderBlock(nn.Module):
   """Attention then MLP, each added to the residual stream: normalised after the sum
   (post_norm, BERT) or before the sublayer (pre-norm)."""
-  cfg: ModelConfig
+  cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
@@ -52,7 +61,7 @@ class Encoder(nn.Module):
   padding, which no position attends to. Parameters: embed, pos_embed (learned positions),
   segment_embed, embed_norm, block_0 .. block_{L-1}, final_norm (pre-norm only), pooler,
   mlm_transform, mlm_norm, mlm_bias, nsp."""
-  cfg: ModelConfig
+  cfg: EncoderConfig
 
   def setup(self):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -109,15 +118,18 @@ class Encoder(nn.Module):
     return mlm_logits_BxMxV, self.nsp(pooled_BxD).astype(jnp.float32)
 
 
-def validate(m: ModelConfig) -> None:
-  """The encoder's own keys (config.FAMILY_KEYS['encoder']); errors name field, value, fix."""
+def validate(m: EncoderConfig, seq_len: int | None) -> None:
+  """The encoder's own keys, and with `seq_len` the length of its training sequences; errors
+  name field, value, fix."""
   require(m.num_segments >= 2, 'model.num_segments', m.num_segments,
           'the encoder embeds the segments of [CLS] A [SEP] B [SEP]: give >= 2')
   require(m.mlp_dim > 0 and m.positions != 'none', 'model.mlp_dim/positions',
           (m.mlp_dim, m.positions), 'the encoder has MLPs and positions (learned or rope)')
+  require(seq_len is None or seq_len <= m.max_len, 'data.seq_len', seq_len,
+          f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
 
 
-def matmul_params(cfg: ModelConfig, mask_rate: float = 1.0) -> float:
+def matmul_params(cfg: EncoderConfig, mask_rate: float = 1.0) -> float:
   """Weights in a matmul per token: the blocks, and the MLM transform and decoder for the
   share `mask_rate` of the tokens that are scored (the pooler and the NSP head run once a
   sequence, not counted)."""
@@ -126,7 +138,7 @@ def matmul_params(cfg: ModelConfig, mask_rate: float = 1.0) -> float:
   return cfg.num_layers * block + mask_rate * cfg.d_model * (cfg.d_model + cfg.vocab_size)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0) -> float:
+def train_flops_per_token(cfg: EncoderConfig, seq_len: int, mask_rate: float = 1.0) -> float:
   """6 FLOPs per matmul weight plus attention's, every query seeing all seq_len keys."""
   return 6 * matmul_params(cfg, mask_rate) + common.attention_flops_per_token(
       cfg.num_layers * seq_len, cfg.num_heads, cfg.head_dim)

@@ -66,13 +66,15 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: i
 
 class CausalLM(Task):
   name = 'clm'
+  layout = 'documents'
 
   def __init__(self, *args):
     super().__init__(*args)
     tok = self.tokenizer
     self.loss_fn = functools.partial(
         objectives.clm_loss, apply_fn=self.model.apply,
-        aux_coef=self.cfg.model.moe_aux_coef if self.cfg.model.num_experts else 0.0)
+        aux_coef=getattr(self.cfg.model, 'moe_aux_coef', 0.0)
+        if getattr(self.cfg.model, 'num_experts', 0) else 0.0)  # experts' load balancing
     self.eval_fn = functools.partial(objectives.clm_eval_sums, apply_fn=self.model.apply,
                                      token_bytes_V=jnp.asarray(tok.token_bytes()))
 
@@ -96,17 +98,22 @@ class CausalLM(Task):
   def metrics(self, sums):
     return objectives.clm_eval_metrics(sums)
 
-  def report(self, params, val, mesh):
+  def report(self, params, val, mesh, base=None):
     seq_len, val_tokens = self.cfg.data.seq_len, self.splits['val'].tokens
     covered = num_windows(len(val_tokens), seq_len) * seq_len
     text = self.tokenizer.decode(np.asarray(val_tokens[1:covered + 1]).tolist()).encode('utf-8')
     baselines = compressed_bits_per_byte(text)
-    lines = [f'({len(text):,} bytes of held-out text):',
-             f'  {"model":<10} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte']
+    lines = [f'({len(text):,} bytes of held-out text):']
+    extra = {'gzip_bpb': baselines['gzip -9'], 'xz_bpb': baselines['xz -9']}
+    if base is not None:  # train.init_from: the starting model
+      extra.update(base_loss=base[1]['loss'], base_bpb=base[1]['bpb'])
+      lines.append(f'  {"start":<10} loss {base[1]["loss"]:.4f} nats/token   '
+                   f'{base[1]["bpb"]:.4f} bits/byte')
+    lines.append(f'  {"model":<10} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte')
     lines += [f'  {name:<10} {"":27} {bpb:.4f} bits/byte' for name, bpb in baselines.items()]
     for i, sample in enumerate(self.samples(params, mesh)):
       lines.append(f'\n--- sample {i + 1} ---\n{sample}')
-    return {'gzip_bpb': baselines['gzip -9'], 'xz_bpb': baselines['xz -9']}, lines
+    return extra, lines
 
   def samples(self, params, mesh) -> list[str]:
     t, tok = self.cfg.train, self.tokenizer
