@@ -7,6 +7,10 @@ import os
 # the user's own in XLA_FLAGS wins. (The decoding loops compile with YNNPACK's matmuls:
 # lm.sampling.decoding_jit.)
 CPU_MATMUL_FLAG = '--xla_cpu_experimental_ynn_fusion_type='
-USER_CHOSE_CPU_MATMULS = CPU_MATMUL_FLAG.split('=')[0] in os.environ.get('XLA_FLAGS', '')
-if not USER_CHOSE_CPU_MATMULS:
+_SET_BY_LM = 'LM_XLA_FLAGS'  # the XLA_FLAGS lm set, so that a child process (a test worker)
+# that inherits them does not take lm's choice for the user's
+USER_CHOSE_CPU_MATMULS = (CPU_MATMUL_FLAG.split('=')[0] in os.environ.get('XLA_FLAGS', '')
+                          and os.environ.get('XLA_FLAGS') != os.environ.get(_SET_BY_LM))
+if not USER_CHOSE_CPU_MATMULS and CPU_MATMUL_FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MATMUL_FLAG}".strip()
+  os.environ[_SET_BY_LM] = os.environ['XLA_FLAGS']
