@@ -400,6 +400,9 @@ def load_model(workdir: Path, tokenizer_arg: str | None = None):
 
 def saved_model(workdir: Path) -> ModelConfig:
   """The model config of a run's workdir (its config.json), checked."""
+  if not (workdir / 'config.json').is_file():
+    raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
+                      'python -m lm.main')
   cfg = model_from_dict(upgrade_saved(json.loads((workdir / 'config.json').read_text()))['model'])
   validate_model(cfg)
   return cfg

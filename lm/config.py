@@ -70,6 +70,8 @@ class DataConfig:
   cache_dir: str = ''  # empty: ~/.cache/lm/tokens
   task: str = 'clm'  # clm (next token; decoder) | sft (chat; decoder) | mlm_nsp (BERT; encoder)
   mask_rate: float = 0.15  # mlm_nsp: share of a sequence's tokens chosen for prediction
+  fim_rate: float = 0.0  # clm: share of documents laid out for fill-in-the-middle (lm.data.fim)
+  fim_spm_rate: float = 0.5  # clm: share of those laid out SPM (suffix first) rather than PSM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +267,12 @@ def validate(cfg: Config, device_count: int) -> None:
     require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
             '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
             'give data.seq_len >= 5, e.g. 128')
+  for key in ('fim_rate', 'fim_spm_rate'):
+    require(0.0 <= getattr(d, key) <= 1.0, f'data.{key}', getattr(d, key),
+            'a probability: give a number in [0, 1] (fim_rate 0 turns fill-in-the-middle off)')
+  require(d.fim_rate == 0.0 or d.task == 'clm', 'data.fim_rate', d.fim_rate,
+          f'fill-in-the-middle transforms the clm task\'s windows, and data.task={d.task!r}: '
+          'set data.fim_rate=0')
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
           'must be in (0, 1)')
   _positive(t, 'train', ['steps', 'batch_size', 'log_every', 'eval_every', 'eval_batches',

@@ -4,11 +4,13 @@
       [--temperature=0.8] [--top_k=50] [--top_p=0.95] [--min_p=0.05] [--seed=0] [--stream]
   python -m lm.sample --workdir=runs/decoder --prompt='import ' --num_beams=4
   python -m lm.sample --workdir=HF_MODEL_DIR --tokenizer=bytes|cl100k|DIR --prompt=...
+  python -m lm.sample --workdir=runs/fim --prefix='def f(x):\n    return ' --suffix='\n'
 
 --workdir is a run's directory (its config.json, tokenizer and latest checkpoint) or a Hugging
 Face model directory (read by lm.hf.load; its tokenizer is named by --tokenizer). Every prompt
-starts with the tokenizer's BOS, so an empty prompt samples from scratch. A mistake in the
-arguments is one line on stderr and exit status 2.
+starts with the tokenizer's BOS, so an empty prompt samples from scratch. --prefix/--suffix
+fill in the middle (lm.sampling.infill; a model trained with data.fim_rate) and print it. A
+mistake in the arguments is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m lm.sample', description=__doc__.splitlines()[0])
   p.add_argument('--workdir', required=True, help='a run directory or a Hugging Face directory')
   p.add_argument('--prompt', default='', help='text to continue (after BOS)')
+  p.add_argument('--prefix', help='fill in the middle: the text before it (with --suffix)')
+  p.add_argument('--suffix', help='fill in the middle: the text after it (with --prefix)')
   p.add_argument('--tokenizer', help='bytes | cl100k | DIR; default: the workdir\'s')
   p.add_argument('--max_new_tokens', type=int, default=0,
                  help='0: as many as fit the model context after the prompt (a model without '
@@ -53,14 +57,25 @@ def run(args: argparse.Namespace) -> str:
   if args.num_beams > 1 and (sampling_flags or args.stream):
     raise ConfigError(f'--num_beams={args.num_beams}: beam search is deterministic and whole; '
                       'drop --temperature/--top_k/--top_p/--min_p/--stream, or use --num_beams=1')
+  infilling = args.prefix is not None or args.suffix is not None
+  if infilling and (args.num_beams > 1 or args.stream or args.prompt):
+    raise ConfigError('--prefix/--suffix fill in the middle: drop --prompt, --num_beams and '
+                      '--stream')
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
   from lm import models
   cfg, params, tok = load_model(Path(args.workdir), args.tokenizer)
   context = models.decoding(cfg).max_len
-  prompt = [tok.bos_id, *tok.encode(args.prompt)]
+  prompt = (sampling.infill_prompt(tok, args.prefix or '', args.suffix or '') if infilling
+            else [tok.bos_id, *tok.encode(args.prompt)])
   if not args.max_new_tokens:
     args.max_new_tokens = max(1, (context or DEFAULT_NEW_TOKENS + len(prompt)) - len(prompt))
   rng = jax.random.PRNGKey(args.seed)
+  if infilling:
+    middle = sampling.infill(cfg, params, tok, args.prefix or '', args.suffix or '',
+                             max_new_tokens=args.max_new_tokens, rng=rng, filter_fn=filter_fn,
+                             truncate=args.truncate)
+    print(middle)
+    return middle
   print(args.prompt, end='', flush=True)
   if args.stream:
     pieces = []

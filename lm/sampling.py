@@ -341,9 +341,11 @@ def draw(logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
 
 def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_new_tokens: int,
            rng: jax.Array | None = None, filter_fn: Filter = GREEDY,
-           truncate: bool = False) -> Iterator[str]:
+           truncate: bool = False, stop_id: int | None = None) -> Iterator[str]:
   """Yields the continuation's text as it is drawn (the tokens `generate` draws for this prompt
-  and key), through the tokenizer's StreamDecoder; stops at the tokenizer's EOS."""
+  and key), through the tokenizer's StreamDecoder; stops at `stop_id` (default: the
+  tokenizer's EOS; a chat reply's is <|end_of_turn|>)."""
+  stop_id = tokenizer.eos_id if stop_id is None else stop_id
   (prompt,) = fit_prompts(cfg, [prompt], max_new_tokens, truncate)
   tokens_1xT, lengths_1 = left_pad([prompt], tokenizer.pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -354,7 +356,7 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
   for i in range(max_new_tokens):
     token, logits_1xV, cache = _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn)
     token = int(token)
-    if token == tokenizer.eos_id:
+    if token == stop_id:
       break
     piece = text.feed([token])
     if piece:
@@ -375,6 +377,24 @@ def _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn):
   token_1 = token_1.astype(jnp.int32)
   logits_1xV, cache = models.decoding(cfg).decode_step(params, token_1, cache)
   return token_1[0], logits_1xV, cache
+
+
+def infill_prompt(tokenizer, prefix: str, suffix: str) -> list[int]:
+  s = tokenizer.special_ids
+  return [tokenizer.bos_id, s['fim_prefix'], *tokenizer.encode(prefix), s['fim_suffix'],
+          *tokenizer.encode(suffix), s['fim_middle']]
+
+
+def infill(cfg: ModelConfig, params, tokenizer, prefix: str, suffix: str, *,
+           max_new_tokens: int, rng: jax.Array | None = None, filter_fn: Filter = GREEDY,
+           truncate: bool = False) -> str:
+  """The middle between `prefix` and `suffix` that a model trained with fill-in-the-middle
+  (data.fim_rate) draws: the PSM prompt BOS <|fim_prefix|> prefix <|fim_suffix|> suffix
+  <|fim_middle|>, continued until the document's EOS."""
+  out = generate(cfg, params, [infill_prompt(tokenizer, prefix, suffix)], max_new_tokens=max_new_tokens, rng=rng,
+                 filter_fn=filter_fn, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                 truncate=truncate)
+  return tokenizer.decode(out.tokens[0])
 
 
 # --- beam search ---------------------------------------------------------------------------

@@ -152,8 +152,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   checkpoint.prepare_workdir(workdir, cfg)
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
   tokenizer = (tokenizers.load(saved) if (saved / 'tokenizer.json').is_file()
-               else store.load_or_train_tokenizer(cfg.tokenizer, cfg.data))
-  splits = store.load_or_build(cfg.data, tokenizer, tasks.LAYOUTS[cfg.data.task])
+               else pretrained_tokenizer(cfg) or store.load_or_train_tokenizer(cfg.tokenizer,
+                                                                               cfg.data))
+  splits = tasks.load(cfg, tokenizer)
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)
   task = tasks.make(cfg, model, tokenizer, splits)
@@ -166,28 +167,38 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
 
 
-PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config
+PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config,
+# where both the config's family and the checkpoint's have them
+
+
+def is_lm_workdir(path: str | Path) -> bool:
+  """A run directory of lm.main (config.json and checkpoints/), not a Hugging Face one."""
+  return (Path(path) / 'config.json').is_file() and (Path(path) / 'checkpoints').is_dir()
 
 
 def with_pretrained_model(cfg: Config, device_count: int) -> Config:
-  """With train.init_from, the model section is that Hugging Face directory's architecture
-  (the config's dtype, remat, scan_layers and moe_aux_coef kept); its weights are read only
-  when a run starts (`pretrained_params`), not when it resumes."""
+  """With train.init_from, the model section is the architecture of that lm workdir or
+  Hugging Face directory (the config's dtype, remat, scan_layers and moe_aux_coef kept); its
+  weights are read when the run starts (`pretrained_params`): a fresh run starts from them,
+  and the final report compares the tuned model with them."""
   path = cfg.train.init_from
   if not path:
     return cfg
   config_lib.require(Path(path).is_dir(), 'train.init_from', path,
-                     'no such directory; give a Hugging Face model directory (config.json and '
-                     'model.safetensors), or \'\' to start from random weights')
-  model = dataclasses.replace(hf.load_config(path), **{k: getattr(cfg.model, k)
-                                             for k in PRETRAINING_CHOICES})
+                     'no such directory; give a run directory of python -m lm.main, a Hugging '
+                     'Face model directory (config.json and model.safetensors), or \'\' to '
+                     'start from random weights')
+  pretrained_tokenizer(cfg)  # an lm workdir's tokenizer must be the config's
+  read = checkpoint.saved_model(Path(path)) if is_lm_workdir(path) else hf.load_config(path)
+  model = dataclasses.replace(read, **{k: getattr(cfg.model, k) for k in PRETRAINING_CHOICES
+                                       if hasattr(read, k) and hasattr(cfg.model, k)})
   config_lib.require(
       cfg.model.vocab_size <= model.vocab_size, 'tokenizer.kind', cfg.tokenizer.kind,
       f'its {cfg.model.vocab_size} ids do not fit the {model.vocab_size}-row embedding of '
       f'train.init_from={path!r}; use the tokenizer the weights were trained with')
-  changed = [f'{f.name} {getattr(cfg.model, f.name)!r} -> {getattr(model, f.name)!r}'
+  changed = [f'{f.name} {getattr(cfg.model, f.name, None)!r} -> {getattr(model, f.name)!r}'
              for f in dataclasses.fields(model)
-             if getattr(cfg.model, f.name) != getattr(model, f.name)]
+             if getattr(cfg.model, f.name, None) != getattr(model, f.name)]
   if changed:
     print(f'train.init_from={path}: the model is the checkpoint\'s ({", ".join(changed)})')
   cfg = dataclasses.replace(cfg, model=model)
@@ -196,9 +207,30 @@ def with_pretrained_model(cfg: Config, device_count: int) -> Config:
 
 
 def pretrained_params(cfg: Config) -> Any:
-  """The weights of train.init_from, in the layout of cfg.model."""
-  _, params = hf.load(cfg.train.init_from)
+  """The weights of train.init_from (an lm workdir's newest checkpoint that reads, or a
+  Hugging Face directory's), in the layout of cfg.model."""
+  path = Path(cfg.train.init_from)
+  if is_lm_workdir(path):
+    saved = checkpoint.saved_model(path)
+    params = models.plain_layout(saved, checkpoint.restore_params(path, saved))
+  else:
+    _, params = hf.load(path)
   return models.layout_for(cfg.model, params)
+
+
+def pretrained_tokenizer(cfg: Config) -> tokenizers.Tokenizer | None:
+  """The tokenizer of an lm workdir in train.init_from, which must be the config's kind."""
+  path = Path(cfg.train.init_from)
+  if not cfg.train.init_from or not is_lm_workdir(path):
+    return None
+  tokenizer = tokenizers.load(path / 'tokenizer')
+  t = cfg.tokenizer
+  config_lib.require(
+      tokenizer.kind == t.kind and (t.kind != 'bpe' or tokenizer.vocab_size == t.vocab_size),
+      'tokenizer.kind', t.kind, f'train.init_from={str(path)!r} learned with a {tokenizer.kind} '
+      f'tokenizer of {tokenizer.vocab_size} ids: set tokenizer.kind={tokenizer.kind!r}'
+      + (f' and tokenizer.vocab_size={tokenizer.vocab_size}' if tokenizer.kind == 'bpe' else ''))
+  return tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -255,8 +287,10 @@ def _train(r: Run) -> dict[str, float]:
                                  t.async_checkpoints)
   restored = ckpts.restore_latest(abstract)
   start = restored[0] if restored else 0
-  # Read (and stacked for scan_layers) outside the mesh context; only a fresh run needs them.
-  pretrained = pretrained_params(cfg) if cfg.train.init_from and not start else None
+  # Read (and stacked for scan_layers) outside the mesh context: a fresh run starts from them,
+  # and the final report compares the tuned model with them.
+  # Host copies (numpy): the train step donates the state's device buffers.
+  pretrained = jax.device_get(pretrained_params(cfg)) if cfg.train.init_from else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
     train_step = jax.jit(make_train_step(task.loss_fn, make_schedule(t)),
                          in_shardings=(shardings, batch_sharding),
@@ -341,7 +375,9 @@ def _train(r: Run) -> dict[str, float]:
       if log:
         log.close()
       return {'step': step, 'stopped_by_signal': stop_signal}
-    return _finish(r, state, evaluate, log)
+    if pretrained is not None:
+      pretrained = jax.device_put(pretrained, shardings.params)
+    return _finish(r, state, evaluate, log, pretrained)
 
 
 def _evaluate(eval_step, task: tasks.Task, params, batches, batch_sharding,
@@ -358,10 +394,14 @@ def _evaluate(eval_step, task: tasks.Task, params, batches, batch_sharding,
   return {k: float(v) for k, v in task.metrics(sums).items()}
 
 
-def _finish(r: Run, state: TrainState, evaluate: Callable, log) -> dict[str, float]:
-  """The final evaluation, with the task's report: baselines beside the model, samples."""
-  val = evaluate(state.params, r.task.eval_batches(FINAL_EVAL_BATCHES))
-  extra, lines = r.task.report(state.params, val, r.mesh)
+def _finish(r: Run, state: TrainState, evaluate: Callable, log,
+            pretrained=None) -> dict[str, float]:
+  """The final evaluation, with the task's report: baselines beside the model (and beside the
+  starting model of train.init_from, `pretrained`), samples."""
+  batches = r.task.eval_batches(FINAL_EVAL_BATCHES)
+  val = evaluate(state.params, batches)
+  base = None if pretrained is None else (pretrained, evaluate(pretrained, batches))
+  extra, lines = r.task.report(state.params, val, r.mesh, base)
   step = int(state.step)
   result = {'step': step, **{f'val/{k}': v for k, v in {**val, **extra}.items()}}
   if log:

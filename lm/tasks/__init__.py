@@ -2,7 +2,9 @@
 
 - `clm` (lm.tasks.clm): causal language modelling (decoders);
 - `mlm_nsp` (lm.tasks.mlm_nsp): BERT's masked language modelling plus next-sentence prediction
-  (encoders).
+  (encoders);
+- `sft` (lm.tasks.sft): instruction tuning on packed conversations, loss on assistant turns
+  (decoders).
 
 The interface is lm.tasks.base.Task.
 """
@@ -11,16 +13,20 @@ from __future__ import annotations
 import flax.linen as nn
 
 from lm.config import Config
-from lm.data import store
 from lm.tasks.base import Task, compressed_bits_per_byte
 from lm.tasks.clm import CausalLM
 from lm.tasks.mlm_nsp import MaskedLM
+from lm.tasks.sft import InstructionTuning
 
-TASKS = {task.name: task for task in (CausalLM, MaskedLM)}
-LAYOUTS = {'clm': 'documents', 'mlm_nsp': 'lines'}  # the token store each task reads
+TASKS = {task.name: task for task in (CausalLM, MaskedLM, InstructionTuning)}
 
-__all__ = ['TASKS', 'LAYOUTS', 'Task', 'compressed_bits_per_byte', 'make']
+__all__ = ['TASKS', 'Task', 'compressed_bits_per_byte', 'load', 'make']
 
 
-def make(cfg: Config, model: nn.Module, tokenizer, splits: dict[str, store.Split]) -> Task:
+def load(cfg: Config, tokenizer) -> dict:
+  """The splits of data.task's data (a token store, or the task's own)."""
+  return TASKS[cfg.data.task].load(cfg, tokenizer)
+
+
+def make(cfg: Config, model: nn.Module, tokenizer, splits: dict) -> Task:
   return TASKS[cfg.data.task](cfg, model, tokenizer, splits)

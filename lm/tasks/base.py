@@ -30,10 +30,17 @@ def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
 
 
 class Task(abc.ABC):
-  """The interface; see the module docstring. A subclass sets `name`, `loss_fn`, `eval_fn`."""
+  """The interface; see the module docstring. A subclass sets `name`, `loss_fn`, `eval_fn`,
+  and either `layout` (the token store it reads) or its own `load`."""
   name: str
+  layout: str  # lm.data.store's layout: 'documents' or 'lines'
   loss_fn: Any
   eval_fn: Any
+
+  @classmethod
+  def load(cls, cfg: Config, tokenizer) -> dict[str, Any]:
+    """The splits (train, val) this task reads: by default the token store of its layout."""
+    return store.load_or_build(cfg.data, tokenizer, cls.layout)
 
   def __init__(self, cfg: Config, model: nn.Module, tokenizer, splits: dict[str, store.Split]):
     self.cfg, self.model, self.tokenizer, self.splits = cfg, model, tokenizer, splits
@@ -55,5 +62,7 @@ class Task(abc.ABC):
     """Sums of eval_fn over a split -> its metrics."""
 
   @abc.abstractmethod
-  def report(self, params, val: dict[str, float], mesh) -> tuple[dict[str, float], list[str]]:
-    """The final numbers beyond `val` and the lines that show them."""
+  def report(self, params, val: dict[str, float], mesh, base=None
+             ) -> tuple[dict[str, float], list[str]]:
+    """The final numbers beyond `val` and the lines that show them; `base` is the starting
+    model's (params, val metrics) of a run with train.init_from, else None."""

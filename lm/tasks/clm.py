@@ -5,7 +5,8 @@ Window i of a token array is tokens[i*L : i*L + L + 1]; its inputs are the first
 its targets the last L (teacher forcing), every target counted by the loss (`loss_mask`).
 Training windows are shuffled anew every epoch by grain, sliced per host, and batched; the grain
 iterator's state goes into each checkpoint, so a resumed run continues with exactly the batches
-it would have seen.
+it would have seen. With data.fim_rate, each training window's documents are rearranged for
+fill-in-the-middle (lm.data.fim); evaluation windows stay left to right.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import objectives, parallel, sampling
+from lm.data import fim
 from lm.tasks.base import Task, compressed_bits_per_byte
 
 SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
@@ -33,14 +35,27 @@ def window(tokens: np.ndarray, index: int, seq_len: int) -> dict[str, np.ndarray
   return {'inputs': chunk[:-1], 'targets': chunk[1:], 'loss_mask': np.ones(seq_len, bool)}
 
 
+def fim_window(example: dict[str, np.ndarray], rng: np.random.Generator, tokenizer,
+               fim_rate: float, spm_rate: float) -> dict[str, np.ndarray]:
+  """A window with its document fragments rearranged for fill-in-the-middle (lm.data.fim)."""
+  chunk_R = np.concatenate([example['inputs'], example['targets'][-1:]])
+  chunk_R, valid_R = fim.transform(chunk_R, rng, tokenizer, fim_rate, spm_rate)
+  return {'inputs': chunk_R[:-1], 'targets': chunk_R[1:], 'loss_mask': valid_R[1:]}
+
+
 def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Endless shuffled batches of this host's share (batch_size is the global batch)."""
+                  process_index: int = 0, process_count: int = 1, tokenizer=None,
+                  fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> grain.IterDataset:
+  """Endless shuffled batches of this host's share (batch_size is the global batch); with
+  fim_rate, fill-in-the-middle drawn afresh for each window of each epoch."""
   ds = (grain.MapDataset.range(num_windows(len(tokens), seq_len))
         .shuffle(seed=seed)
         .repeat()[process_index::process_count]
-        .map(lambda i: window(tokens, i, seq_len))
-        .batch(batch_size // process_count, drop_remainder=True))
+        .map(lambda i: window(tokens, i, seq_len)))
+  if fim_rate:
+    ds = ds.random_map(functools.partial(fim_window, tokenizer=tokenizer, fim_rate=fim_rate,
+                                         spm_rate=fim_spm_rate), seed=seed)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
 
@@ -86,9 +101,11 @@ class CausalLM(Task):
 
   def train_dataset(self, process_index, process_count):
     t = self.cfg.train
-    return train_dataset(self.splits['train'].tokens, seq_len=self.cfg.data.seq_len,
+    d = self.cfg.data
+    return train_dataset(self.splits['train'].tokens, seq_len=d.seq_len,
                          batch_size=t.batch_size, seed=t.seed, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, tokenizer=self.tokenizer,
+                         fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate)
 
   def eval_batches(self, max_batches):
     return eval_batches(self.splits['val'].tokens, seq_len=self.cfg.data.seq_len,

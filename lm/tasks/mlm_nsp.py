@@ -158,6 +158,7 @@ def most_frequent_token(split: Split) -> int:
 
 class MaskedLM(Task):
   name = 'mlm_nsp'
+  layout = 'lines'
 
   def __init__(self, *args):
     super().__init__(*args)
@@ -192,7 +193,7 @@ class MaskedLM(Task):
   def metrics(self, sums):
     return {k: float(v) for k, v in objectives.mlm_nsp_metrics(sums).items()}
 
-  def report(self, params, val, mesh):
+  def report(self, params, val, mesh, base=None):
     mode = self.tokenizer.decode([self.mode_id])
     lines = ['(pairs and masks drawn from the held-out files):',
              f'  masked LM        accuracy {val["mlm_accuracy"]:.4f}   loss {val["mlm_loss"]:.4f}'
