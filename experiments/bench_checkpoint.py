@@ -32,6 +32,10 @@ from lm import checkpoint, parallel, train
 from lm.config import from_file
 
 ROOT = Path(__file__).resolve().parents[1]
+# The byte-level data and batch of the figures in the README (the decoder default's until it
+# moved to a BPE of 2048 ids and a context of 256).
+MEASURED = {'tokenizer': dict(kind='bytes'), 'data': dict(seq_len=128),
+            'model': dict(max_len=128), 'train': dict(batch_size=32)}
 SIZES = {
     'default': {},
     'large': {'model': dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4,
@@ -41,6 +45,8 @@ SIZES = {
 
 def make_run(size: str, workdir: Path):
   config = from_file(ROOT / 'configs' / 'decoder.py')
+  for section, values in MEASURED.items():
+    config[section].update(values)
   for section, values in SIZES[size].items():
     config[section].update(values)
   return train.setup(config, workdir)

@@ -29,6 +29,7 @@ def write_corpus(directory: Path, num_files: int = 24) -> Path:
 
 def tiny_config(corpus: Path, cache_dir: Path, **train) -> ml_collections.ConfigDict:
   c = load_config()
+  c.tokenizer.kind = 'bytes'
   c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32)
   c.data.update(paths=str(corpus / '*.py'), seq_len=32, val_fraction=0.25,
                 cache_dir=str(cache_dir))

@@ -51,7 +51,7 @@ def test_tiny_model_overfits_a_tiny_corpus_and_writes_its_outputs(config, tmp_pa
 
 
 def cli(config, workdir: Path, **overrides) -> list[str]:
-  flat = {f'{section}.{k}': v for section in ('model', 'data', 'train')
+  flat = {f'{section}.{k}': v for section in ('model', 'data', 'tokenizer', 'train')
           for k, v in config[section].items() if v is not None}
   flat.update(overrides)
   return [sys.executable, '-m', 'lm.main', '--config=configs/decoder.py', f'--workdir={workdir}',
