@@ -310,6 +310,7 @@ def test_mamba_flops_count_its_matmuls():
 def test_bad_scan_options(overrides, message):
   from lm import config as config_lib
   c = load_config()
+  c.data.seq_len = c.model.max_len = 128  # the byte-level default's, which the messages name
   c.model.update(overrides)
   with pytest.raises(ConfigError, match=message):
     config_lib.parse(c, vocab_size=259, device_count=1)
