@@ -154,7 +154,7 @@ def _model_section(given: dict[str, Any], vocab_size: int) -> ModelConfig:
   cls = models.config_class(family)
   for key in given:
     owners = [name for name, other in models.config_classes().items()
-              if key in {f.name for f in dataclasses.fields(other)} - _names(cls)]
+              if key in _names(other) - _names(cls)]
     if owners:
       raise ConfigError(
           f'model.{key}={given[key]!r}: a key of the {" and ".join(owners)} family, and '

@@ -24,6 +24,7 @@ import numpy as np
 import lm
 from lm.config import ModelConfig, require
 from lm import models
+from lm.data import fim
 from lm.tokenizers.tokenizer import StreamDecoder
 
 Filter = Callable[[jax.Array], jax.Array]
@@ -380,9 +381,9 @@ def _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn):
 
 
 def infill_prompt(tokenizer, prefix: str, suffix: str) -> list[int]:
-  s = tokenizer.special_ids
-  return [tokenizer.bos_id, s['fim_prefix'], *tokenizer.encode(prefix), s['fim_suffix'],
-          *tokenizer.encode(suffix), s['fim_middle']]
+  """BOS <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>: a document's PSM layout
+  (lm.data.fim.arrange) up to its middle."""
+  return [tokenizer.bos_id, *fim.arrange(tokenizer, prefix, '', suffix, spm=False)]
 
 
 def infill(cfg: ModelConfig, params, tokenizer, prefix: str, suffix: str, *,
@@ -391,9 +392,9 @@ def infill(cfg: ModelConfig, params, tokenizer, prefix: str, suffix: str, *,
   """The middle between `prefix` and `suffix` that a model trained with fill-in-the-middle
   (data.fim_rate) draws: the PSM prompt BOS <|fim_prefix|> prefix <|fim_suffix|> suffix
   <|fim_middle|>, continued until the document's EOS."""
-  out = generate(cfg, params, [infill_prompt(tokenizer, prefix, suffix)], max_new_tokens=max_new_tokens, rng=rng,
-                 filter_fn=filter_fn, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                 truncate=truncate)
+  out = generate(cfg, params, [infill_prompt(tokenizer, prefix, suffix)],
+                 max_new_tokens=max_new_tokens, rng=rng, filter_fn=filter_fn,
+                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, truncate=truncate)
   return tokenizer.decode(out.tokens[0])
 
 

@@ -147,13 +147,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
   cfg = config_lib.parse(config, device_count=jax.device_count(),
                          vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
+  pretrained_tok = pretrained_tokenizer(cfg)  # an lm workdir's, which must be the config's kind
   cfg = with_pretrained_model(cfg, jax.device_count())
   workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
   tokenizer = (tokenizers.load(saved) if (saved / 'tokenizer.json').is_file()
-               else pretrained_tokenizer(cfg) or store.load_or_train_tokenizer(cfg.tokenizer,
-                                                                               cfg.data))
+               else pretrained_tok or store.load_or_train_tokenizer(cfg.tokenizer, cfg.data))
   splits = tasks.load(cfg, tokenizer)
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)
@@ -172,8 +172,8 @@ PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept 
 
 
 def is_lm_workdir(path: str | Path) -> bool:
-  """A run directory of lm.main (config.json and checkpoints/), not a Hugging Face one."""
-  return (Path(path) / 'config.json').is_file() and (Path(path) / 'checkpoints').is_dir()
+  """A run directory of lm.main (its config.json), not a Hugging Face directory."""
+  return (Path(path) / 'config.json').is_file() and not checkpoint.is_hugging_face(Path(path))
 
 
 def with_pretrained_model(cfg: Config, device_count: int) -> Config:
@@ -188,7 +188,6 @@ def with_pretrained_model(cfg: Config, device_count: int) -> Config:
                      'no such directory; give a run directory of python -m lm.main, a Hugging '
                      'Face model directory (config.json and model.safetensors), or \'\' to '
                      'start from random weights')
-  pretrained_tokenizer(cfg)  # an lm workdir's tokenizer must be the config's
   read = checkpoint.saved_model(Path(path)) if is_lm_workdir(path) else hf.load_config(path)
   model = dataclasses.replace(read, **{k: getattr(cfg.model, k) for k in PRETRAINING_CHOICES
                                        if hasattr(read, k) and hasattr(cfg.model, k)})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import warnings
 from typing import Iterator
 
@@ -51,9 +50,7 @@ def read_jsonl(source: corpus.SourceFile) -> Iterator[tuple[int, str, list[dict]
       if not line.strip():
         continue
       try:
-        messages = json.loads(line)['messages']
-        if not isinstance(messages, list):
-          raise TypeError(f'"messages" is a {type(messages).__name__}')
+        messages = corpus.json_field(line, 'messages', list)
       except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f'{source.path}:{number}: want an object with a "messages" list of '
                           f'{{"role": ..., "content": ...}} ({e!r})') from e

@@ -78,6 +78,15 @@ def is_validation(key: str, val_fraction: float) -> bool:
   return int.from_bytes(digest[:8], 'big') / 2**64 < val_fraction
 
 
+def json_field(line: str, key: str, kind: type):
+  """The `key` of a JSONL line's object, checked to be a `kind`; ValueError (not JSON),
+  KeyError (no such key) or TypeError (not an object, or a value of another type) if not."""
+  value = json.loads(line)[key]
+  if not isinstance(value, kind):
+    raise TypeError(f'"{key}" is a {type(value).__name__}')
+  return value
+
+
 def read_documents(source: SourceFile) -> Iterator[str]:
   """The documents of one file: a text file is one, a JSONL file one per line's `text`.
 
@@ -114,9 +123,7 @@ def _keyed_documents(source: SourceFile) -> Iterator[tuple[str, str]]:
     if not line.strip():
       continue
     try:
-      doc = json.loads(line)['text']
-      if not isinstance(doc, str):
-        raise TypeError(f'"text" is a {type(doc).__name__}')
+      doc = json_field(line, 'text', str)
     except (ValueError, KeyError, TypeError) as e:
       warnings.warn(f'skipping {source.path}:{number}: want an object with a "text" string '
                     f'({e!r})', CorpusWarning, stacklevel=3)

@@ -23,6 +23,34 @@ from lm.config import Config
 from lm.data import store
 
 
+def shuffled_indices(count: int, seed: int, process_index: int, process_count: int
+                     ) -> grain.MapDataset:
+  """Example indices 0..count-1, shuffled anew every epoch, endless, this host's share."""
+  return (grain.MapDataset.range(count).shuffle(seed=seed).repeat()
+          [process_index::process_count])
+
+
+def batched(ds: grain.MapDataset, batch_size: int, process_count: int) -> grain.IterDataset:
+  """This host's batches (batch_size is the global batch) as a checkpointable iterator."""
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def spread(count: int, batch_size: int, max_batches: int | None) -> np.ndarray:
+  """All `count` example indices in order, or `max_batches` worth spread evenly over them."""
+  if max_batches is not None and max_batches * batch_size < count:
+    return np.linspace(0, count - 1, max_batches * batch_size).round().astype(int)
+  return np.arange(count)
+
+
+def stacked(rows: list[dict[str, np.ndarray]], batch_size: int,
+            filler: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """`rows` in batches of batch_size, the last filled with `filler` rows (no loss reads them)."""
+  rows = rows + [filler] * (-len(rows) % batch_size)
+  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in filler}
+          for i in range(0, len(rows), batch_size)]
+
+
 def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
   """Bits per byte of gzip -9 and xz -9 on the same text: baselines for val/bpb."""
   return {'gzip -9': 8 * len(gzip.compress(text, 9)) / len(text),

@@ -20,7 +20,8 @@ import numpy as np
 
 from lm import objectives, parallel, sampling
 from lm.data import fim
-from lm.tasks.base import Task, compressed_bits_per_byte
+from lm.tasks.base import (Task, batched, compressed_bits_per_byte, shuffled_indices, spread,
+                           stacked)
 
 SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
 KEYS = ('inputs', 'targets', 'loss_mask')
@@ -48,15 +49,12 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
                   fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> grain.IterDataset:
   """Endless shuffled batches of this host's share (batch_size is the global batch); with
   fim_rate, fill-in-the-middle drawn afresh for each window of each epoch."""
-  ds = (grain.MapDataset.range(num_windows(len(tokens), seq_len))
-        .shuffle(seed=seed)
-        .repeat()[process_index::process_count]
-        .map(lambda i: window(tokens, i, seq_len)))
+  ds = shuffled_indices(num_windows(len(tokens), seq_len), seed, process_index, process_count)
+  ds = ds.map(lambda i: window(tokens, i, seq_len))
   if fim_rate:
     ds = ds.random_map(functools.partial(fim_window, tokenizer=tokenizer, fim_rate=fim_rate,
                                          spm_rate=fim_spm_rate), seed=seed)
-  ds = ds.batch(batch_size // process_count, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  return batched(ds, batch_size, process_count)
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: int,
@@ -65,18 +63,10 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: i
 
   The last batch is filled with windows of `pad_id` whose `loss_mask` is all False.
   """
-  count = num_windows(len(tokens), seq_len)
-  if max_batches is not None and max_batches * batch_size < count:
-    indices = np.linspace(0, count - 1, max_batches * batch_size).round().astype(int)
-  else:
-    indices = np.arange(count)
-  windows = [window(tokens, int(i), seq_len) for i in indices]
-  padding = -len(windows) % batch_size
-  windows += [{'inputs': np.full(seq_len, pad_id, np.int32),
-               'targets': np.full(seq_len, pad_id, np.int32),
-               'loss_mask': np.zeros(seq_len, bool)}] * padding
-  return [{k: np.stack([w[k] for w in windows[i:i + batch_size]]) for k in KEYS}
-          for i in range(0, len(windows), batch_size)]
+  indices = spread(num_windows(len(tokens), seq_len), batch_size, max_batches)
+  filler = {'inputs': np.full(seq_len, pad_id, np.int32),
+            'targets': np.full(seq_len, pad_id, np.int32), 'loss_mask': np.zeros(seq_len, bool)}
+  return stacked([window(tokens, int(i), seq_len) for i in indices], batch_size, filler)
 
 
 class CausalLM(Task):

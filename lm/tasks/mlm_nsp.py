@@ -34,7 +34,7 @@ from lm import objectives
 from lm.config import ConfigError
 from lm.data.store import Split
 from lm.encoding import fill_mask
-from lm.tasks.base import Task
+from lm.tasks.base import Task, batched, spread, stacked
 
 FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
 IS_NEXT, RANDOM = 0, 1
@@ -129,9 +129,8 @@ def train_dataset(split: Split, *, seq_len: int, batch_size: int, seed: int, ids
         .shuffle(seed=seed)
         .repeat()
         .random_map(lambda i, rng: example(split, int(starts[i]), rng, seq_len, ids), seed=seed)
-        [process_index::process_count]
-        .batch(batch_size // process_count, drop_remainder=True))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+        [process_index::process_count])
+  return batched(ds, batch_size, process_count)
 
 
 def eval_batches(split: Split, *, seq_len: int, batch_size: int, ids: SpecialIds, seed: int,
@@ -140,15 +139,12 @@ def eval_batches(split: Split, *, seq_len: int, batch_size: int, ids: SpecialIds
   `max_batches` worth), example j drawn with a generator seeded by (seed, j). The last batch is
   filled with rows of padding labelled NO_LABEL, which the metrics leave out."""
   starts = anchors(split)
-  if max_batches is not None and max_batches * batch_size < len(starts):
-    starts = starts[np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(int)]
+  starts = starts[spread(len(starts), batch_size, max_batches)]
   rows = [example(split, int(s), np.random.default_rng([seed, j]), seq_len, ids)
           for j, s in enumerate(starts)]
   filler = {'tokens': np.full(seq_len, ids.pad, np.int32),
             'segment_ids': np.zeros(seq_len, np.int32), 'nsp_labels': np.int32(NO_LABEL)}
-  rows += [filler] * (-len(rows) % batch_size)
-  return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in filler}
-          for i in range(0, len(rows), batch_size)]
+  return stacked(rows, batch_size, filler)
 
 
 def most_frequent_token(split: Split) -> int:

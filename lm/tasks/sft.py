@@ -25,7 +25,6 @@ import dataclasses
 import functools
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +32,7 @@ import numpy as np
 from lm import chat, objectives, parallel, sampling
 from lm.config import Config
 from lm.data import conversations
-from lm.tasks.base import Task
+from lm.tasks.base import Task, batched, shuffled_indices, spread, stacked
 
 KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
 EOT_PROMPTS = 64  # held-out prompts the end-of-turn rate is measured on (the first that fit)
@@ -131,24 +130,14 @@ class InstructionTuning(Task):
 
   def train_dataset(self, process_index, process_count):
     t, packed = self.cfg.train, self.splits['train']
-    ds = (grain.MapDataset.range(len(packed.tokens_NxR))
-          .shuffle(seed=t.seed)
-          .repeat()[process_index::process_count]
-          .map(lambda i: example(packed, i))
-          .batch(t.batch_size // process_count, drop_remainder=True))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+    ds = shuffled_indices(len(packed.tokens_NxR), t.seed, process_index, process_count)
+    return batched(ds.map(lambda i: example(packed, i)), t.batch_size, process_count)
 
   def eval_batches(self, max_batches):
     packed, batch_size = self.splits['val'], self.cfg.train.batch_size
-    count = len(packed.tokens_NxR)
-    indices = (np.linspace(0, count - 1, max_batches * batch_size).round().astype(int)
-               if max_batches is not None and max_batches * batch_size < count
-               else np.arange(count))
-    rows = [example(packed, int(i)) for i in indices]
-    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
-    rows += [empty] * (-len(rows) % batch_size)
-    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in KEYS}
-            for i in range(0, len(rows), batch_size)]
+    rows = [example(packed, int(i))
+            for i in spread(len(packed.tokens_NxR), batch_size, max_batches)]
+    return stacked(rows, batch_size, {k: np.zeros_like(v) for k, v in rows[0].items()})
 
   def metrics(self, sums):
     return objectives.clm_eval_metrics(sums)
