@@ -10,7 +10,7 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import ml_collections
 
@@ -27,7 +27,7 @@ def require(ok: bool, field: str, value: Any, fix: str) -> None:
 DTYPES = ('float32', 'bfloat16')
 POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'gelu_exact', 'swiglu')
+MLPS = ('gelu', 'gelu_exact', 'relu', 'swiglu', 'geglu')
 REMATS = ('none', 'full', 'dots')
 
 
@@ -36,6 +36,7 @@ class ModelConfig:
   """The keys every family's model has. Each family's own frozen config adds its keys to these
   (lm.models.DecoderConfig, lm.models.EncoderConfig; the registry maps model.family to it), so
   a config lists only its family's keys. `vocab_size` comes from the tokenizer, not the user."""
+  POSITIONS: ClassVar[tuple[str, ...]] = POSITIONS  # the model.positions a family takes
   vocab_size: int
   family: str = dataclasses.field(default='', init=False)  # fixed by the family's class
   num_layers: int = 4
@@ -48,7 +49,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm: str = 'layernorm'  # layernorm | rmsnorm
   norm_eps: float = 1e-5
-  mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
+  mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | relu |
+                     # swiglu (Llama) | geglu (T5 v1.1's gated GELU)
   use_bias: bool = True  # biases of every projection
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
@@ -69,7 +71,11 @@ class DataConfig:
   val_fraction: float = 0.02
   cache_dir: str = ''  # empty: ~/.cache/lm/tokens
   task: str = 'clm'  # clm (next token; decoder) | sft (chat; decoder) | mlm_nsp (BERT; encoder)
+                     # | span (T5's span corruption; encdec) | seq2seq (input -> target; encdec)
   mask_rate: float = 0.15  # mlm_nsp: share of a sequence's tokens chosen for prediction
+  noise_density: float = 0.15  # span: share of a row's raw tokens that are noise
+  mean_noise_span: float = 3.0  # span: mean length of a noise span
+  target_len: int = 64  # seq2seq: target tokens a row (EOS included); span derives its own
   fim_rate: float = 0.0  # clm: share of documents laid out for fill-in-the-middle (lm.data.fim)
   fim_spm_rate: float = 0.5  # clm: share of those laid out SPM (suffix first) rather than PSM
 
@@ -248,6 +254,23 @@ def model_from_dict(model: dict[str, Any]) -> ModelConfig:
   return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls) if f.init})
 
 
+def validate_span(d: DataConfig) -> None:
+  """Span corruption's noise settings, and that data.seq_len holds a corrupted row."""
+  from lm.data import span  # (pure arithmetic)
+  require(0.0 < d.noise_density < 1.0, 'data.noise_density', d.noise_density,
+          'the share of noise tokens must be in (0, 1), e.g. 0.15 (T5)')
+  require(d.mean_noise_span >= 1.0, 'data.mean_noise_span', d.mean_noise_span,
+          'a noise span holds at least one token: give >= 1, e.g. 3 (T5)')
+  n = span.lengths(d.seq_len, d.noise_density, d.mean_noise_span)
+  require(n is not None, 'data.seq_len', d.seq_len,
+          'too short for one noise span: a corrupted row needs a kept token, a sentinel and '
+          'EOS; give >= 3, e.g. 256')
+  require(n.raw - n.noise >= n.spans, 'data.noise_density', d.noise_density,
+          f'with data.mean_noise_span={d.mean_noise_span}, a row of {n.raw} tokens has '
+          f'{n.spans} noise spans but only {n.raw - n.noise} other tokens to separate them; '
+          'lower the density or raise the mean span')
+
+
 def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
   for name in names:
     value = getattr(section, name)
@@ -267,6 +290,10 @@ def validate(cfg: Config, device_count: int) -> None:
     require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
             '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
             'give data.seq_len >= 5, e.g. 128')
+  if d.task == 'span':
+    validate_span(d)
+  if d.task == 'seq2seq':
+    _positive(d, 'data', ['target_len'])
   for key in ('fim_rate', 'fim_spm_rate'):
     require(0.0 <= getattr(d, key) <= 1.0, f'data.{key}', getattr(d, key),
             'a probability: give a number in [0, 1] (fim_rate 0 turns fill-in-the-middle off)')
@@ -302,7 +329,7 @@ def validate_model(m: ModelConfig, seq_len: int | None = None) -> None:
   require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
           f'must be divisible by model.num_heads={m.num_heads}; '
           f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
-  for key, options in (('positions', POSITIONS), ('norm', NORMS), ('mlp', MLPS),
+  for key, options in (('positions', type(m).POSITIONS), ('norm', NORMS), ('mlp', MLPS),
                        ('remat', REMATS), ('dtype', DTYPES)):
     require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
   require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',

@@ -1,5 +1,6 @@
-"""One pure loss function per task: `loss_fn(params, batch, rng) -> (loss, metrics)`
-once the model's apply function is bound with functools.partial.
+"""One pure loss function per task family: `loss_fn(params, batch, rng) -> (loss, metrics)`
+once the model's apply function is bound with functools.partial: causal LM, masked LM plus
+next-sentence prediction, sequence to sequence.
 """
 from __future__ import annotations
 
@@ -166,3 +167,59 @@ def mlm_nsp_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, ap
   sums, tokens_BxT, chosen_BxT = _mlm_nsp_sums(params, batch, rng, apply_fn, pad_id, mask_id,
                                                first_special, num_ordinary, rate)
   return {**sums, 'mode_correct': jnp.sum((tokens_BxT == mode_id) & chosen_BxT)}
+
+
+# --- sequence to sequence (encoder-decoder) ------------------------------------------------
+
+def shift_right(targets_BxT: jax.Array, start_id: int) -> jax.Array:
+  """The decoder's inputs: the start token, then the targets but the last (teacher forcing)."""
+  start_Bx1 = jnp.full((targets_BxT.shape[0], 1), start_id, targets_BxT.dtype)
+  return jnp.concatenate([start_Bx1, targets_BxT[:, :-1]], axis=1)
+
+
+def _seq2seq_nll(params, batch: dict[str, jax.Array], apply_fn: ApplyFn, start_id: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(nll_BxT, argmax_BxT) of the targets; the encoder reads `inputs` where `input_mask`."""
+  logits_BxTxV = apply_fn({'params': params}, batch['inputs'],
+                          shift_right(batch['targets'], start_id),
+                          padding_mask=batch['input_mask'])
+  return token_nll(logits_BxTxV, batch['targets']), jnp.argmax(logits_BxTxV, axis=-1)
+
+
+def seq2seq_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
+                 start_id: int, corrupt: Callable | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean NLL of the targets where `loss_mask` (the encoder reads `inputs` where `input_mask`,
+  the decoder the targets shifted right behind start_id), and the per-token accuracy. With
+  `corrupt(rng, batch) -> batch` (span corruption), the batch is made from the step's key."""
+  if corrupt is not None:
+    batch = corrupt(rng, batch)
+  nll_BxT, argmax_BxT = _seq2seq_nll(params, batch, apply_fn, start_id)
+  mask_BxT = batch['loss_mask']
+  count = jnp.maximum(jnp.sum(mask_BxT), 1)
+  nll = jnp.sum(nll_BxT * mask_BxT) / count
+  return nll, {'loss': nll,
+               'accuracy': jnp.sum((argmax_BxT == batch['targets']) & mask_BxT) / count}
+
+
+def seq2seq_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *,
+                      apply_fn: ApplyFn, start_id: int, token_bytes_V: jax.Array,
+                      mode_id: int) -> dict[str, jax.Array]:
+  """Sums over a split (`rng` unused: evaluation batches are drawn once): as clm_eval_sums,
+  plus the targets predicted right (argmax) and those equal to mode_id (the accuracy of
+  always predicting the most frequent target token)."""
+  del rng
+  nll_BxT, argmax_BxT = _seq2seq_nll(params, batch, apply_fn, start_id)
+  targets_BxT, mask_BxT = batch['targets'], batch['loss_mask']
+  bytes_BxT = token_bytes_V[targets_BxT] * mask_BxT
+  return {'nll': jnp.sum(nll_BxT * mask_BxT), 'tokens': jnp.sum(mask_BxT),
+          'text_nll': jnp.sum(nll_BxT * (bytes_BxT > 0)), 'bytes': jnp.sum(bytes_BxT),
+          'correct': jnp.sum((argmax_BxT == targets_BxT) & mask_BxT),
+          'mode_correct': jnp.sum((targets_BxT == mode_id) & mask_BxT)}
+
+
+def seq2seq_metrics(sums: dict[str, float]) -> dict[str, float]:
+  """Added-up sums -> loss and bpb (as clm_eval_metrics), accuracy and the mode's."""
+  tokens = max(sums['tokens'], 1)
+  return {**clm_eval_metrics(sums), 'accuracy': sums['correct'] / tokens,
+          'mode_accuracy': sums['mode_correct'] / tokens}

@@ -64,11 +64,11 @@ def run(args: argparse.Namespace) -> str:
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
   from lm import models
   cfg, params, tok = load_model(Path(args.workdir), args.tokenizer)
-  context = models.decoding(cfg).max_len
   prompt = (sampling.infill_prompt(tok, args.prefix or '', args.suffix or '') if infilling
             else [tok.bos_id, *tok.encode(args.prompt)])
   if not args.max_new_tokens:
-    args.max_new_tokens = max(1, (context or DEFAULT_NEW_TOKENS + len(prompt)) - len(prompt))
+    room = models.decoding(cfg).new_tokens_room(len(prompt))
+    args.max_new_tokens = max(1, DEFAULT_NEW_TOKENS if room is None else room)
   rng = jax.random.PRNGKey(args.seed)
   if infilling:
     middle = sampling.infill(cfg, params, tok, args.prefix or '', args.suffix or '',

@@ -183,15 +183,17 @@ GREEDY = Temperature(0.0)
 
 def fit_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 truncate: bool = False) -> list[list[int]]:
-  """Checks that each prompt and its new tokens fit the model's context (its decoding max_len;
-  a model without attention or learned positions has none); `truncate` keeps a long prompt's
-  last tokens instead of refusing it."""
+  """Checks that each prompt and its new tokens fit the model's context (its decoding
+  interface's prompt_room: a decoder's max_len less the new tokens, none for a model without
+  attention or learned positions; an encoder-decoder's encoder max_len); `truncate` keeps a
+  long prompt's last tokens instead of refusing it."""
   require(len(prompts) > 0, 'prompts', prompts, 'give at least one prompt')
-  context = models.decoding(cfg).max_len
-  require(max_new_tokens >= 1 and (context is None or max_new_tokens < context),
+  d = models.decoding(cfg)
+  context, room = d.max_len, d.prompt_room(max_new_tokens)
+  most_new = d.new_tokens_room(1)
+  require(max_new_tokens >= 1 and (most_new is None or max_new_tokens <= most_new),
           'max_new_tokens', max_new_tokens,
-          'must be >= 1' if context is None else f'must be in [1, the model context {context})')
-  room = None if context is None else context - max_new_tokens
+          'must be >= 1' if most_new is None else f'must be in [1, the model context {context})')
   out = []
   for i, prompt in enumerate(prompts):
     prompt = [int(t) for t in prompt]

@@ -282,6 +282,8 @@ def _train(r: Run) -> dict[str, float]:
                                         sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
                 for k, s in task.batch_shapes().items()}
   batch_sharding = {k: s.sharding for k, s in batch_spec.items()}
+  eval_sharding = {k: parallel.batch_sharding(r.mesh, len(s.shape))
+                   for k, s in task.eval_batch_shapes().items()}
   ckpts = checkpoint.Checkpoints(r.workdir / 'checkpoints', t.keep_checkpoints,
                                  t.async_checkpoints)
   restored = ckpts.restore_latest(abstract)
@@ -297,7 +299,7 @@ def _train(r: Run) -> dict[str, float]:
                          donate_argnums=0)
     compile_start = time.perf_counter()
     train_step = train_step.lower(abstract, batch_spec).compile()
-    eval_step = jax.jit(task.eval_fn, in_shardings=(shardings.params, batch_sharding, None))
+    eval_step = jax.jit(task.eval_fn, in_shardings=(shardings.params, eval_sharding, None))
     compile_seconds = time.perf_counter() - compile_start
 
     data_iter = iter(task.train_dataset(jax.process_index(), jax.process_count()))
@@ -311,15 +313,14 @@ def _train(r: Run) -> dict[str, float]:
         state = state.replace(params=jax.device_put(pretrained, shardings.params))
         print(f'starting from the weights of {cfg.train.init_from}')
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
-    flops_per_token = models.train_flops_per_token(cfg.model, cfg.data.seq_len,
-                                                   cfg.data.mask_rate)
+    flops_per_token = task.train_flops_per_token()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '
           f'compiled in {compile_seconds:.1f}s; device peak {peak / 1e9:.0f} GFLOP/s x '
           f'{jax.device_count()}; mesh {dict(r.mesh.shape)}')
     log = checkpoint.MetricsLog(r.workdir, start) if is_main else None
     val_batches = task.eval_batches(t.eval_batches)
-    evaluate = lambda params, batches: _evaluate(eval_step, task, params, batches, batch_sharding,
+    evaluate = lambda params, batches: _evaluate(eval_step, task, params, batches, eval_sharding,
                                                  t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     last_log_step, last_log_time = start, time.perf_counter()

@@ -1,7 +1,8 @@
 """Run by test_train.py with 8 fake CPU devices: three train steps of a decoder and of an
 encoder (BERT) on a (data=2, fsdp=4) mesh, and of a hybrid decoder (Mamba, S4D, local and
-global attention) on a (data=2, fsdp=2, tensor=2) mesh, and each on a 1-device mesh, from the
-same initial state and batches.
+global attention) and of an encoder-decoder (T5, span corruption drawn in the loss) on a
+(data=2, fsdp=2, tensor=2) mesh, and each on a 1-device mesh, from the same initial state and
+batches.
 Prints one JSON line with both loss curves and the largest parameter difference.
 """
 from __future__ import annotations
@@ -18,10 +19,13 @@ import jax
 import numpy as np
 
 from lm import config as config_lib, models, objectives, parallel, train
+from lm.data import span as span_data
+from lm.tasks import span as span_task
 from tests.conftest import load_config, tiny_config
 
 
-def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259):
+def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259,
+                       kernel=('block_0', 'mlp', 'up', 'kernel')):
   """Three train steps on a mesh of 8 devices and on 1 device: (losses of each, the largest
   final parameter difference, the number of shards of a kernel)."""
   cfg = config_lib.parse(c, vocab_size=vocab_size, device_count=8)
@@ -42,8 +46,8 @@ def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259):
         losses.append(float(metrics['loss']))
     results[name] = (losses, jax.device_get(state.params))
     if name == '8':
-      kernel = state.params['block_0']['mlp']['up']['kernel']
-      shards = len({str(s.index) for s in kernel.addressable_shards})
+      leaf = functools.reduce(lambda tree, key: tree[key], kernel, state.params)
+      shards = len({str(s.index) for s in leaf.addressable_shards})
   diff = max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))
   return results['8'][0], results['1'][0], diff, shards
@@ -79,7 +83,17 @@ def main():
   # a hybrid: Mamba, S4D, local and global attention, over a tensor axis
   c = small_config(num_layers=4, layer_pattern='MSLG', window=8, state_size=8, scan_chunk=8)
   hybrid = run_on_both_meshes(c, clm, causal_batches(rng), shape=(2, 2, 2), vocab_size=260)
-  # The byte vocabulary of 259 cannot split over tensor=2: a clear error, nothing written.
+  # an encoder-decoder, its rows corrupted by span corruption inside the loss
+  c = small_config('encdec')
+  lengths = span_data.lengths(32, 0.15, 3.0)
+  corrupt = functools.partial(span_task.corrupted, lengths=lengths,
+                              sentinel_ids=tuple(range(260, 260 + lengths.spans)), eos_id=257)
+  encdec = run_on_both_meshes(
+      c, lambda model: functools.partial(objectives.seq2seq_loss, apply_fn=model.apply,
+                                         start_id=0, corrupt=corrupt),
+      [{'tokens': rng.integers(0, 256, (8, lengths.raw)).astype(np.int32)} for _ in range(3)],
+      shape=(2, 2, 2), vocab_size=370, kernel=('encoder', 'block_0', 'mlp', 'up', 'kernel'))
+  # The byte vocabulary of 369 cannot split over tensor=2: a clear error, nothing written.
   workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
   c = tiny_config(corpus, workdir.parent / 'cache')
   c.mesh.shape = (2, 2, 2)
@@ -93,7 +107,9 @@ def main():
                     'max_param_diff': decoder[2], 'encoder_losses_8': encoder[0],
                     'encoder_losses_1': encoder[1], 'encoder_max_param_diff': encoder[2],
                     'hybrid_losses_8': hybrid[0], 'hybrid_losses_1': hybrid[1],
-                    'hybrid_max_param_diff': hybrid[2], 'hybrid_param_shards': hybrid[3]}))
+                    'hybrid_max_param_diff': hybrid[2], 'hybrid_param_shards': hybrid[3],
+                    'encdec_losses_8': encdec[0], 'encdec_losses_1': encdec[1],
+                    'encdec_max_param_diff': encdec[2], 'encdec_param_shards': encdec[3]}))
 
 
 if __name__ == '__main__':

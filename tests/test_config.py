@@ -59,7 +59,7 @@ def test_seq_len_larger_than_max_len():
     (dict(positions='rope', d_model=12, num_heads=4),
      r'model\.d_model=12: RoPE rotates pairs: head width d_model / num_heads = 3 must be even'),
     (dict(norm='batchnorm'), r"model\.norm='batchnorm': use one of \('layernorm', 'rmsnorm'\)"),
-    (dict(mlp='relu'), r"model\.mlp='relu': use one of"),
+    (dict(mlp='tanh'), r"model\.mlp='tanh': use one of"),
     (dict(mlp='swiglu', num_experts=4, experts_per_token=5),
      r'model\.experts_per_token=5: must be in \[1, model\.num_experts=4\]'),
     (dict(mlp='gelu', num_experts=4), r"model\.mlp='gelu': experts are SwiGLU MLPs"),

@@ -143,9 +143,11 @@ def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   assert result['encoder_max_param_diff'] < 1e-5
   np.testing.assert_allclose(result['hybrid_losses_8'], result['hybrid_losses_1'], rtol=1e-5)
   assert result['hybrid_max_param_diff'] < 1e-5 and result['hybrid_param_shards'] > 1
+  np.testing.assert_allclose(result['encdec_losses_8'], result['encdec_losses_1'], rtol=1e-5)
+  assert result['encdec_max_param_diff'] < 1e-5 and result['encdec_param_shards'] > 1
   assert result['uneven_error'].startswith(
-      "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (269, 32) has a dimension "
-      "of 269 split 2 ways over ('tensor',)")
+      "mesh.shape=(2, 2, 2): .params['embed']['embedding'] of shape (369, 32) has a dimension "
+      "of 369 split 2 ways over ('tensor',)")
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 

@@ -61,11 +61,11 @@ def stdlib_conversations() -> Iterator[tuple[str, list[dict]]]:
   """(the module's file key, messages) of the default set, in a fixed order."""
   for source in corpus.stdlib_files():
     module = source.key[:-len('.py')].replace('/', '.').removesuffix('.__init__')
-    for name, signature, summary, code in _functions(source):
+    for name, signature, summary, code in functions(source):
       yield source.key, _conversation(f'{module}.{name}', name, signature, summary, code)
 
 
-def _functions(source: corpus.SourceFile) -> Iterator[tuple[str, str, str, str]]:
+def functions(source: corpus.SourceFile) -> Iterator[tuple[str, str, str, str]]:
   """(name, signature, docstring summary, source) of the file's public top-level functions
   and its public classes' public methods."""
   try:
@@ -76,11 +76,11 @@ def _functions(source: corpus.SourceFile) -> Iterator[tuple[str, str, str, str]]
     lines = text.splitlines(keepends=True)
   except (SyntaxError, UnicodeDecodeError, ValueError):
     return
-  functions = [('', node) for node in tree.body if isinstance(node, ast.FunctionDef)]
-  functions += [(f'{c.name}.', node) for c in tree.body
+  found = [('', node) for node in tree.body if isinstance(node, ast.FunctionDef)]
+  found += [(f'{c.name}.', node) for c in tree.body
                 if isinstance(c, ast.ClassDef) and not c.name.startswith('_')
                 for node in c.body if isinstance(node, ast.FunctionDef)]
-  for prefix, node in functions:
+  for prefix, node in found:
     if node.name.startswith('_'):
       continue
     doc = ast.get_docstring(node)

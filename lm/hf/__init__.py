@@ -9,7 +9,11 @@
   mlm_logits_BxTxV, nsp_logits_Bx2 = lm.models.build(cfg).apply(
       {'params': params}, tokens_BxT, segment_ids=segment_ids_BxT, padding_mask=mask_BxT)
 
-One module per architecture (gpt2, llama, bert, mamba) holds its config translation and one
+  cfg, params = lm.hf.load('path/to/t5')         # T5ForConditionalGeneration (T5, v1.1)
+  logits_BxTxV = lm.models.build(cfg).apply(
+      {'params': params}, tokens_BxS, decoder_tokens_BxT, padding_mask=mask_BxS)
+
+One module per architecture (gpt2, llama, bert, mamba, t5) holds its config translation and one
 declarative name map (lm.hf.convert.Rule) used both to load and to save. Weights are
 converted exactly (float32); nothing is downloaded; `transformers` itself is not needed. A
 checkpoint missing a tensor, holding one of the wrong shape, or holding tensors lm does not
@@ -30,10 +34,10 @@ import numpy as np
 from lm import models
 from lm.checkpoint import write_atomic
 from lm.config import ConfigError, ModelConfig, validate_model
-from lm.hf import bert, convert, gpt2, llama, mamba
+from lm.hf import bert, convert, gpt2, llama, mamba, t5
 from lm.models.layers import common
 
-MODULES = (gpt2, llama, bert, mamba)
+MODULES = (gpt2, llama, bert, mamba, t5)
 ARCHITECTURES = {t: name for module in MODULES for t, name in module.MODEL_TYPES.items()}
 WEIGHTS = 'model.safetensors'
 
@@ -54,7 +58,7 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
   hf = _read_config(directory)
   cfg = config_from_hf(hf, directory)
   module = _module(hf['model_type'])
-  tensors = module.normalize(_read_weights(directory))
+  tensors = module.normalize(_read_weights(directory), cfg)
   shapes = {name: tuple(x.shape) for name, x in _abstract(cfg).items()}
   return cfg, convert.read(module.rules(cfg), tensors, shapes, directory, module.IGNORED)
 

@@ -17,7 +17,7 @@ ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'g
 def fits(cfg: EncoderConfig) -> str | None:
   ok = (cfg.positions, cfg.norm, cfg.use_bias, cfg.post_norm) == (
       'learned', 'layernorm', True, True)
-  return 'bert' if ok and cfg.mlp != 'swiglu' and cfg.kv_heads == cfg.num_heads else None
+  return 'bert' if ok and cfg.mlp in ('gelu', 'gelu_exact') and cfg.kv_heads == cfg.num_heads else None
 
 
 def config_from_hf(hf: dict, where: str) -> EncoderConfig:
@@ -48,7 +48,7 @@ def config_to_hf(cfg: EncoderConfig) -> dict:
           'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0, 'pad_token_id': None}
 
 
-def normalize(tensors: dict) -> dict:
+def normalize(tensors: dict, cfg) -> dict:
   return tensors
 
 

@@ -39,7 +39,7 @@ def config_to_hf(cfg: DecoderConfig) -> dict:
           'attn_pdrop': 0.0}
 
 
-def normalize(tensors: dict) -> dict:
+def normalize(tensors: dict, cfg) -> dict:
   """Some GPT-2 checkpoints name their tensors without the `transformer.` prefix."""
   return {(k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k): v
           for k, v in tensors.items()}

@@ -72,7 +72,7 @@ def config_to_hf(cfg: DecoderConfig) -> dict:
   return out
 
 
-def normalize(tensors: dict) -> dict:
+def normalize(tensors: dict, cfg) -> dict:
   """Mixtral checkpoints written before transformers 5 hold each expert's w1 (gate), w3 (up)
   and w2 (down) under block_sparse_moe: fused here into gate_up_proj [E, 2F, D] and down_proj
   [E, D, F], as transformers 5 holds them."""

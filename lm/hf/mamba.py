@@ -40,7 +40,7 @@ def config_to_hf(cfg: DecoderConfig) -> dict:
           'time_step_rank': cfg.time_step_rank, 'time_step_min': cfg.dt_min,
           'time_step_max': cfg.dt_max, 'residual_in_fp32': True}
 
-def normalize(tensors: dict) -> dict:
+def normalize(tensors: dict, cfg) -> dict:
   """Older checkpoints name the embedding `backbone.embedding`."""
   return {k.replace('backbone.embedding.', 'backbone.embeddings.'): v for k, v in tensors.items()}
 

@@ -4,6 +4,7 @@ token, the tasks it trains on, the checks of its own config keys and, if it gene
 decoding interface; nothing outside this module branches on a family's name.
 
   cfg = lm.models.DecoderConfig(vocab_size=259, layer_pattern='MMMG', mlp_dim=0, ...)
+  cfg = lm.models.EncDecConfig(vocab_size=32128, mlp='geglu', tie_embeddings=False, ...)  # T5
   model = lm.models.build(cfg)                 # the family's nn.Module
   d = lm.models.decoding(cfg)                  # prefill, decode_step, reorder, expand, prepare
 """
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ConfigError, ModelConfig
-from lm.models import decoder, encoder
+from lm.models import decoder, encdec, encoder
 from lm.models.decoder import DecoderConfig
+from lm.models.encdec import EncDecConfig
 from lm.models.encoder import EncoderConfig
 
 
@@ -26,7 +28,7 @@ from lm.models.encoder import EncoderConfig
 class Family:
   config: type[ModelConfig]  # its frozen config dataclass: ModelConfig's keys plus its own
   build: Callable[[ModelConfig], nn.Module]
-  train_flops_per_token: Callable[[ModelConfig, int, float], float]  # (cfg, seq_len, mask_rate)
+  train_flops_per_token: Callable[..., float]  # (cfg, seq_len, mask_rate, target_len)
   tasks: tuple[str, ...]  # the data.task values it trains on (lm.tasks)
   validate: Callable[[ModelConfig, int | None], None]  # its own keys' checks, and (with
                                                       # data.seq_len) its sequences' (ConfigError)
@@ -37,11 +39,18 @@ class Family:
 
 FAMILIES = {
     'decoder': Family(DecoderConfig, decoder.Decoder,
-                      lambda cfg, seq_len, mask_rate: decoder.train_flops_per_token(cfg, seq_len),
+                      lambda cfg, seq_len, mask_rate, target_len: decoder.train_flops_per_token(
+                          cfg, seq_len),
                       ('clm', 'sft'), decoder.validate, decoder.Decoding,
                       decoder.plain_layout, decoder.layout_for),
-    'encoder': Family(EncoderConfig, encoder.Encoder, encoder.train_flops_per_token,
+    'encoder': Family(EncoderConfig, encoder.Encoder,
+                      lambda cfg, seq_len, mask_rate, target_len: encoder.train_flops_per_token(
+                          cfg, seq_len, mask_rate),
                       ('mlm_nsp',), encoder.validate),
+    'encdec': Family(EncDecConfig, encdec.EncDec,
+                     lambda cfg, seq_len, mask_rate, target_len: encdec.train_flops_per_token(
+                         cfg, seq_len, target_len=target_len),
+                     ('span', 'seq2seq'), encdec.validate, encdec.Decoding),
 }
 
 
@@ -66,8 +75,8 @@ def build(cfg: ModelConfig) -> nn.Module:
 
 
 def decoding(cfg: ModelConfig):
-  """The decoding interface of a family that generates (see decoder.Decoding): prefill,
-  decode_step, reorder, expand, prepare, max_len."""
+  """The decoding interface of a family that generates (decoder.Decoding, encdec.Decoding):
+  prefill, decode_step, reorder, expand, prepare, max_len, prompt_room, new_tokens_room."""
   make = family(cfg).decoding
   if make is None:
     raise ConfigError(f'model.family={cfg.family!r} does not generate text; it trains on '
@@ -75,10 +84,13 @@ def decoding(cfg: ModelConfig):
   return make(cfg)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0) -> float:
-  """Training FLOPs per token; an encoder's vocabulary projection runs on the share
-  `mask_rate` of the tokens (the masked ones)."""
-  return family(cfg).train_flops_per_token(cfg, seq_len, mask_rate)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0,
+                          target_len: int | None = None) -> float:
+  """Training FLOPs per token of data.seq_len; an encoder's vocabulary projection runs on the
+  share `mask_rate` of the tokens (the masked ones); an encoder-decoder's step also runs
+  target_len decoder tokens a row, their FLOPs spread over the seq_len encoder tokens
+  (encdec.encoder_flops_per_token and decoder_flops_per_token count them apart)."""
+  return family(cfg).train_flops_per_token(cfg, seq_len, mask_rate, target_len)
 
 
 def plain_layout(cfg: ModelConfig, params: dict) -> dict:

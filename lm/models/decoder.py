@@ -401,6 +401,14 @@ class Decoding:
     and no learned positions: the state has the same size at any length)."""
     return self.cfg.max_len if self.cfg.has_attention or self.cfg.positions == 'learned' else None
 
+  def prompt_room(self, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for max_new_tokens (None: no bound)."""
+    return None if self.max_len is None else self.max_len - max_new_tokens
+
+  def new_tokens_room(self, prompt_len: int) -> int | None:
+    """The most new tokens after a prompt of prompt_len (None: no bound)."""
+    return None if self.max_len is None else self.max_len - prompt_len
+
   def prepare(self, params, rows: int):
     """params laid out for decoding `rows` rows on this device (decoding_params)."""
     return decoding_params(self.cfg, params, rows)[1]

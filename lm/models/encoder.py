@@ -49,9 +49,8 @@ class EncoderBlock(nn.Module):
                                           name='mlp')(h)))
     for norm_name, sublayer in sublayers:
       norm = common.norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
-      x_BxTxD = norm(x_BxTxD + sublayer(x_BxTxD)) if cfg.post_norm else x_BxTxD + sublayer(
-          norm(x_BxTxD))
-      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
+      x_BxTxD = nn.with_logical_constraint(
+          common.residual(x_BxTxD, sublayer, norm, cfg.post_norm), ACTIVATION)
     return x_BxTxD
 
 

@@ -4,7 +4,9 @@
 - `mlm_nsp` (lm.tasks.mlm_nsp): BERT's masked language modelling plus next-sentence prediction
   (encoders);
 - `sft` (lm.tasks.sft): instruction tuning on packed conversations, loss on assistant turns
-  (decoders).
+  (decoders);
+- `span` (lm.tasks.span): T5's span corruption (encoder-decoders);
+- `seq2seq` (lm.tasks.seq2seq): input/target pairs, loss on the target (encoder-decoders).
 
 The interface is lm.tasks.base.Task.
 """
@@ -16,9 +18,12 @@ from lm.config import Config
 from lm.tasks.base import Task, compressed_bits_per_byte
 from lm.tasks.clm import CausalLM
 from lm.tasks.mlm_nsp import MaskedLM
+from lm.tasks.seq2seq import Seq2Seq
 from lm.tasks.sft import InstructionTuning
+from lm.tasks.span import SpanCorruption
 
-TASKS = {task.name: task for task in (CausalLM, MaskedLM, InstructionTuning)}
+TASKS = {task.name: task for task in (CausalLM, MaskedLM, InstructionTuning, Seq2Seq,
+                                      SpanCorruption)}
 
 __all__ = ['TASKS', 'Task', 'compressed_bits_per_byte', 'load', 'make']
 

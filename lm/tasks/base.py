@@ -19,6 +19,7 @@ import grain
 import jax
 import numpy as np
 
+from lm import models
 from lm.config import Config
 from lm.data import store
 
@@ -73,9 +74,18 @@ class Task(abc.ABC):
   def __init__(self, cfg: Config, model: nn.Module, tokenizer, splits: dict[str, store.Split]):
     self.cfg, self.model, self.tokenizer, self.splits = cfg, model, tokenizer, splits
 
+  def train_flops_per_token(self) -> float:
+    """Training FLOPs per token of data.seq_len (lm.models.train_flops_per_token)."""
+    return models.train_flops_per_token(self.cfg.model, self.cfg.data.seq_len,
+                                        self.cfg.data.mask_rate)
+
   @abc.abstractmethod
   def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
     """The global shapes and dtypes of one training batch."""
+
+  def eval_batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one evaluation batch: a training batch's, unless the task says."""
+    return self.batch_shapes()
 
   @abc.abstractmethod
   def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from lm.config import ConfigError
 from lm.tokenizers import bpe
-from lm.tokenizers.tokenizer import (BYTES_FIRST_SPECIAL, CL100K_FIRST_SPECIAL, GPT4_PATTERN,
-                                     SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_tokenizer,
-                                     cl100k, load_dir, special_text)
+from lm.tokenizers.tokenizer import (BYTES_FIRST_SPECIAL, CL100K_FIRST_SPECIAL, FORMAT, GPT4_PATTERN,
+                                     SENTINELS, SPECIAL_TOKENS, StreamDecoder, Tokenizer,
+                                     byte_tokenizer, cl100k, load_dir, special_text)
 
 KINDS = ('bytes', 'bpe', 'cl100k')
 
-__all__ = ['GPT4_PATTERN', 'KINDS', 'SPECIAL_TOKENS', 'StreamDecoder', 'Tokenizer', 'load',
+__all__ = ['FORMAT', 'GPT4_PATTERN', 'KINDS', 'SENTINELS', 'SPECIAL_TOKENS', 'StreamDecoder', 'Tokenizer', 'load',
            'special_text', 'vocab_size_of']
 
 

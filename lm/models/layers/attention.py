@@ -1,7 +1,11 @@
 """Self-attention, causal or bidirectional: multi-head, grouped-query or multi-query, with RoPE,
-a sliding window and a padding mask; causal attention skips the key blocks wholly in a query
-block's future. A decode step reads its keys and values from lm.models.layers.kv_cache."""
+a sliding window, a padding mask and an additive position bias (T5's); causal attention skips
+the key blocks wholly in a query block's future. A decode step reads its keys and values from
+lm.models.layers.kv_cache. Cross-attention: queries of one sequence over the keys and values
+of another (an encoder's output), which can be projected once and kept for decoding."""
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -15,9 +19,12 @@ from lm.models.layers.kv_cache import KVCache, cached_attention, write_kv_cache
 def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
               causal: bool = True, window: int | None = None,
               key_valid_BxS: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
+              bias_HxTxS: jax.Array | None = None, scaled: bool = True,
               block: int = 128) -> jax.Array:
-  """Softmax(q k^T / sqrt(Dh)) v over query blocks of `block` rows; causal (query t sees keys
-  s <= t) or bidirectional (every key).
+  """Softmax(q k^T / sqrt(Dh) + bias) v over query blocks of `block` rows; causal (query t
+  sees keys s <= t) or bidirectional (every key). `scaled` False leaves out the 1 / sqrt(Dh)
+  (T5, whose initialisation folds it into the query); `bias_HxTxS` is added to the logits
+  (T5's relative position bias).
 
   K key/value heads serve H = K * G query heads (grouped-query attention; K = H is multi-head,
   K = 1 multi-query): query head k * G + g reads key/value head k. With a `window` (causal
@@ -36,8 +43,12 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
     lo = max(0, start - window + 1) if causal and window is not None else 0
     hi = end if causal else k_BxSxKxDh.shape[1]
     logits_BxKxGxQxS = jnp.einsum('bqkgd,bskd->bkgqs', q_BxTxKxGxDh[:, start:end],
-                                  k_BxSxKxDh[:, lo:hi],
-                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
+                                  k_BxSxKxDh[:, lo:hi], preferred_element_type=jnp.float32)
+    if scaled:
+      logits_BxKxGxQxS = logits_BxKxGxQxS * head_dim ** -0.5
+    if bias_HxTxS is not None:
+      logits_BxKxGxQxS = logits_BxKxGxQxS + bias_HxTxS[:, start:end, lo:hi].reshape(
+          kv_heads, heads // kv_heads, end - start, hi - lo)
     keys_S = jnp.arange(lo, hi)
     mask = (visible(jnp.arange(start, end)[:, None], keys_S[None, :], window)[None, None, None]
             if causal else None)
@@ -69,18 +80,22 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   out_std: float = INIT_STD
   causal: bool = True
+  scaled: bool = True  # False: no 1 / sqrt(Dh) on the logits (T5)
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None,
                index: jax.Array | int = 0, start_B: jax.Array | None = None,
                key_valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+               positions_BxT: jax.Array | None = None, bias_HxTxS: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a
     `cache` from `init_kv_cache`): the T new columns start at column `index` of the rows;
     T > 1 is a prefill into an empty cache, T = 1 a decode step. Row b is left-padded up to
     column start_B[b]: its positions count from there and its padding is never attended.
     Returns (y_BxTxD, cache). Packed rows (training): `segment_ids_BxT` keep attention within
-    each segment and `positions_BxT` give RoPE each token's position in its segment."""
+    each segment and `positions_BxT` give RoPE each token's position in its segment.
+    `bias_HxTxS` is added to the logits: over the T x T columns, or in a decode step over the
+    cache's slots (T = 1)."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     h, k = self.num_heads, self.num_kv_heads
@@ -98,13 +113,16 @@ class Attention(nn.Module):
       k_BxTxKxDh = rope(k_BxTxKxDh, positions, self.rope_theta)
     if cache is not None and length == 1:
       cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
-      out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, columns_T[0], self.window, start_B)
+      out_BxTxHxDh = cached_attention(q_BxTxHxDh, cache, columns_T[0], self.window, start_B,
+                                      None if bias_HxTxS is None else bias_HxTxS[:, 0],
+                                      self.scaled)
     else:
       if start_B is not None:  # left padding
         key_valid_BxT = columns_T[None] >= start_B[:, None]
       out_BxTxHxDh = attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, causal=self.causal,
                                window=self.window, key_valid_BxS=key_valid_BxT,
-                               segment_ids_BxT=segment_ids_BxT)
+                               segment_ids_BxT=segment_ids_BxT, bias_HxTxS=bias_HxTxS,
+                               scaled=self.scaled)
       if cache is not None:
         cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
     y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
@@ -112,3 +130,82 @@ class Attention(nn.Module):
                         kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
                         bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
     return y_BxTxD if cache is None else (y_BxTxD, cache)
+
+
+class CrossAttention(nn.Module):
+  """Queries from x_BxTxD over the keys and values of memory_BxSxD (multi-head, no positions),
+  padding keys (memory_valid_BxS False) never seen. `keys_values` projects the memory once
+  (an encoder's output, kept for every decode step); `attend` uses them."""
+  num_heads: int
+  head_dim: int
+  d_model: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  out_std: float = INIT_STD
+  scaled: bool = True  # False: no 1 / sqrt(Dh) on the logits (T5)
+
+  def setup(self):
+    h, dh = self.num_heads, self.head_dim
+    make = lambda name: DenseParams((h, dh), self.use_bias, ('embed', 'heads', 'head_dim'),
+                                    name=name)
+    self.query, self.key, self.value = make('query'), make('key'), make('value')
+    self.out = nn.Einsum((h, dh, self.d_model), 'bthk,hkd->btd', name='out', dtype=self.dtype,
+                         use_bias=self.use_bias, bias_init=zeros(('embed',)),
+                         kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std))
+
+  def keys_values(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(k_BxSxHxDh, v_BxSxHxDh) of the memory, in one matmul."""
+    kv_BxSx2HxDh = fused_projection(memory_BxSxD, [self.key(self.d_model),
+                                                   self.value(self.d_model)], self.dtype)
+    return jnp.split(kv_BxSx2HxDh, 2, axis=2)
+
+  def attend(self, x_BxTxD: jax.Array, k_BxSxHxDh: jax.Array, v_BxSxHxDh: jax.Array,
+             memory_valid_BxS: jax.Array | None) -> jax.Array:
+    q_BxTxHxDh = fused_projection(x_BxTxD, [self.query(self.d_model)], self.dtype)
+    out_BxTxHxDh = attention(q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, causal=False,
+                             key_valid_BxS=memory_valid_BxS, scaled=self.scaled)
+    return self.out(out_BxTxHxDh.astype(self.dtype))
+
+  def __call__(self, x_BxTxD: jax.Array, memory_BxSxD: jax.Array,
+               memory_valid_BxS: jax.Array | None = None) -> jax.Array:
+    return self.attend(x_BxTxD, *self.keys_values(memory_BxSxD), memory_valid_BxS)
+
+
+def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's bucket of each key - query offset: bidirectional, half the buckets for keys after the
+  query; causal, keys after the query fall in bucket 0. Of a side's n buckets, offsets
+  0 .. n/2 - 1 have one each, and larger ones share the other n/2, spaced logarithmically up to
+  max_distance (offsets beyond it: the last bucket)."""
+  bucket = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = jnp.where(relative > 0, num_buckets, 0)
+    distance = jnp.abs(relative)
+  else:
+    distance = -jnp.minimum(relative, 0)
+  exact = num_buckets // 2
+  far = exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact)
+                 / math.log(max_distance / exact) * (num_buckets - exact)).astype(relative.dtype)
+  far = jnp.minimum(far, num_buckets - 1)
+  return bucket + jnp.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's position bias: a learned scalar per head and bucket of the key - query offset
+  (relative_position_bucket), added to the attention logits. Parameter `embedding`
+  [num_buckets, H]."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, queries_T: jax.Array, keys_S: jax.Array) -> jax.Array:
+    """bias_HxTxS of queries at columns queries_T over keys at columns keys_S."""
+    table_NxH = self.param('embedding', normal((None, 'heads')),
+                           (self.num_buckets, self.num_heads))
+    buckets_TxS = relative_position_bucket(keys_S[None, :] - queries_T[:, None],
+                                           self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+    return jnp.transpose(table_NxH[buckets_TxS], (2, 0, 1))

@@ -19,8 +19,9 @@ REMAT_POLICIES = {'full': None,  # keep only each block's input
 
 def block_matmul_params(d_model: int, kv_width: int, mlp: str, mlp_dim: int) -> int:
   """Weights of one attention + dense MLP block that take part in a matmul per token:
-  query and output D x D, key and value D x kv_width, MLP 2 (3 for SwiGLU) x D x F."""
-  return 2 * d_model * (d_model + kv_width) + (3 if mlp == 'swiglu' else 2) * d_model * mlp_dim
+  query and output D x D, key and value D x kv_width, MLP 2 (3 gated: SwiGLU, GeGLU) x D x F."""
+  gated = mlp in ('swiglu', 'geglu')
+  return 2 * d_model * (d_model + kv_width) + (3 if gated else 2) * d_model * mlp_dim
 
 
 def attention_flops_per_token(keys: int, num_heads: int, head_dim: int) -> int:
@@ -69,6 +70,12 @@ def norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
                       bias_init=zeros(('embed',)), name=name)
 
 
+def residual(x_BxTxD: jax.Array, sublayer, norm: nn.Module, post_norm: bool) -> jax.Array:
+  """A sublayer added to the residual stream: normalised after the sum (post-norm: the original
+  transformer, BERT) or its input normalised (pre-norm)."""
+  return norm(x_BxTxD + sublayer(x_BxTxD)) if post_norm else x_BxTxD + sublayer(norm(x_BxTxD))
+
+
 def rope(x_BxTxHxDh: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, in the half-split layout of Llama and Hugging Face: dimension
   i and i + Dh/2 form a pair rotated by position * theta^(-2i/Dh). `positions` is [T] or, a
@@ -80,6 +87,14 @@ def rope(x_BxTxHxDh: jax.Array, positions: jax.Array, theta: float) -> jax.Array
   x1, x2 = x_BxTxHxDh[..., :half].astype(jnp.float32), x_BxTxHxDh[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxDh.dtype)
+
+
+def sinusoids(positions: jax.Array, width: int) -> jax.Array:
+  """The original transformer's positions (Vaswani et al. 2017): channel 2i of position p is
+  sin(p / 10000^(2i / width)), channel 2i + 1 its cos. positions [...] -> [..., width]."""
+  freq = 10000.0 ** (-jnp.arange(0, width, 2, dtype=jnp.float32) / width)
+  angle = positions.astype(jnp.float32)[..., None] * freq
+  return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*positions.shape, -1)[..., :width]
 
 
 def visible(t: jax.Array, s: jax.Array, window: int | None) -> jax.Array:

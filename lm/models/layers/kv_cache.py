@@ -107,21 +107,25 @@ def write_kv_cache(cache: KVCache, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array,
 
 
 def cached_attention(q_Bx1xHxDh: jax.Array, cache: KVCache, t: jax.Array,
-                     window: int | None = None, start_B: jax.Array | None = None):
-  """The query at column t over the cached keys it may see (from column start_B[b] on).
+                     window: int | None = None, start_B: jax.Array | None = None,
+                     bias_HxS: jax.Array | None = None, scaled: bool = True):
+  """The query at column t over the cached keys it may see (from column start_B[b] on), with
+  `bias_HxS` (a bias over the cache's slots) added to the logits, and scaled by 1 / sqrt(Dh)
+  unless `scaled` is False.
 
   Only the filled blocks of the cache are read (a jax.lax.switch on their number): a full
   cache holds column p in slot p, so the blocks past slot t are still empty."""
   sizes = [block.shape[1] for block in cache.k]
   branch = jnp.sum(t >= np.cumsum(sizes)[:-1])  # the block of slot t (past the last: full)
   return jax.lax.switch(  # one block (a short cache): called directly, no conditional
-      branch, [functools.partial(attention_over_blocks, n, window=window)
+      branch, [functools.partial(attention_over_blocks, n, window=window, scaled=scaled)
                for n in range(1, len(sizes) + 1)],
-      q_Bx1xHxDh, cache, t, start_B)
+      q_Bx1xHxDh, cache, t, start_B, bias_HxS)
 
 
 def attention_over_blocks(n: int, q_Bx1xHxDh: jax.Array, cache: KVCache, t: jax.Array,
-                          start_B: jax.Array | None, window: int | None) -> jax.Array:
+                          start_B: jax.Array | None, bias_HxS: jax.Array | None,
+                          window: int | None, scaled: bool = True) -> jax.Array:
   """cached_attention over the cache's first n blocks: a matmul per block, one softmax.
 
   With cache.beam_row [P, R, S] (beam search, KVCache.reorder), the B = P * R rows
@@ -156,7 +160,11 @@ def attention_over_blocks(n: int, q_Bx1xHxDh: jax.Array, cache: KVCache, t: jax.
   if group > 1:  # a beam's slot is read from one row of its group
     row_PxJxS = cache.beam_row[..., :slots]
     seen = seen & (row_PxJxS[:, :, None, None, None] == jnp.arange(group)[:, None])
-  logits = jnp.where(seen, logits * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+  if scaled:
+    logits = logits * head_dim ** -0.5
+  if bias_HxS is not None:  # logits [P, J, K, G, R, S]
+    logits = logits + bias_HxS[:, :slots].reshape(kv_heads, g, 1, slots)
+  logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
   att = jax.nn.softmax(logits.reshape(prompts, group, kv_heads, g, group * slots), axis=-1)
   att_NxMxS = att.reshape(prompts, group, kv_heads, g, group, slots).transpose(
       0, 4, 2, 1, 3, 5).reshape(batch * kv_heads, group * g, slots).astype(vs[0].dtype)

@@ -1,5 +1,5 @@
-"""MLPs: dense GELU, SwiGLU (gate and up as one matmul), and a mixture of SwiGLU experts with
-its load-balancing loss."""
+"""MLPs: dense (GELU, ReLU), gated (SwiGLU, GeGLU; gate and up as one matmul), and a mixture of
+SwiGLU experts with its load-balancing loss."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -9,18 +9,22 @@ import jax.numpy as jnp
 from lm.models.layers.common import DenseParams, INIT_STD, fused_projection, normal, zeros
 
 
+GATED = ('swiglu', 'geglu')  # MLP kinds of a gate and an up projection
+
+
 def activation(mlp: str):
-  """The nonlinearity of an MLP kind: GELU with the tanh approximation (`gelu`, GPT-2), exact
-  GELU (`gelu_exact`, BERT), or SiLU (`swiglu`'s gate)."""
-  return {'gelu': lambda x: jax.nn.gelu(x, approximate=True),
-          'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False), 'swiglu': nn.silu}[mlp]
+  """The nonlinearity of an MLP kind: GELU with the tanh approximation (`gelu`, GPT-2; and
+  `geglu`'s gate, T5 v1.1), exact GELU (`gelu_exact`, BERT), ReLU (`relu`, the original
+  transformer and T5), or SiLU (`swiglu`'s gate)."""
+  gelu = lambda x: jax.nn.gelu(x, approximate=True)
+  return {'gelu': gelu, 'geglu': gelu, 'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+          'relu': jax.nn.relu, 'swiglu': nn.silu}[mlp]
 
 
 class Mlp(nn.Module):
-  """`gelu`, `gelu_exact`: Dense -> GELU (tanh approximation as GPT-2, or exact as BERT) ->
-  Dense.
-  `swiglu`: down(silu(gate(x)) * up(x)), as Llama; gate and up run as one matmul (their
-  kernels side by side), their parameters kept apart.
+  """`gelu`, `gelu_exact`, `relu`: Dense -> the activation -> Dense.
+  `swiglu` (`geglu`): down(silu(gate(x)) * up(x)) as Llama (GELU for silu: T5 v1.1); gate and
+  up run as one matmul (their kernels side by side), their parameters kept apart.
   The down kernel may come transposed, as `down/kernel_T` (decoder.decoding_params)."""
   kind: str
   mlp_dim: int
@@ -33,12 +37,12 @@ class Mlp(nn.Module):
     def dense(features: int, axes: tuple[str, str], name: str, std: float = INIT_STD):
       return nn.Dense(features, dtype=self.dtype, use_bias=self.use_bias, name=name,
                       kernel_init=normal(axes, std), bias_init=zeros(axes[1:]))
-    if self.kind == 'swiglu':
+    if self.kind in GATED:
       d_model, f = x_BxTxD.shape[-1], self.mlp_dim
       h_BxTx2F = fused_projection(x_BxTxD, [
           DenseParams(f, self.use_bias, ('embed', 'mlp'), name=name)(d_model)
           for name in ('gate', 'up')], self.dtype)
-      h_BxTxF = nn.silu(h_BxTx2F[..., :f]) * h_BxTx2F[..., f:]
+      h_BxTxF = activation(self.kind)(h_BxTx2F[..., :f]) * h_BxTx2F[..., f:]
     else:
       h_BxTxF = activation(self.kind)(dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x_BxTxD))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
