@@ -108,6 +108,7 @@ def write_conversations(path, count: int):
 @pytest.mark.slow
 def test_sft_tunes_an_lm_workdir_and_reports_before_and_after(config, tmp_path, capsys):
   config.model.max_len = config.data.seq_len = 64  # room for a conversation and a reply
+  config.train.steps = 40  # long enough that it has learned not to draw tokens it never saw
   train.run(config, tmp_path / 'base')
   c = tiny_config(tmp_path, tmp_path / 'cache', steps=60, learning_rate=1e-2, sample_len=4,
                   num_samples=1, eval_every=100)

@@ -79,7 +79,7 @@ def test_special_ids_are_fixed_and_documented(kinds):
     assert tokenizer.special_ids == {n: firsts[kind] + i for i, n in enumerate(SPECIAL_TOKENS)}
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == tuple(
         firsts[kind] + i for i in range(3))
-    assert tokenizer.vocab_size == firsts[kind] + 13
+    assert tokenizer.vocab_size == firsts[kind] + 13 + 100  # named specials, sentinels
     assert tokenizer.token_bytes()[tokenizer.first_special:].sum() == 0
 
 
@@ -113,8 +113,8 @@ def test_invalid_utf8_decodes_with_replacement(kinds):
   tokenizer = kinds['bytes']
   assert tokenizer.decode([0xE2, 0x82]) == '\ufffd'
   assert tokenizer.decode([0xFF, 97]) == '\ufffda'
-  with pytest.raises(ValueError, match='token id 269 is outside'):
-    tokenizer.decode([269])
+  with pytest.raises(ValueError, match='token id 369 is outside'):
+    tokenizer.decode([369])
 
 
 def test_lone_surrogates_and_nul_bytes(kinds):
@@ -157,14 +157,14 @@ def test_missing_or_corrupt_tokenizer_directory(small_bpe, tmp_path):
 
 
 def test_bad_vocab_sizes_and_an_empty_corpus():
-  with pytest.raises(ConfigError, match='vocab_size=268: .* use 269 or more'):
-    bpe.train(SMALL_TEXTS, 268)
+  with pytest.raises(ConfigError, match='vocab_size=368: .* use 369 or more'):
+    bpe.train(SMALL_TEXTS, 368)
   with pytest.raises(ConfigError, match='tokenizer.vocab_size=100'):
     tokenizers.vocab_size_of('bpe', 100)
   with pytest.raises(ConfigError, match="tokenizer.kind='gpt2'"):
     tokenizers.vocab_size_of('gpt2', 100)
   with pytest.raises(ConfigError, match='empty'):
-    bpe.train([], 300)
+    bpe.train([], 400)
   with pytest.raises(ConfigError, match='only .* merges to learn; use a vocab_size of at most'):
     bpe.train(['ab ab'], 5000)
 
@@ -176,26 +176,26 @@ def test_cli_train_then_stats(tmp_path, capsys):
   (tmp_path / 'text' / 'blob.txt').write_bytes(b'\x89PNG\0\0binary')
   (tmp_path / 'text' / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
   with pytest.warns(CorpusWarning, match='skipping'):
-    assert cli(['train', f'--input={tmp_path}/text/*.txt', '--vocab_size=300',
+    assert cli(['train', f'--input={tmp_path}/text/*.txt', '--vocab_size=400',
                 f'--out={tmp_path}/tok']) == 0
   # The file holding a NUL byte counts as binary too: 5 of the 6 text files are read.
-  assert 'trained a bpe of 300 ids on 5 documents' in capsys.readouterr().out
+  assert 'trained a bpe of 400 ids on 5 documents' in capsys.readouterr().out
   with pytest.warns(CorpusWarning):
     assert cli(['stats', f'--tokenizer={tmp_path}/tok', f'--input={tmp_path}/text/*.txt',
                 '--top=3']) == 0
   out = capsys.readouterr().out
   assert 'bytes per token' in out and 'unused ids' in out and 'longest tokens' in out
-  assert tokenizers.load(tmp_path / 'tok').vocab_size == 300
+  assert tokenizers.load(tmp_path / 'tok').vocab_size == 400
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
   assert cli(['train', '--vocab_size=10', f'--out={tmp_path}/t']) == 2
   assert capsys.readouterr().err.startswith('error: --vocab_size=10:')
-  assert cli(['train', f'--input={tmp_path}/none/*.txt', '--vocab_size=300',
+  assert cli(['train', f'--input={tmp_path}/none/*.txt', '--vocab_size=400',
               f'--out={tmp_path}/t']) == 2
   assert "--input=" in capsys.readouterr().err
   (tmp_path / 'empty.txt').write_text('')
-  assert cli(['train', f'--input={tmp_path}/empty.txt', '--vocab_size=300',
+  assert cli(['train', f'--input={tmp_path}/empty.txt', '--vocab_size=400',
               f'--out={tmp_path}/t']) == 2
   assert 'empty' in capsys.readouterr().err
   assert cli(['stats', f'--tokenizer={tmp_path}/nothing']) == 2

@@ -165,12 +165,12 @@ def test_importing_lm_picks_eigen_cpu_matmuls_unless_the_user_chose(user_flags, 
 
 def test_a_run_trains_its_bpe_once_and_keeps_it_in_the_workdir(config, tmp_path, capsys):
   from lm import tokenizers
-  config.tokenizer.update(kind='bpe', vocab_size=290)
+  config.tokenizer.update(kind='bpe', vocab_size=390)
   config.train.update(steps=4, eval_every=4, checkpoint_every=4)
   first = train.run(config, tmp_path / 'a')
-  assert 'training a byte-level BPE of 290 ids' in capsys.readouterr().out
+  assert 'training a byte-level BPE of 390 ids' in capsys.readouterr().out
   tokenizer = tokenizers.load(tmp_path / 'a' / 'tokenizer')
-  assert tokenizer.kind == 'bpe' and tokenizer.vocab_size == 290
+  assert tokenizer.kind == 'bpe' and tokenizer.vocab_size == 390
   assert np.isfinite(first['val/bpb'])
   train.run(config, tmp_path / 'b')  # the same corpus and size: the cached tokenizer
   assert 'training a byte-level BPE' not in capsys.readouterr().out
@@ -209,7 +209,7 @@ def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
       for p in model.parameters():
         p.add_(0.3 * torch.randn_like(p))
     return model.eval()
-  theirs = llama(300)  # the byte tokenizer's 269 ids fit
+  theirs = llama(400)  # the byte tokenizer's 369 ids fit
   theirs.save_pretrained(tmp_path / 'hf')
   # One step at a negligible learning rate: the final validation is that of the HF model.
   config.model.scan_layers = True  # the checkpoint's layers are stacked for nn.scan
@@ -220,7 +220,7 @@ def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
   assert 'the model is the checkpoint\'s (' in out and 'num_heads 2 -> 4' in out
   assert 'starting from the weights of' in out
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']
-  assert (saved['vocab_size'], saved['num_heads'], saved['scan_layers']) == (300, 4, True)
+  assert (saved['vocab_size'], saved['num_heads'], saved['scan_layers']) == (400, 4, True)
 
   r = train.setup(config, tmp_path / 'run')
   nll, count = 0.0, 0
@@ -233,12 +233,12 @@ def test_a_run_starts_from_hugging_face_weights(config, tmp_path, capsys):
     token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0),
                                                   reduction='none')
     nll, count = nll + float(token_nll[mask].sum()), count + int(mask.sum())
-  assert abs(nll / count - np.log(300)) > 0.5
+  assert abs(nll / count - np.log(400)) > 0.5
   np.testing.assert_allclose(result['val/loss'], nll / count, rtol=1e-4)
 
   llama(100).save_pretrained(tmp_path / 'small')
   config.train.init_from = str(tmp_path / 'small')
-  with pytest.raises(ConfigError, match=r"tokenizer\.kind='bytes': its 269 ids do not fit the "
+  with pytest.raises(ConfigError, match=r"tokenizer\.kind='bytes': its 369 ids do not fit the "
                                         r"100-row embedding of train\.init_from="):
     train.run(config, tmp_path / 'other')
   config.train.init_from = str(tmp_path / 'nowhere')
