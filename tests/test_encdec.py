@@ -169,8 +169,6 @@ def test_padding_causality_and_decoding_steps(kind):
   rows = [row[:n].tolist() for row, n in zip(INPUTS, LENGTHS)]
   greedy = sampling.generate(cfg, params, rows, max_new_tokens=6).tokens
   assert sampling.beam_search(cfg, params, rows, num_beams=1, max_new_tokens=6).tokens == greedy
-  beams = sampling.beam_search(cfg, params, rows, num_beams=3, max_new_tokens=6)
-  assert [len(t) for t in beams.tokens] == [6] * 3
 
 
 def test_flops_per_token_by_hand():
@@ -259,6 +257,7 @@ def encdec_config(corpus, cache_dir, **data):
   return c
 
 
+@pytest.mark.slow
 def test_span_training_learns_and_reports_fills(corpus, tmp_path, capsys):
   c = encdec_config(corpus, tmp_path / 'cache')
   c.train.update(steps=80, eval_every=40, checkpoint_every=40, learning_rate=1e-2)
@@ -280,6 +279,7 @@ def test_span_training_learns_and_reports_fills(corpus, tmp_path, capsys):
   assert proc.stdout.startswith('def f1_2(x):')
 
 
+@pytest.mark.slow
 def test_seq2seq_training_and_a_bad_line(corpus, tmp_path):
   pairs = tmp_path / 'pairs.jsonl'
   rows = [{'input': f'add {i} and {j}', 'target': str(i + j)} for i in range(12)
