@@ -277,6 +277,13 @@ def test_span_training_learns_and_reports_fills(corpus, tmp_path, capsys):
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.startswith('def f1_2(x):')
+  from lm.checkpoint import load_model  # streaming yields the text of the greedy tokens
+  cfg, params, tok = load_model(tmp_path / 'run')
+  prompt = [tok.bos_id, *tok.encode('def f1_2(x):')]
+  greedy = sampling.generate(cfg, params, [prompt], max_new_tokens=8, eos_id=tok.eos_id,
+                             pad_id=tok.pad_id).tokens[0]
+  streamed = ''.join(sampling.stream(cfg, params, tok, prompt, max_new_tokens=8))
+  assert streamed == tok.decode(greedy) and proc.stdout == f'def f1_2(x):{streamed}\n'
 
 
 @pytest.mark.slow
