@@ -145,15 +145,17 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
-  cfg = config_lib.parse(config, device_count=jax.device_count(),
-                         vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
+  workdir = Path(workdir)
+  saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with,
+  saved_tok = tokenizers.load(saved) if (saved / 'tokenizer.json').is_file() else None
+  vocab_size = lambda t: (saved_tok.vocab_size if saved_tok is not None and saved_tok.kind == t.kind
+                          else tokenizers.vocab_size_of(t.kind, t.vocab_size))  # in any format
+  cfg = config_lib.parse(config, device_count=jax.device_count(), vocab_size=vocab_size)
   pretrained_tok = pretrained_tokenizer(cfg)  # an lm workdir's, which must be the config's kind
   cfg = with_pretrained_model(cfg, jax.device_count())
-  workdir = Path(workdir)
   checkpoint.prepare_workdir(workdir, cfg)
-  saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with
-  tokenizer = (tokenizers.load(saved) if (saved / 'tokenizer.json').is_file()
-               else pretrained_tok or store.load_or_train_tokenizer(cfg.tokenizer, cfg.data))
+  tokenizer = saved_tok or pretrained_tok or store.load_or_train_tokenizer(cfg.tokenizer,
+                                                                           cfg.data)
   splits = tasks.load(cfg, tokenizer)
   mesh = parallel.make_mesh(config_lib.mesh_shape(cfg.mesh.shape, jax.device_count()))
   model = models.build(cfg.model)

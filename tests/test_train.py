@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lm import checkpoint, train
+from lm import checkpoint, tokenizers, train
 from lm.config import ConfigError
 from tests.conftest import ROOT
 
@@ -119,6 +119,18 @@ def test_longer_run_in_the_same_workdir_resumes(config, tmp_path, capsys):
   config.train.steps = 6
   result = train.run(config, tmp_path / 'run')
   assert 'resuming' in capsys.readouterr().out and result['step'] == 6
+
+
+def test_a_run_of_a_tokenizer_before_the_sentinels_resumes_with_its_vocabulary(config, tmp_path):
+  from lm.tokenizers.tokenizer import byte_tokenizer
+  byte_tokenizer(format=1).save(tmp_path / 'run' / 'tokenizer')  # as a run saved before them
+  config.train.update(steps=4, eval_every=100, checkpoint_every=2)
+  train.run(config, tmp_path / 'run')
+  config.train.steps = 6
+  assert train.run(config, tmp_path / 'run')['step'] == 6
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert saved['model']['vocab_size'] == 269
+  assert tokenizers.load(tmp_path / 'run' / 'tokenizer').format == 1
 
 
 def test_unwritable_workdir(config, tmp_path):

@@ -66,8 +66,7 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
   if tcfg.kind != 'bpe':
     return tokenizers.load(tcfg.kind)
   files = corpus.list_files(cfg.paths)
-  what = f'bpe-{tcfg.vocab_size}-{tokenizers.GPT4_PATTERN}' + (
-      f'-format{tokenizers.FORMAT}' if tokenizers.FORMAT > 1 else '')  # format 1's key as it was
+  what = f'bpe-{tcfg.vocab_size}-{tokenizers.GPT4_PATTERN}-format{tokenizers.FORMAT}'
   directory = cache_dir(cfg) / f'bpe-{fingerprint(files, what, cfg.val_fraction)}'
   if not (directory / 'tokenizer.json').is_file():
     print(f'training a byte-level BPE of {tcfg.vocab_size} ids on the train split '

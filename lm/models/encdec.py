@@ -357,9 +357,11 @@ class Decoding:
     return self.cfg.max_len
 
   def new_tokens_room(self, prompt_len: int) -> int:
+    """The most new tokens: the decoder's max_len, less its start token."""
     return self.cfg.max_len - 1
 
   def prepare(self, params, rows: int):
+    """params as they are (no device-specific layout)."""
     return params
 
   def _model(self) -> EncDec:
