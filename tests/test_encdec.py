@@ -3,6 +3,7 @@ random weights, hand-computed buckets and FLOPs, and its own invariants; span co
 against its definition; the span and seq2seq tasks end to end; each bad input's error."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -169,6 +170,16 @@ def test_padding_causality_and_decoding_steps(kind):
   rows = [row[:n].tolist() for row, n in zip(INPUTS, LENGTHS)]
   greedy = sampling.generate(cfg, params, rows, max_new_tokens=6).tokens
   assert sampling.beam_search(cfg, params, rows, num_beams=1, max_new_tokens=6).tokens == greedy
+
+
+def test_remat_gives_the_plain_models_loss_and_gradients():
+  for cfg in (small(mlp='geglu'), small(**ORIGINAL)):
+    params = init(cfg)
+    loss = lambda c: jax.value_and_grad(lambda p: jnp.sum(models.build(c).apply(
+        {'params': p}, jnp.asarray(INPUTS), jnp.asarray(DECODER), padding_mask=MASK) ** 2))(params)
+    (plain, grads), (remat, remat_grads) = loss(cfg), loss(dataclasses.replace(cfg, remat='full'))
+    assert plain == remat
+    jax.tree.map(np.testing.assert_array_equal, grads, remat_grads)
 
 
 def test_flops_per_token_by_hand():
