@@ -166,10 +166,6 @@ class CrossAttention(nn.Module):
                              key_valid_BxS=memory_valid_BxS, scaled=self.scaled)
     return self.out(out_BxTxHxDh.astype(self.dtype))
 
-  def __call__(self, x_BxTxD: jax.Array, memory_BxSxD: jax.Array,
-               memory_valid_BxS: jax.Array | None = None) -> jax.Array:
-    return self.attend(x_BxTxD, *self.keys_values(memory_BxSxD), memory_valid_BxS)
-
 
 def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> jax.Array:
