@@ -34,8 +34,9 @@ import torch
 import transformers
 
 from experiments.bench_sample import alternate
-from experiments.bench_train import serve, start_workers, timed_rounds, torch_peak_flops
-from lm import hf, models, objectives, parallel, sampling, train
+from experiments.bench_train import (compiled_steps, serve, start_workers, timed_rounds,
+                                     torch_peak_flops)
+from lm import hf, models, objectives, sampling, train
 from lm.config import TrainConfig
 from lm.models import EncDecConfig
 from lm.models import encdec
@@ -55,23 +56,8 @@ def random_batch() -> dict[str, np.ndarray]:
 
 def lm_step_fn(t: TrainConfig):
   model = models.build(CFG)
-  mesh = parallel.make_mesh((jax.device_count(), 1, 1))
   loss_fn = functools.partial(objectives.seq2seq_loss, apply_fn=model.apply, start_id=0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model),
-                                                 INPUT_LEN, 0, mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(t)),
-                   in_shardings=(shardings, batch_sharding), donate_argnums=0)
-    state = init_fn()
-  batch = parallel.global_batch(random_batch(), batch_sharding)
-
-  def run(state, n):
-    for _ in range(n):
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics['loss'])
-    return state
-  return run, state
+  return compiled_steps(model, loss_fn, t, INPUT_LEN, random_batch())
 
 
 def torch_model() -> transformers.T5ForConditionalGeneration:

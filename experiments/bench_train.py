@@ -53,17 +53,23 @@ SEQ_LEN, BATCH = 256, 16
 def lm_step_fn(cfg: DecoderConfig, t: TrainConfig):
   """A compiled lm train step on a mesh of every device, and its initial state."""
   model = models.build(cfg)
-  mesh = parallel.make_mesh((jax.device_count(), 1, 1))
   loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply,
                               aux_coef=cfg.moe_aux_coef if cfg.num_experts else 0.0)
+  return compiled_steps(model, loss_fn, t, SEQ_LEN, random_batch())
+
+
+def compiled_steps(model, loss_fn, t: TrainConfig, seq_len: int, batch: dict[str, np.ndarray]):
+  """(run(state, n): n jitted train steps of `loss_fn` on `batch`, on a mesh of every device;
+  the initial state)."""
+  mesh = parallel.make_mesh((jax.device_count(), 1, 1))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model), SEQ_LEN,
+    init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model), seq_len,
                                                  0, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(t)),
                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
     state = init_fn()
-  batch = parallel.global_batch(random_batch(), batch_sharding)
+  batch = parallel.global_batch(batch, batch_sharding)
 
   def run(state, n):
     for _ in range(n):
