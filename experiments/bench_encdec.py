@@ -35,7 +35,7 @@ import transformers
 
 from experiments.bench_sample import alternate
 from experiments.bench_train import (compiled_steps, serve, start_workers, timed_rounds,
-                                     torch_peak_flops)
+                                     torch_peak_flops, torch_steps)
 from lm import hf, models, objectives, sampling, train
 from lm.config import TrainConfig
 from lm.models import EncDecConfig
@@ -68,21 +68,10 @@ def torch_model() -> transformers.T5ForConditionalGeneration:
 
 def torch_step_fn(t: TrainConfig):
   model = torch_model()
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2),
-                          weight_decay=t.weight_decay)
   batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in random_batch().items()
            if not k.endswith('mask')}
-
-  def run(state, n):
-    for _ in range(n):
-      loss = model(input_ids=batch['inputs'], labels=batch['targets']).loss
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-      opt.step()
-    return state
-  return run, None
+  loss = lambda: model(input_ids=batch['inputs'], labels=batch['targets']).loss
+  return torch_steps(model, loss, t), None
 
 
 RUNNERS = {'lm': lm_step_fn, 'transformers': torch_step_fn}

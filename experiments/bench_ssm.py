@@ -38,7 +38,7 @@ import torch
 import transformers
 
 from bench_train import (BATCH, SEQ_LEN, lm_step_fn, random_batch, serve, start_workers,
-                         timed_rounds)  # the same train step, batch and workers
+                         timed_rounds, torch_steps)  # the same train step, batch and workers
 from lm import hf, models, sampling, train
 from lm.config import TrainConfig
 from lm.models import DecoderConfig
@@ -64,22 +64,10 @@ def peer_model(cfg: DecoderConfig = MAMBA):
 
 def peer_train(cfg: DecoderConfig):
   model = peer_model(cfg)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.learning_rate, betas=(TRAIN.b1, TRAIN.b2),
-                          weight_decay=TRAIN.weight_decay)
   batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in random_batch().items()}
-
-  def run(state, n):
-    for _ in range(n):
-      logits = model(batch['inputs']).logits
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
-                                               batch['targets'].reshape(-1))
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
-      opt.step()
-    return state
-  return run, None
+  loss = lambda: torch.nn.functional.cross_entropy(
+      model(batch['inputs']).logits.reshape(-1, cfg.vocab_size), batch['targets'].reshape(-1))
+  return torch_steps(model, loss, TRAIN), None
 
 
 WORKERS = {'lm_mamba': lambda: lm_step_fn(MAMBA, TRAIN), 'peer_mamba': lambda: peer_train(MAMBA),

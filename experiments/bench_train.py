@@ -88,24 +88,33 @@ def torch_model(cfg: DecoderConfig):
 
 def torch_step_fn(cfg: DecoderConfig, t: TrainConfig):
   model = torch_model(cfg)
+  batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in random_batch().items()}
+
+  def loss():
+    out = model(batch['inputs'], output_router_logits=bool(cfg.num_experts))
+    nll = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
+                                            batch['targets'].reshape(-1))
+    # the same load-balancing term as lm's objective
+    return nll + cfg.moe_aux_coef * out.aux_loss if cfg.num_experts else nll
+  return torch_steps(model, loss, t), None
+
+
+def torch_steps(model: torch.nn.Module, loss_fn, t: TrainConfig):
+  """run(state, n): n PyTorch train steps of `loss_fn()` (AdamW after gradient clipping, as
+  lm's optimizer), the model in training mode."""
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2),
                           weight_decay=t.weight_decay)
-  batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in random_batch().items()}
 
   def run(state, n):
     for _ in range(n):
-      out = model(batch['inputs'], output_router_logits=bool(cfg.num_experts))
-      loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
-                                               batch['targets'].reshape(-1))
-      if cfg.num_experts:  # the same load-balancing term as lm's objective
-        loss = loss + cfg.moe_aux_coef * out.aux_loss
+      loss = loss_fn()
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
       opt.step()
     return state
-  return run, None
+  return run
 
 
 def random_batch() -> dict[str, np.ndarray]:
