@@ -13,6 +13,7 @@ machine. MFU is model FLOPs (lm.models.train_flops_per_token, active parameters 
 MoE) over the measured matmul peak of the machine (the better of JAX's and PyTorch's).
 
   python experiments/bench_train.py [--variants=gpt2,llama,moe] [--steps=5] [--rounds=2]
+  python experiments/bench_train.py --accum_steps=4   # gradient accumulation: memory, time
 
 Prints a table, then one JSON line with the figures.
 """
@@ -58,25 +59,63 @@ def lm_step_fn(cfg: DecoderConfig, t: TrainConfig):
   return compiled_steps(model, loss_fn, t, SEQ_LEN, random_batch())
 
 
-def compiled_steps(model, loss_fn, t: TrainConfig, seq_len: int, batch: dict[str, np.ndarray]):
+def compiled_steps(model, loss_fn, t: TrainConfig, seq_len: int, batch: dict[str, np.ndarray],
+                   accum_steps: int = 1):
   """(run(state, n): n jitted train steps of `loss_fn` on `batch`, on a mesh of every device;
-  the initial state)."""
+  the initial state). `run.memory` is the compiled step's memory analysis."""
   mesh = parallel.make_mesh((jax.device_count(), 1, 1))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
     init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model), seq_len,
                                                  0, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(t)),
+    step = jax.jit(train.make_train_step(loss_fn, train.make_schedule(t), accum_steps),
                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
     state = init_fn()
   batch = parallel.global_batch(batch, batch_sharding)
+  step = step.lower(state, batch).compile()
 
   def run(state, n):
     for _ in range(n):
       state, metrics = step(state, batch)
     jax.block_until_ready(metrics['loss'])
     return state
+  run.memory = step.memory_analysis()
   return run, state
+
+
+def accumulation(k: int, steps: int, rounds: int) -> dict[str, float]:
+  """The llama variant's step with k microbatches against k=1 at the same global batch: the
+  compiled step's temporary memory (XLA's buffer assignment: activations, gradients,
+  accumulators; the state and batch are arguments apart) and the seconds per step."""
+  cfg = VARIANTS['llama']
+  t = TrainConfig(steps=1000, learning_rate=1e-3)
+  model = models.build(cfg)
+  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply)
+  out = {}
+  for accum in (1, k):
+    run, state = compiled_steps(model, loss_fn, t, SEQ_LEN, random_batch(), accum)
+    state = run(state, 2)
+    times = []
+    for _ in range(rounds):
+      start = time.perf_counter()
+      state = run(state, steps)
+      times.append((time.perf_counter() - start) / steps)
+    out[accum] = {'temp_bytes': run.memory.temp_size_in_bytes,
+                  'argument_bytes': run.memory.argument_size_in_bytes,
+                  'step_ms': 1e3 * statistics.median(times)}
+    del state
+  print(f'gradient accumulation, llama variant, global batch {BATCH} x {SEQ_LEN}:')
+  print(f'| {"k":>2} | {"temporaries MB":>14} | {"state+batch MB":>14} | {"step ms":>7} |')
+  print('|----|----------------|----------------|---------|')
+  for accum, row in out.items():
+    print(f'| {accum:>2} | {row["temp_bytes"] / 1e6:>14.1f} | {row["argument_bytes"] / 1e6:>14.1f} '
+          f'| {row["step_ms"]:>7.0f} |')
+  ratio = {'temp_memory_ratio': out[k]['temp_bytes'] / out[1]['temp_bytes'],
+           'step_time_ratio': out[k]['step_ms'] / out[1]['step_ms']}
+  print(f'k={k} / k=1: temporaries {ratio["temp_memory_ratio"]:.2f}x, step time '
+        f'{ratio["step_time_ratio"]:.2f}x')
+  return {'accum_steps': k, **{f'k{a}_{key}': v for a, row in out.items() for key, v in row.items()},
+          **ratio}
 
 
 def torch_model(cfg: DecoderConfig):
@@ -191,10 +230,18 @@ def main() -> None:
                       help=f'comma-separated, of {sorted(VARIANTS)}')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--accum_steps', type=int, default=0,
+                      help='instead: lm\'s llama step with this many microbatches against 1 '
+                           '(memory and time)')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args.worker)
+  if args.accum_steps:
+    result = accumulation(args.accum_steps, args.steps, args.rounds)
+    print(json.dumps({'accumulation': result, 'machine': platform.processor() or
+                      platform.machine(), 'jax': jax.__version__}))
+    return
   variants = args.variants.split(',')
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:

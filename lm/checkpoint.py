@@ -42,7 +42,9 @@ RESUMABLE_CHANGES = frozenset({
     'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.peak_flops',
     'train.num_samples', 'train.sample_len', 'train.skip_nonfinite_steps',
-    'train.async_checkpoints', 'data.cache_dir', 'mesh.shape'})
+    'train.async_checkpoints', 'train.grad_accum_steps', 'data.cache_dir', 'mesh.shape',
+    'distributed.coordinator_address', 'distributed.num_processes', 'distributed.process_id',
+    'distributed.local_device_ids', 'distributed.initialization_timeout'})
 UNREADABLE = 'unreadable'  # checkpoints/unreadable/<step>: checkpoints that could not be read
 
 
@@ -421,9 +423,18 @@ def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
           for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
+def _on_this_device(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved state's shapes and dtypes, each on this process's first device: a checkpoint
+  saved on any mesh and process count reads here whole."""
+  metadata = manager.item_metadata(step)['state']
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                      getattr(metadata, 'item_metadata', metadata))
+
+
 def restore_params(workdir: Path, cfg: ModelConfig):
   """The parameters of the newest checkpoint of a run that reads and holds the shapes of a
-  model of `cfg`; each newer one that does not is named in a CheckpointWarning (and left where
+  model of `cfg`, on this process's first device (whatever mesh saved them); each newer one that does not is named in a CheckpointWarning (and left where
   it is: only a training run moves checkpoints)."""
   from lm import models
   directory = (workdir / 'checkpoints').absolute()
@@ -433,14 +444,15 @@ def restore_params(workdir: Path, cfg: ModelConfig):
   if not directory.is_dir():
     raise no_checkpoint
   expected, reasons = _shapes(models.abstract_params(models.build(cfg))), []
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(directory,
+                             item_handlers={'state': ocp.StandardCheckpointHandler()}) as manager:
     if not manager.all_steps():
       raise no_checkpoint
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         with _quiet_failed_reads():
           params = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore()))['state']['params']
+              state=ocp.args.StandardRestore(_on_this_device(manager, step))))['state']['params']
         got = _shapes(params)
         if got != expected:
           wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))

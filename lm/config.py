@@ -106,6 +106,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoints: bool = True  # write checkpoints while the next steps run
   skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient skipped before stopping
+  grad_accum_steps: int = 1  # microbatches a step: the batch in k parts, one optimizer update
   peak_flops: float = 0.0  # FLOP/s of one device; 0: measured at start with a matmul
   num_samples: int = 3
   sample_len: int = 200
@@ -117,12 +118,23 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Many processes (lm.distributed): unset, one process, or the cluster JAX detects."""
+  coordinator_address: str = ''  # host:port of process 0's coordinator; '': detected or none
+  num_processes: int = 0  # 0: detected (1 where no cluster is)
+  process_id: int = -1  # this process's index; -1: detected
+  local_device_ids: tuple[int, ...] = ()  # this process's devices; (): all it sees
+  initialization_timeout: int = 300  # seconds to wait for every process to join
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig
   data: DataConfig
   tokenizer: TokenizerConfig
   train: TrainConfig
   mesh: MeshConfig
+  distributed: DistributedConfig = DistributedConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -132,7 +144,8 @@ class Config:
 
 
 SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'tokenizer': TokenizerConfig,
-            'train': TrainConfig, 'mesh': MeshConfig}  # model: the family's class, by family
+            'train': TrainConfig, 'mesh': MeshConfig,
+            'distributed': DistributedConfig}  # model: the family's class, by family
 DERIVED = {('model', 'vocab_size')}  # filled in by the boundary, never by the user
 
 
@@ -208,22 +221,55 @@ def from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def _raw(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for key in raw:
+    require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
+  return raw
+
+
+def parse_distributed(config: ml_collections.ConfigDict | dict[str, Any]) -> DistributedConfig:
+  """The `distributed` section alone, checked: what start-up needs before any device exists."""
+  d = _section('distributed', DistributedConfig, dict(_raw(config).get('distributed', {})), {})
+  require(d.num_processes >= 0, 'distributed.num_processes', d.num_processes,
+          'give the number of processes, or 0 to detect it')
+  require(d.num_processes <= 1 or d.coordinator_address, 'distributed.num_processes',
+          d.num_processes, 'many processes need distributed.coordinator_address=HOST:PORT '
+          '(process 0\'s host and a free port), the same on every process')
+  require(d.process_id == -1 or 0 <= d.process_id < max(d.num_processes, 1),
+          'distributed.process_id', d.process_id,
+          f'must be in [0, distributed.num_processes={d.num_processes}), or -1 to detect it')
+  require(d.num_processes == 0 or d.process_id >= 0 or d.num_processes == 1,
+          'distributed.process_id', d.process_id,
+          f'with distributed.num_processes={d.num_processes}, give each process its index '
+          f'0..{d.num_processes - 1}')
+  address = d.coordinator_address
+  require(not address or (address.count(':') >= 1 and address.rsplit(':', 1)[1].isdigit()),
+          'distributed.coordinator_address', address, 'give HOST:PORT, e.g. 10.0.0.2:1234')
+  require(d.initialization_timeout > 0, 'distributed.initialization_timeout',
+          d.initialization_timeout, 'give the seconds to wait for every process, e.g. 300')
+  require(all(isinstance(i, int) and i >= 0 for i in d.local_device_ids),
+          'distributed.local_device_ids', d.local_device_ids,
+          'give device indices of this host, e.g. (0, 1), or () for all')
+  return d
+
+
 def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
-          vocab_size: int | Callable[[TokenizerConfig], int], device_count: int) -> Config:
+          vocab_size: int | Callable[[TokenizerConfig], int], device_count: int,
+          process_count: int = 1) -> Config:
   """ConfigDict -> frozen Config, validated. Raises ConfigError naming field, value and fix.
 
   `vocab_size` is the model's, or a function of the tokenizer section that gives it.
   """
-  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  for key in raw:
-    require(key in SECTIONS, key, raw[key], f'unknown section; use {sorted(SECTIONS)}')
+  raw = _raw(config)
   tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
   model = _model_section(dict(raw.get('model', {})),
                          vocab_size(tokenizer) if callable(vocab_size) else vocab_size)
   cfg = Config(model=model, tokenizer=tokenizer, **{
       name: _section(name, cls, dict(raw.get(name, {})), {})
-      for name, cls in SECTIONS.items() if name not in ('model', 'tokenizer')})
-  validate(cfg, device_count)
+      for name, cls in SECTIONS.items() if name not in ('model', 'tokenizer', 'distributed')},
+               distributed=parse_distributed(raw))
+  validate(cfg, device_count, process_count)
   return cfg
 
 
@@ -277,7 +323,7 @@ def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
     require(value > 0, f'{prefix}.{name}', value, 'must be positive')
 
 
-def validate(cfg: Config, device_count: int) -> None:
+def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
   _positive(d, 'data', ['seq_len'])
   validate_model(m, d.seq_len)
@@ -313,9 +359,28 @@ def validate(cfg: Config, device_count: int) -> None:
           'how many non-finite steps to skip before stopping: give 0 (stop at the first) or more')
   require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',
           (t.num_samples, t.sample_len), 'must be >= 0')
-  data_parallel = math.prod(mesh_shape(cfg.mesh.shape, device_count)[:2])
-  require(t.batch_size % data_parallel == 0, 'train.batch_size', t.batch_size,
-          f'must be divisible by the data x fsdp mesh size {data_parallel}')
+  validate_batch(t, mesh_shape(cfg.mesh.shape, device_count), process_count)
+
+
+def validate_batch(t: TrainConfig, mesh: tuple[int, int, int], process_count: int) -> None:
+  """The global batch splits into processes' rows, microbatches and data x fsdp shards."""
+  k, data_parallel = t.grad_accum_steps, mesh[0] * mesh[1]
+  require(k >= 1, 'train.grad_accum_steps', k, 'give 1 (no accumulation) or more')
+  require(t.batch_size % process_count == 0, 'train.batch_size', t.batch_size,
+          f'each of the {process_count} processes reads an equal share of a batch: give a '
+          f'multiple of {process_count}, e.g. {_round_up(t.batch_size, process_count)}')
+  require((t.batch_size // process_count) % k == 0, 'train.grad_accum_steps', k,
+          f'must divide the batch of each process, train.batch_size={t.batch_size} / '
+          f'{process_count} process(es) = {t.batch_size // process_count}')
+  require((t.batch_size // k) % data_parallel == 0, 'train.batch_size', t.batch_size,
+          f'must be divisible by the data x fsdp mesh size {data_parallel}'
+          + (f' times train.grad_accum_steps={k} (each microbatch spreads over data x fsdp)'
+             if k > 1 else '')
+          + f'; try train.batch_size={_round_up(t.batch_size, k * data_parallel)}')
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 def validate_model(m: ModelConfig, seq_len: int | None = None) -> None:
@@ -352,5 +417,7 @@ def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:
   if -1 in shape:
     require(device_count % known == 0, 'mesh.shape', shape, fix)
     shape = tuple(device_count // known if s == -1 else s for s in shape)
-  require(math.prod(shape) == device_count, 'mesh.shape', shape, fix)
+  require(math.prod(shape) == device_count, 'mesh.shape', shape,
+          f'its sizes multiply to {math.prod(shape)} devices, and the run has {device_count} '
+          f'(over all processes); {fix}')
   return shape  # type: ignore[return-value]

@@ -33,7 +33,8 @@ def _packing(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
              aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true; with `aux_coef`,
-  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`).
+  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`, and
+  `loss_tokens`, the count of targets the mean is over).
   A batch of packed rows also carries `segment_ids` and `positions` [B, T]: no token attends
   across (or carries a scan state across) two segments, and positions restart in each."""
   del rng  # the decoder has no dropout
@@ -45,12 +46,13 @@ def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: A
     logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], **packing), {}
   nll_BxT = token_nll(logits_BxTxV, batch['targets'])
   mask_BxT = batch['loss_mask']
-  nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
+  tokens = jnp.sum(mask_BxT)
+  nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(tokens, 1)
   if not aux_coef:
-    return nll, {'loss': nll}
+    return nll, {'loss': nll, 'loss_tokens': tokens}
   aux = mlp.load_balancing_loss(_sown(state, 'router_probs'), _sown(state, 'expert_mask'))
   loss = nll + aux_coef * aux
-  return loss, {'loss': loss, 'nll': nll, 'moe_aux': aux}
+  return loss, {'loss': loss, 'nll': nll, 'moe_aux': aux, 'loss_tokens': tokens}
 
 
 def _sown(state: dict, name: str) -> list[jax.Array]:
@@ -187,18 +189,18 @@ def _seq2seq_nll(params, batch: dict[str, jax.Array], apply_fn: ApplyFn, start_i
 
 
 def seq2seq_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
-                 start_id: int, corrupt: Callable | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 start_id: int) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean NLL of the targets where `loss_mask` (the encoder reads `inputs` where `input_mask`,
-  the decoder the targets shifted right behind start_id), and the per-token accuracy. With
-  `corrupt(rng, batch) -> batch` (span corruption), the batch is made from the step's key."""
-  if corrupt is not None:
-    batch = corrupt(rng, batch)
+  the decoder the targets shifted right behind start_id), the per-token accuracy, and
+  `loss_tokens`, the count of targets the mean is over. (Span corruption makes the batch from
+  the step's key before the loss: the task's `prepare`.)"""
+  del rng
   nll_BxT, argmax_BxT = _seq2seq_nll(params, batch, apply_fn, start_id)
   mask_BxT = batch['loss_mask']
-  count = jnp.maximum(jnp.sum(mask_BxT), 1)
+  tokens = jnp.sum(mask_BxT)
+  count = jnp.maximum(tokens, 1)
   nll = jnp.sum(nll_BxT * mask_BxT) / count
-  return nll, {'loss': nll,
+  return nll, {'loss': nll, 'loss_tokens': tokens,
                'accuracy': jnp.sum((argmax_BxT == batch['targets']) & mask_BxT) / count}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -20,11 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from lm import checkpoint, config as config_lib, hf, models, parallel, tasks, tokenizers
+from lm import (checkpoint, config as config_lib, distributed, hf, models, parallel, tasks,
+                tokenizers)
 from lm.config import Config
 from lm.data import store
 
@@ -55,24 +58,68 @@ def make_optimizer(t: config_lib.TrainConfig, model: nn.Module) -> optax.Gradien
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
 
 
-def make_train_step(loss_fn: Callable, schedule: optax.Schedule) -> Callable:
+def make_train_step(loss_fn: Callable, schedule: optax.Schedule, accum_steps: int = 1,
+                    prepare: Callable | None = None) -> Callable:
   """A pure train_step(state, batch) -> (state, metrics) for a loss_fn(params, batch, rng).
+
+  `prepare(rng, batch) -> batch`, if given, draws the step's randomness over the whole batch
+  (span corruption) before the loss sees it. With `accum_steps=k`, the batch is split into k
+  microbatches (rows j, j+k, j+2k, ...: each spread over data x fsdp like the batch), a
+  `lax.scan` adds up their gradients in float32, and one optimizer update applies their
+  average weighted by each microbatch's `metrics['loss_tokens']` (the targets its mean loss
+  is over; 1 where a loss reports none): the gradient of the whole batch's mean loss, as with
+  k=1. Microbatch j's loss draws from fold_in(rng, j); other metrics are averaged with the
+  same weights, `loss_tokens` summed.
 
   A step whose loss or gradient norm is not finite is never applied: the parameters and the
   optimizer state stay as they were and only the step count advances; `metrics['finite']`
-  says which it was, for the loop to stop or to count it.
+  says which it was, for the loop to stop or to count it. A batch may carry `signal_B`, each
+  process's signal number in its rows (StopOnSignal): `metrics['signal']` is their largest.
   """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, batch, rng):
+    micro = jax.tree.map(lambda x: nn.with_logical_constraint(
+        jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1),
+        (None, 'batch', *(None,) * (x.ndim - 1))), batch)
+
+    def add(carry, j_and_batch):
+      j, microbatch = j_and_batch
+      (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, j))
+      weight = jnp.asarray(metrics.get('loss_tokens', 1.0), jnp.float32)
+      scaled = lambda tree: jax.tree.map(lambda x: weight * x.astype(jnp.float32), tree)
+      return jax.tree.map(jnp.add, carry, (scaled(grads), scaled(metrics), weight)), None
+
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+    metrics_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                                   rng)[0][1])
+    (grads, metrics, total), _ = jax.lax.scan(
+        add, (zeros(params), zeros(metrics_shape), jnp.zeros((), jnp.float32)),
+        (jnp.arange(accum_steps), micro))
+    grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grads, params)
+    metrics = {k: v if k == 'loss_tokens' else v / total for k, v in metrics.items()}
+    return metrics['loss'], metrics, grads
+
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    batch = dict(batch)
+    signal_B = batch.pop('signal_B', None)  # lm.train.StopOnSignal: a signal on any process
+    if prepare is not None:
+      batch = prepare(rng, batch)
+    if accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      loss, metrics, grads = accumulated(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = state.apply_gradients(grads=grads)
     keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     updated = updated.replace(params=keep_finite(updated.params, state.params),
                               opt_state=keep_finite(updated.opt_state, state.opt_state))
-    return updated, {**metrics, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-                     'finite': finite}
+    metrics = {**metrics, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'finite': finite}
+    if signal_B is not None:
+      metrics['signal'] = jnp.max(signal_B)
+    return updated, metrics
   return train_step
 
 
@@ -97,7 +144,7 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
 
 def measure_peak_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
   """Matmul FLOP/s of one device: the best of `repeats` timed n x n x n products."""
-  a = jnp.ones((n, n), dtype, device=jax.devices()[0])
+  a = jnp.ones((n, n), dtype, device=jax.local_devices()[0])
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, a).block_until_ready()
   best = math.inf
@@ -109,7 +156,13 @@ def measure_peak_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 5) 
 
 
 class StopOnSignal:
-  """SIGTERM or Ctrl-C sets `signum`; the loop checkpoints and stops. A second Ctrl-C aborts."""
+  """SIGTERM or Ctrl-C sets `signum`; the loop checkpoints and stops. A second Ctrl-C aborts.
+
+  A signal may reach one process of many (a TPU maintenance event, a SLURM preemption), so it
+  is agreed inside the train step, which needs no collective of its own: every process feeds
+  its `signum` into the step's batch as its rows of `batch['signal_B']`, and the step returns
+  their largest (metrics['signal']); the loop reads it one step later, with the check of that
+  step's loss, and every process stops after the same step."""
 
   def __enter__(self):
     self.signum = None
@@ -122,6 +175,10 @@ class StopOnSignal:
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signum = signum
+
+  def rows(self, count: int) -> np.ndarray:
+    """This process's rows of batch['signal_B']: its signal number, 0 for none."""
+    return np.full(count, self.signum or 0, np.int32)
 
   def __exit__(self, *exc):
     for s, handler in self.previous.items():
@@ -150,9 +207,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   saved_tok = tokenizers.load(saved) if (saved / 'tokenizer.json').is_file() else None
   vocab_size = lambda t: (saved_tok.vocab_size if saved_tok is not None and saved_tok.kind == t.kind
                           else tokenizers.vocab_size_of(t.kind, t.vocab_size))  # in any format
-  cfg = config_lib.parse(config, device_count=jax.device_count(), vocab_size=vocab_size)
+  cfg = config_lib.parse(config, device_count=jax.device_count(), vocab_size=vocab_size,
+                         process_count=jax.process_count())
   pretrained_tok = pretrained_tokenizer(cfg)  # an lm workdir's, which must be the config's kind
-  cfg = with_pretrained_model(cfg, jax.device_count())
+  cfg = with_pretrained_model(cfg, jax.device_count(), jax.process_count())
   checkpoint.prepare_workdir(workdir, cfg)
   tokenizer = saved_tok or pretrained_tok or store.load_or_train_tokenizer(cfg.tokenizer,
                                                                            cfg.data)
@@ -163,9 +221,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   init_fn, abstract, shardings = abstract_state(model, make_optimizer(cfg.train, model),
                                                 cfg.data.seq_len, cfg.train.seed, mesh)
   parallel.check_even(abstract, mesh)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
-  tokenizer.save(workdir / 'tokenizer')
+  print(distributed.describe(mesh), flush=True)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
+    tokenizer.save(workdir / 'tokenizer')
   return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
 
 
@@ -178,7 +238,7 @@ def is_lm_workdir(path: str | Path) -> bool:
   return (Path(path) / 'config.json').is_file() and not checkpoint.is_hugging_face(Path(path))
 
 
-def with_pretrained_model(cfg: Config, device_count: int) -> Config:
+def with_pretrained_model(cfg: Config, device_count: int, process_count: int = 1) -> Config:
   """With train.init_from, the model section is the architecture of that lm workdir or
   Hugging Face directory (the config's dtype, remat, scan_layers and moe_aux_coef kept); its
   weights are read when the run starts (`pretrained_params`): a fresh run starts from them,
@@ -201,9 +261,9 @@ def with_pretrained_model(cfg: Config, device_count: int) -> Config:
              for f in dataclasses.fields(model)
              if getattr(cfg.model, f.name, None) != getattr(model, f.name)]
   if changed:
-    print(f'train.init_from={path}: the model is the checkpoint\'s ({", ".join(changed)})')
+    say(f'train.init_from={path}: the model is the checkpoint\'s ({", ".join(changed)})')
   cfg = dataclasses.replace(cfg, model=model)
-  config_lib.validate(cfg, device_count)
+  config_lib.validate(cfg, device_count, process_count)
   return cfg
 
 
@@ -271,9 +331,32 @@ class NonFiniteGuard:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-  """Trains (or resumes) and returns the final metrics; holds the workdir's lock meanwhile."""
-  with checkpoint.WorkdirLock(Path(workdir), enabled=jax.process_index() == 0):
+  """Trains (or resumes) and returns the final metrics; holds the workdir's lock meanwhile.
+
+  Many processes (lm.distributed): each starts JAX's runtime first, then all check that they
+  run one config; process 0 alone takes the lock, and an error there stops every process."""
+  distributed.initialize(config_lib.parse_distributed(config))
+  distributed.same_config(same_across_processes(config))
+  with contextlib.ExitStack() as stack:
+    error = None
+    try:
+      stack.enter_context(checkpoint.WorkdirLock(Path(workdir),
+                                                 enabled=jax.process_index() == 0))
+    except config_lib.ConfigError as e:
+      error = e
+    if not distributed.all_ok(error is None):
+      raise error or config_lib.ConfigError(
+          f'--workdir={str(workdir)!r}: process 0 could not take the workdir\'s lock (its '
+          'error says why)')
     return _train(setup(config, workdir))
+
+
+def same_across_processes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as every process must have it: without the keys each process sets apart."""
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  section = {k: v for k, v in raw.get('distributed', {}).items()
+             if k not in ('process_id', 'local_device_ids')}
+  return json.loads(json.dumps({**raw, 'distributed': section}, default=str))
 
 
 def _train(r: Run) -> dict[str, float]:
@@ -282,7 +365,8 @@ def _train(r: Run) -> dict[str, float]:
   abstract, shardings = r.abstract, r.shardings
   batch_spec = {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                         sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
-                for k, s in task.batch_shapes().items()}
+                for k, s in {**task.batch_shapes(), 'signal_B': jax.ShapeDtypeStruct(
+                    (t.batch_size,), jnp.int32)}.items()}
   batch_sharding = {k: s.sharding for k, s in batch_spec.items()}
   eval_sharding = {k: parallel.batch_sharding(r.mesh, len(s.shape))
                    for k, s in task.eval_batch_shapes().items()}
@@ -295,7 +379,8 @@ def _train(r: Run) -> dict[str, float]:
   # Host copies (numpy): the train step donates the state's device buffers.
   pretrained = jax.device_get(pretrained_params(cfg)) if cfg.train.init_from else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
-    train_step = jax.jit(make_train_step(task.loss_fn, make_schedule(t)),
+    train_step = jax.jit(make_train_step(task.loss_fn, make_schedule(t), t.grad_accum_steps,
+                                         task.prepare),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, parallel.replicated(r.mesh)),
                          donate_argnums=0)
@@ -308,16 +393,16 @@ def _train(r: Run) -> dict[str, float]:
     if restored:
       _, state, data_state = restored
       data_iter.set_state(data_state)
-      print(f'resuming {r.workdir} from step {start}')
+      say(f'resuming {r.workdir} from step {start}')
     else:
       state = r.init_fn()
       if pretrained is not None:
         state = state.replace(params=jax.device_put(pretrained, shardings.params))
-        print(f'starting from the weights of {cfg.train.init_from}')
+        say(f'starting from the weights of {cfg.train.init_from}')
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
     flops_per_token = task.train_flops_per_token()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '
+    say(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '
           f'compiled in {compile_seconds:.1f}s; device peak {peak / 1e9:.0f} GFLOP/s x '
           f'{jax.device_count()}; mesh {dict(r.mesh.shape)}')
     log = checkpoint.MetricsLog(r.workdir, start) if is_main else None
@@ -333,11 +418,16 @@ def _train(r: Run) -> dict[str, float]:
         guard = NonFiniteGuard(t.skip_nonfinite_steps, ckpts, log, bar)
         unchecked = None  # the last step's (step, finite, metrics), checked after the next
         # step is dispatched, so that the check does not stall the device's queue
+        signalled = None  # the last step's agreed signal, read then too
+        rows = t.batch_size // jax.process_count()
         for step in range(start + 1, t.steps + 1):
-          batch = parallel.global_batch(next(data_iter), batch_sharding)
+          batch = parallel.global_batch({**next(data_iter), 'signal_B': stop.rows(rows)},
+                                        batch_sharding)
           state, metrics = train_step(state, batch)
           if unchecked:
             guard.check(*unchecked)
+          stop_signal = int(signalled) or None if signalled is not None else None
+          signalled = metrics.pop('signal')
           unchecked = (step, metrics.pop('finite'), metrics)
           bar.update(1)
           if step % t.log_every == 0 or step == t.steps:
@@ -353,11 +443,10 @@ def _train(r: Run) -> dict[str, float]:
             last_log_step, last_log_time = step, now
           if step % t.eval_every == 0 and step != t.steps:
             val = evaluate(state.params, val_batches)
-            bar.write(f'step {step}: ' + ', '.join(f'val/{k} {v:.4f}' for k, v in val.items()))
             if log:
+              bar.write(f'step {step}: ' + ', '.join(f'val/{k} {v:.4f}' for k, v in val.items()))
               log.write(step, {f'val/{k}': v for k, v in val.items()})
             last_log_step, last_log_time = step, time.perf_counter()
-          stop_signal = stop.signum
           if step % t.checkpoint_every == 0 or step == t.steps or stop_signal is not None:
             guard.check(*unchecked)  # only finite states reach a checkpoint
             unchecked = None
@@ -372,7 +461,7 @@ def _train(r: Run) -> dict[str, float]:
         log.close()
       raise
     if stop_signal is not None:
-      print(f'{signal.Signals(stop_signal).name}: saved a checkpoint at step {step} in '
+      say(f'{signal.Signals(stop_signal).name}: saved a checkpoint at step {step} in '
             f'{r.workdir}; run the same command to resume')
       if log:
         log.close()
@@ -409,5 +498,11 @@ def _finish(r: Run, state: TrainState, evaluate: Callable, log,
   if log:
     log.write(step, {k: v for k, v in result.items() if k != 'step'})
     log.close()
-  print(f'\nfinal validation at step {step} ' + '\n'.join(lines))
+  say(f'\nfinal validation at step {step} ' + '\n'.join(lines))
   return result
+
+
+def say(text: str) -> None:
+  """A line of the run's report: printed by process 0 only."""
+  if jax.process_index() == 0:
+    print(text, flush=True)

@@ -25,13 +25,14 @@ from tests.conftest import load_config, tiny_config
 
 
 def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259,
-                       kernel=('block_0', 'mlp', 'up', 'kernel')):
+                       kernel=('block_0', 'mlp', 'up', 'kernel'), prepare=None):
   """Three train steps on a mesh of 8 devices and on 1 device: (losses of each, the largest
   final parameter difference, the number of shards of a kernel)."""
   cfg = config_lib.parse(c, vocab_size=vocab_size, device_count=8)
   model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train, model)
-  step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train))
+  step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train),
+                                  prepare=prepare)
   results = {}
   for name, shape, devices in (('8', shape, jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
     mesh = parallel.make_mesh(shape, devices)
@@ -90,9 +91,10 @@ def main():
                               sentinel_ids=tuple(range(260, 260 + lengths.spans)), eos_id=257)
   encdec = run_on_both_meshes(
       c, lambda model: functools.partial(objectives.seq2seq_loss, apply_fn=model.apply,
-                                         start_id=0, corrupt=corrupt),
+                                         start_id=0),
       [{'tokens': rng.integers(0, 256, (8, lengths.raw)).astype(np.int32)} for _ in range(3)],
-      shape=(2, 2, 2), vocab_size=370, kernel=('encoder', 'block_0', 'mlp', 'up', 'kernel'))
+      shape=(2, 2, 2), vocab_size=370, kernel=('encoder', 'block_0', 'mlp', 'up', 'kernel'),
+      prepare=corrupt)
   # The byte vocabulary of 369 cannot split over tensor=2: a clear error, nothing written.
   workdir, corpus = Path(sys.argv[1]), Path(sys.argv[2])
   c = tiny_config(corpus, workdir.parent / 'cache')

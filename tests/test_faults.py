@@ -147,14 +147,14 @@ def poison_steps(monkeypatch, steps: set[int]) -> None:
   """Makes the loss NaN at the given (1-based) steps of every train_step built from now on."""
   make = train.make_train_step
 
-  def poisoned(loss_fn, schedule):
+  def poisoned(loss_fn, schedule, *args):
     def step_fn(state, batch):
       bad = jnp.isin(state.step + 1, jnp.asarray(sorted(steps)))
       def loss(params, batch, rng):
         value, metrics = loss_fn(params, batch, rng)
         value = value * (1 + jnp.where(bad, jnp.nan, 0.0))  # NaN gradients too
         return value, {**metrics, 'loss': value}
-      return make(loss, schedule)(state, batch)
+      return make(loss, schedule, *args)(state, batch)
     return step_fn
   monkeypatch.setattr(train, 'make_train_step', poisoned)
 

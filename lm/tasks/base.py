@@ -4,7 +4,8 @@
 Each task gives the loop the same things: `loss_fn(params, batch, rng) -> (loss, metrics)`,
 `eval_fn(params, batch, rng) -> sums` whose sums over a split `metrics(sums)` turns into
 numbers, the shapes of a batch, a checkpointable training iterator, fixed evaluation batches,
-and the lines of its final report. Causal batches carry `inputs`, `targets` and `loss_mask`
+and the lines of its final report; and, where a batch is made from the step's key (span
+corruption), `prepare(rng, batch) -> batch`. Causal batches carry `inputs`, `targets` and `loss_mask`
 (the targets the loss counts), so every causal task shares objectives.clm_loss.
 """
 from __future__ import annotations
@@ -24,16 +25,20 @@ from lm.config import Config
 from lm.data import store
 
 
-def shuffled_indices(count: int, seed: int, process_index: int, process_count: int
-                     ) -> grain.MapDataset:
-  """Example indices 0..count-1, shuffled anew every epoch, endless, this host's share."""
-  return (grain.MapDataset.range(count).shuffle(seed=seed).repeat()
-          [process_index::process_count])
+def shuffled_indices(count: int, seed: int) -> grain.MapDataset:
+  """Example indices 0..count-1, shuffled anew every epoch, endless."""
+  return grain.MapDataset.range(count).shuffle(seed=seed).repeat()
 
 
-def batched(ds: grain.MapDataset, batch_size: int, process_count: int) -> grain.IterDataset:
-  """This host's batches (batch_size is the global batch) as a checkpointable iterator."""
-  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+def batched(ds: grain.MapDataset, batch_size: int, process_index: int, process_count: int
+            ) -> grain.IterDataset:
+  """This host's rows of each global batch (batch_size rows) as a checkpointable iterator.
+
+  Global batch b is examples b*batch_size .. (b+1)*batch_size - 1 of `ds` whatever the process
+  count: process p takes every process_count-th of them from p. `ds` is sliced after every map,
+  so an example's randomness (grain's per-index seeds) does not depend on the process count
+  either, and the iterator's state (batches read) means the same on any process count."""
+  ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
 
@@ -65,6 +70,8 @@ class Task(abc.ABC):
   layout: str  # lm.data.store's layout: 'documents' or 'lines'
   loss_fn: Any
   eval_fn: Any
+  prepare: Any = None  # prepare(rng, batch) -> batch: randomness drawn over the whole batch
+                       # inside the train step, before it is split into microbatches
 
   @classmethod
   def load(cls, cfg: Config, tokenizer) -> dict[str, Any]:

@@ -49,12 +49,12 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
                   fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> grain.IterDataset:
   """Endless shuffled batches of this host's share (batch_size is the global batch); with
   fim_rate, fill-in-the-middle drawn afresh for each window of each epoch."""
-  ds = shuffled_indices(num_windows(len(tokens), seq_len), seed, process_index, process_count)
+  ds = shuffled_indices(num_windows(len(tokens), seq_len), seed)
   ds = ds.map(lambda i: window(tokens, i, seq_len))
   if fim_rate:
     ds = ds.random_map(functools.partial(fim_window, tokenizer=tokenizer, fim_rate=fim_rate,
                                          spm_rate=fim_spm_rate), seed=seed)
-  return batched(ds, batch_size, process_count)
+  return batched(ds, batch_size, process_index, process_count)
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: int,

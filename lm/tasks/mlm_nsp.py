@@ -34,7 +34,7 @@ from lm import objectives
 from lm.config import ConfigError
 from lm.data.store import Split
 from lm.encoding import fill_mask
-from lm.tasks.base import Task, batched, spread, stacked
+from lm.tasks.base import Task, batched, shuffled_indices, spread, stacked
 
 FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
 IS_NEXT, RANDOM = 0, 1
@@ -125,12 +125,9 @@ def train_dataset(split: Split, *, seq_len: int, batch_size: int, seed: int, ids
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Endless shuffled batches of this host's share (batch_size is the global batch)."""
   starts = anchors(split)
-  ds = (grain.MapDataset.range(len(starts))
-        .shuffle(seed=seed)
-        .repeat()
-        .random_map(lambda i, rng: example(split, int(starts[i]), rng, seq_len, ids), seed=seed)
-        [process_index::process_count])
-  return batched(ds, batch_size, process_count)
+  ds = shuffled_indices(len(starts), seed).random_map(
+      lambda i, rng: example(split, int(starts[i]), rng, seq_len, ids), seed=seed)
+  return batched(ds, batch_size, process_index, process_count)
 
 
 def eval_batches(split: Split, *, seq_len: int, batch_size: int, ids: SpecialIds, seed: int,

@@ -119,18 +119,13 @@ class Seq2Seq(Task):
     self.val_rows = self.validation_rows()
     self.mode_id = most_frequent_target(self.val_rows)
     common = dict(apply_fn=self.model.apply, start_id=self.cfg.model.decoder_start_id)
-    self.loss_fn = functools.partial(objectives.seq2seq_loss, **common,
-                                     corrupt=self.corrupt_fn())
+    self.loss_fn = functools.partial(objectives.seq2seq_loss, **common)
     self.eval_fn = functools.partial(objectives.seq2seq_eval_sums, **common,
                                      token_bytes_V=jnp.asarray(self.tokenizer.token_bytes()),
                                      mode_id=self.mode_id)
 
   def validation_rows(self) -> dict[str, np.ndarray]:
     return self.splits['val'].rows
-
-  def corrupt_fn(self):
-    """corrupt(rng, batch) -> batch of the loss (None: the batch is ready)."""
-    return None
 
   @property
   def target_len(self) -> int:
@@ -148,7 +143,7 @@ class Seq2Seq(Task):
 
   def train_dataset(self, process_index, process_count):
     t, rows = self.cfg.train, self.splits['train'].rows
-    ds = shuffled_indices(len(rows['inputs']), t.seed, process_index, process_count)
+    ds = shuffled_indices(len(rows['inputs']), t.seed)
     return batched(ds.map(lambda i: {k: v[i] for k, v in rows.items()}), t.batch_size,
                    process_count)
 

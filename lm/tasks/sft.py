@@ -130,8 +130,9 @@ class InstructionTuning(Task):
 
   def train_dataset(self, process_index, process_count):
     t, packed = self.cfg.train, self.splits['train']
-    ds = shuffled_indices(len(packed.tokens_NxR), t.seed, process_index, process_count)
-    return batched(ds.map(lambda i: example(packed, i)), t.batch_size, process_count)
+    ds = shuffled_indices(len(packed.tokens_NxR), t.seed)
+    return batched(ds.map(lambda i: example(packed, i)), t.batch_size, process_index,
+                   process_count)
 
   def eval_batches(self, max_batches):
     packed, batch_size = self.splits['val'], self.cfg.train.batch_size

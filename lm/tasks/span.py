@@ -3,7 +3,7 @@
 The token store's documents (each BOS ... EOS) are one stream cut into rows of R raw tokens,
 R from T5's length arithmetic (lm.data.span.lengths: the largest R whose corrupted input fills
 data.seq_len; the targets' length follows from it, and data.target_len is not read). Each
-training step corrupts its rows inside the jitted loss with the step's key (noise density
+training step corrupts its rows inside the jitted step with the step's key (`prepare`) (noise density
 data.noise_density, mean span length data.mean_noise_span), so every epoch sees fresh masks;
 the validation rows are corrupted once, from a key fixed by train.seed, so every evaluation
 scores the same draws.
@@ -57,7 +57,7 @@ class SpanCorruption(Seq2Seq):
           f'data.seq_len={d.seq_len}: a row holds {self.lengths.spans} noise spans, and the '
           f'tokenizer has {len(sentinels)} sentinels (a tokenizer of format 1 has none: '
           'train a new one); lower data.seq_len or raise data.mean_noise_span')
-    self.corrupt = functools.partial(corrupted, lengths=self.lengths,
+    self.corrupt = self.prepare = functools.partial(corrupted, lengths=self.lengths,
                                      sentinel_ids=tuple(sentinels[:self.lengths.spans]),
                                      eos_id=tokenizer.eos_id)
     for name, split in splits.items():
@@ -71,9 +71,6 @@ class SpanCorruption(Seq2Seq):
     raw_NxR = rows(self.splits['val'].tokens, self.lengths.raw)
     batch = jax.jit(self.corrupt)(jax.random.PRNGKey(self.cfg.train.seed), {'tokens': raw_NxR})
     return {k: np.asarray(v) for k, v in batch.items()}
-
-  def corrupt_fn(self):
-    return self.corrupt
 
   @property
   def target_len(self) -> int:
@@ -89,8 +86,9 @@ class SpanCorruption(Seq2Seq):
   def train_dataset(self, process_index, process_count):
     t = self.cfg.train
     raw_NxR = rows(self.splits['train'].tokens, self.lengths.raw)
-    ds = shuffled_indices(len(raw_NxR), t.seed, process_index, process_count)
-    return batched(ds.map(lambda i: {'tokens': raw_NxR[i]}), t.batch_size, process_count)
+    ds = shuffled_indices(len(raw_NxR), t.seed)
+    return batched(ds.map(lambda i: {'tokens': raw_NxR[i]}), t.batch_size, process_index,
+                   process_count)
 
   def report_lines(self, val):
     n = self.lengths
