@@ -33,6 +33,7 @@ RULES = (
     ('conv', None),  # Mamba's convolution taps
     ('dt_rank', None),  # Mamba's time step rank
     ('layers', None),  # the stacked axis of scan_layers
+    ('cache_rows', ('data', 'fsdp')),  # a KV cache's rows: batch rows, each with its heads
 )
 
 

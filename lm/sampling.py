@@ -308,7 +308,15 @@ def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, fil
            jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), bool),
            jnp.zeros((batch,), jnp.int32))
   _, _, _, out_BxN, logprobs_BxN, _, count_B = jax.lax.while_loop(cond, body, carry)
-  return out_BxN, logprobs_BxN, count_B
+  return replicated((out_BxN, logprobs_BxN, count_B))
+
+
+def replicated(tree):
+  """`tree` whole on every device of the ambient mesh (if one is set), so that every process
+  of a multi-process run can read it."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
 
 
 def pick(filter_fn: Filter, logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
@@ -483,4 +491,4 @@ def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens,
            jnp.full((batch, k), neg_inf), jnp.zeros((batch, k), jnp.int32))
   carry = jax.lax.while_loop(cond, body, carry)
   fin_BxKxN, fin_score_BxK, fin_len_BxK = carry[5:]
-  return fin_BxKxN[:, 0], fin_len_BxK[:, 0], fin_score_BxK[:, 0]
+  return replicated((fin_BxKxN[:, 0], fin_len_BxK[:, 0], fin_score_BxK[:, 0]))

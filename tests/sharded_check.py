@@ -24,34 +24,44 @@ from lm.tasks import span as span_task
 from tests.conftest import load_config, tiny_config
 
 
-def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259,
-                       kernel=('block_0', 'mlp', 'up', 'kernel'), prepare=None):
-  """Three train steps on a mesh of 8 devices and on 1 device: (losses of each, the largest
-  final parameter difference, the number of shards of a kernel)."""
+def train_on_meshes(c, loss_of, batches, shapes, vocab_size=259,
+                    kernel=('block_0', 'mlp', 'up', 'kernel'), prepare=None):
+  """Three train steps from the same initial state and batches on each mesh shape (of all 8
+  devices, or (1, 1, 1): 1 device): [(losses, final parameters, shards of a kernel)]."""
   cfg = config_lib.parse(c, vocab_size=vocab_size, device_count=8)
   model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train, model)
   step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train),
                                   prepare=prepare)
-  results = {}
-  for name, shape, devices in (('8', shape, jax.devices()), ('1', (1, 1, 1), jax.devices()[:1])):
+  results = []
+  for shape in shapes:
+    devices = jax.devices()[:1] if shape == (1, 1, 1) else jax.devices()
     mesh = parallel.make_mesh(shape, devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
       init_fn, _, shardings = train.abstract_state(model, tx, 32, 0, mesh)
       state = init_fn()
       sharding = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
-      step = jax.jit(step_fn, in_shardings=(shardings, sharding), donate_argnums=0)
+      step = jax.jit(step_fn, in_shardings=(shardings, sharding),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
       losses = []
       for batch in batches:
         state, metrics = step(state, parallel.global_batch(batch, sharding))
         losses.append(float(metrics['loss']))
-    results[name] = (losses, jax.device_get(state.params))
-    if name == '8':
-      leaf = functools.reduce(lambda tree, key: tree[key], kernel, state.params)
-      shards = len({str(s.index) for s in leaf.addressable_shards})
-  diff = max(float(np.max(np.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(results['8'][1]), jax.tree.leaves(results['1'][1])))
-  return results['8'][0], results['1'][0], diff, shards
+    leaf = functools.reduce(lambda tree, key: tree[key], kernel, state.params)
+    results.append((losses, jax.device_get(state.params),
+                    len({str(s.index) for s in leaf.addressable_shards})))
+  return results
+
+
+def run_on_both_meshes(c, loss_of, batches, shape=(2, 4, 1), vocab_size=259,
+                       kernel=('block_0', 'mlp', 'up', 'kernel'), prepare=None):
+  """Three train steps on a mesh of 8 devices and on 1 device: (losses of each, the largest
+  final parameter difference, the number of shards of a kernel)."""
+  (losses_8, params_8, shards), (losses_1, params_1, _) = train_on_meshes(
+      c, loss_of, batches, [shape, (1, 1, 1)], vocab_size, kernel, prepare)
+  diff = max(float(np.max(np.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)))
+  return losses_8, losses_1, diff, shards
 
 
 def small_config(name: str = 'decoder', **model):

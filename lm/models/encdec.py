@@ -320,9 +320,11 @@ class EncDec(nn.Module):
     columns (the start token and the new tokens)."""
     batch = tokens_BxS.shape[0]
     memory_BxSxD = self.encode(tokens_BxS, valid_BxS)
+    heads = ('batch', 'length', 'heads', 'head_dim')  # on a mesh: the attention's layout
     layers = [DecoderLayerState(
         kv_cache.init_kv_cache(batch, slots, self.cfg.num_heads, self.cfg.head_dim,
-                               dtype=_dtype(self.cfg)), k, v)
+                               dtype=_dtype(self.cfg)),
+        nn.with_logical_constraint(k, heads), nn.with_logical_constraint(v, heads))
               for k, v in self.decoder.cross_keys_values(memory_BxSxD)]
     state = {'index': jnp.zeros((), jnp.int32), 'memory_valid': valid_BxS, 'layers': layers}
     return self.step(jnp.full((batch,), self.cfg.decoder_start_id, jnp.int32), state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -56,10 +57,12 @@ def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int,
   blocks whole, with no copy (XLA:CPU copies any slice of an array before a matmul reads it;
   why this layout: experiments/README.md, Sampling). With a window, a rolling buffer of
   `window` slots (column p in slot p % window), so memory does not grow with the sequence.
-  `pos` holds the column in each slot, -1 while empty."""
+  `pos` holds the column in each slot, -1 while empty. On a mesh the blocks' rows (whole rows
+  of the batch, each with its heads) spread like the batch (logical axis `cache_rows`)."""
   slots = min(max_len, window) if window is not None else max_len
-  blocks = lambda: tuple(jnp.zeros((batch * kv_heads, size, head_dim), dtype)
-                         for size in block_sizes(slots))
+  blocks = lambda: tuple(nn.with_logical_constraint(
+      jnp.zeros((batch * kv_heads, size, head_dim), dtype), ('cache_rows', 'length', 'head_dim'))
+      for size in block_sizes(slots))
   return KVCache(blocks(), blocks(), jnp.full((slots,), -1, jnp.int32))
 
 

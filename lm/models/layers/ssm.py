@@ -180,10 +180,15 @@ def init_state(kind: str, batch: int, d_model: int, inner: int, state_size: int,
                d_conv: int, dtype=jnp.float32) -> ScanState:
   """The empty decoding state of a scan layer: `M` (Mamba) the conv window and the SSM state,
   `S` (S4D) the SSM state."""
+  ssm_names = ('batch', 'inner', 'state')  # on a mesh: rows as the batch, channels as the
+  # layer's `inner` parameters
   if kind == 'M':
-    return ScanState(jnp.zeros((batch, inner, state_size), jnp.float32),
-                     jnp.zeros((batch, d_conv - 1, inner), dtype))
-  return ScanState(jnp.zeros((batch, d_model, state_size), jnp.float32))
+    return ScanState(
+        nn.with_logical_constraint(jnp.zeros((batch, inner, state_size), jnp.float32), ssm_names),
+        nn.with_logical_constraint(jnp.zeros((batch, d_conv - 1, inner), dtype),
+                                   ('batch', 'conv', 'inner')))
+  return ScanState(nn.with_logical_constraint(jnp.zeros((batch, d_model, state_size), jnp.float32),
+                                              ssm_names))
 
 
 # --- the causal depthwise convolution -------------------------------------------------------
