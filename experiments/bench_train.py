@@ -104,7 +104,8 @@ def accumulation(k: int, steps: int, rounds: int) -> dict[str, float]:
                   'argument_bytes': run.memory.argument_size_in_bytes,
                   'step_ms': 1e3 * statistics.median(times)}
     del state
-  print(f'gradient accumulation, llama variant, global batch {BATCH} x {SEQ_LEN}:')
+  print(f'gradient accumulation, llama variant, global batch {BATCH} x {SEQ_LEN}, '
+        f'{cpu_model()}:')
   print(f'| {"k":>2} | {"temporaries MB":>14} | {"state+batch MB":>14} | {"step ms":>7} |')
   print('|----|----------------|----------------|---------|')
   for accum, row in out.items():
@@ -154,6 +155,15 @@ def torch_steps(model: torch.nn.Module, loss_fn, t: TrainConfig):
       opt.step()
     return state
   return run
+
+
+def cpu_model() -> str:
+  """The CPU's model name (the 2-core hosts vary: AMD EPYC, Intel Xeon)."""
+  try:
+    lines = Path('/proc/cpuinfo').read_text().splitlines()
+    return next(l.split(':', 1)[1].strip() for l in lines if l.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
 
 
 def random_batch() -> dict[str, np.ndarray]:
@@ -239,8 +249,8 @@ def main() -> None:
     return worker(args.worker)
   if args.accum_steps:
     result = accumulation(args.accum_steps, args.steps, args.rounds)
-    print(json.dumps({'accumulation': result, 'machine': platform.processor() or
-                      platform.machine(), 'jax': jax.__version__}))
+    print(json.dumps({'accumulation': result, 'machine': f'{cpu_model()}, {os.cpu_count()} cores',
+                      'jax': jax.__version__}))
     return
   variants = args.variants.split(',')
   unknown = sorted(set(variants) - set(VARIANTS))
@@ -251,7 +261,7 @@ def main() -> None:
   workers = start_workers(__file__, specs)
   peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with all idle
   times = timed_rounds(workers, args.rounds, lambda spec: args.steps)
-  machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
+  machine = f'{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform}'
   print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
   print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.rounds} '
         f'rounds of {args.steps} steps')

@@ -77,7 +77,12 @@ def initialize(d: DistributedConfig, environ: Mapping[str, str] = os.environ) ->
     # The runtime aborts the process (no Python error) when the coordinator never answers:
     # check the port first, so that a mistake is one line.
     _check_coordinator(address, d.process_id, d.initialization_timeout)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # what JAX could not detect (e.g. JAX_COORDINATOR_ADDRESS alone)
+    raise ConfigError(f'distributed: JAX found a {how} setting but not the rest ({e}); give '
+                      'distributed.num_processes and distributed.process_id (and '
+                      'distributed.coordinator_address) on every process') from e
   return how
 
 

@@ -142,6 +142,29 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
   return init_fn, abstract, shardings
 
 
+# Dense bfloat16 matmul peaks per chip (FLOP/s), from the vendors' data sheets: what MFU is
+# measured against on an accelerator (on CPU, and for float32, the peak is measured).
+BF16_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12,
+                   'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12,
+                   'TPU v6 lite': 918e12, 'TPU v6e': 918e12}
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+  """The bfloat16 peak of a device kind as JAX names it ('NVIDIA H100 80GB HBM3', 'TPU v5
+  lite'), or None for one the table does not know."""
+  for name in sorted(BF16_PEAK_FLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
+    if name in device_kind:
+      return BF16_PEAK_FLOPS[name]
+  return None
+
+
+def peak_flops(dtype: str) -> float:
+  """FLOP/s of one device: the table's bfloat16 peak of a known accelerator, else measured."""
+  device = jax.local_devices()[0]
+  known = table_peak_flops(device.device_kind) if device.platform != 'cpu' else None
+  return known if dtype == 'bfloat16' and known else measure_peak_flops(dtype)
+
+
 def measure_peak_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
   """Matmul FLOP/s of one device: the best of `repeats` timed n x n x n products."""
   a = jnp.ones((n, n), dtype, device=jax.local_devices()[0])
@@ -399,7 +422,7 @@ def _train(r: Run) -> dict[str, float]:
       if pretrained is not None:
         state = state.replace(params=jax.device_put(pretrained, shardings.params))
         say(f'starting from the weights of {cfg.train.init_from}')
-    peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
+    peak = t.peak_flops or peak_flops(cfg.model.dtype)
     flops_per_token = task.train_flops_per_token()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     say(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '

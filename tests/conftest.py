@@ -40,6 +40,15 @@ def tiny_config(corpus: Path, cache_dir: Path, **train) -> ml_collections.Config
   return c
 
 
+def pytest_runtest_setup(item):
+  """Tests of a CPU-only path (the decoding compile's YNNPACK matmuls, the CPU weight
+  layouts, XLA:CPU's flags) skip where the tests run on an accelerator."""
+  if item.get_closest_marker('cpu_only'):
+    import jax
+    if jax.default_backend() != 'cpu':
+      pytest.skip(f'a CPU-only path; the backend is {jax.default_backend()}')
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
   return write_corpus(tmp_path / 'corpus')

@@ -55,6 +55,9 @@ def test_cluster_detection_from_the_environment():
   assert distributed.cluster({'JAX_COORDINATOR_ADDRESS': 'h:1'}) == 'JAX_COORDINATOR_ADDRESS'
   # Nothing set: one process, and jax.distributed is not started.
   assert distributed.initialize(config_lib.DistributedConfig(), environ={}) is None
+  with pytest.raises(ConfigError, match='JAX found a JAX_COORDINATOR_ADDRESS setting but not'):
+    distributed.initialize(config_lib.DistributedConfig(initialization_timeout=1),
+                           environ={'JAX_COORDINATOR_ADDRESS': 'localhost:1'})
 
 
 @pytest.mark.parametrize('batch, accum, processes, mesh, message', [
@@ -130,13 +133,15 @@ def assert_close_runs(a: Path, b: Path, steps) -> None:
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_on_other_meshes(config, tmp_path):
   config.tokenizer.update(kind='bpe', vocab_size=384)  # an even vocabulary: tensor=2 splits it
-  config.train.update(steps=20, checkpoint_every=10)
+  config.train.update(steps=20, checkpoint_every=10, num_samples=1, sample_len=8)
   two, four, one = tmp_path / 'two', tmp_path / 'four', tmp_path / 'one'
   codes, outs = run_processes(config, two, 2, 2, **{'mesh.shape': '(2,2,1)'})
   assert codes == [0, 0], outs
   assert 'process 0 of 2: 2 local of 4 devices (cpu)' in outs[0]
   assert 'process 1 of 2: 2 local of 4 devices (cpu)' in outs[1]
-  assert 'final validation' in outs[0] and 'final validation' not in outs[1]  # process 0 reports
+  # process 0 reports; both generate (the sample's loop runs on the mesh of both)
+  assert 'final validation' in outs[0] and '--- sample 1 ---' in outs[0]
+  assert 'final validation' not in outs[1]
   assert (two / 'metrics.jsonl').is_file() and sorted(
       int(p.name) for p in (two / 'checkpoints').iterdir() if p.name.isdigit()) == [10, 20]
   codes, outs = run_processes(config, four, 1, 4, **{'mesh.shape': '(2,2,1)'})

@@ -105,6 +105,36 @@ def test_grouped_query_and_sliding_window_attention_equal_a_numpy_reference(kv_h
   np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, window), atol=1e-5)
 
 
+@pytest.mark.parametrize('kv_heads,window', [(4, None), (2, None), (1, 3), (2, 5)])
+def test_the_accelerators_fused_attention_equals_a_numpy_reference(kv_heads, window):
+  """The GPU/TPU path (jax.nn.dot_product_attention, here its XLA implementation on CPU):
+  causal, grouped-query, sliding window."""
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((2, 11, 4, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 11, kv_heads, 8)).astype(np.float32) for _ in range(2))
+  out = attention.fused_attention(*map(jnp.asarray, (q, k, v)), window=window,
+                                  implementation='xla')
+  np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, window), atol=1e-5)
+
+
+def test_fused_attention_equals_the_blocked_one_with_padding_segments_and_a_bias():
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 4, 8)), jnp.float32) for _ in range(3))
+  valid_BxS = jnp.asarray(np.arange(9)[None] >= np.array([[0], [3]]))  # row 1 left-padded
+  segments_BxT = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 2, 2, 2, 2]])
+  bias_HxTxS = jnp.asarray(rng.standard_normal((4, 9, 9)), jnp.float32)
+  cases = [dict(causal=False, key_valid_BxS=valid_BxS),  # an encoder over padding
+           dict(causal=True, segment_ids_BxT=segments_BxT),  # packed rows
+           dict(causal=False, bias_HxTxS=bias_HxTxS, scaled=False),  # T5's encoder
+           dict(causal=True, window=4, key_valid_BxS=valid_BxS)]
+  for case in cases:
+    fused = attention.fused_attention(q, k, v, implementation='xla', **case)
+    blocked = attention.blocked_attention(q, k, v, block=4, **case)
+    rows = slice(None) if 'key_valid_BxS' not in case or not case['causal'] else slice(3, None)
+    np.testing.assert_allclose(np.asarray(fused)[:, rows], np.asarray(blocked)[:, rows],
+                               atol=1e-5, err_msg=str(sorted(case)))
+
+
 def test_a_query_is_unaffected_by_keys_before_its_window():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 2, 4)), jnp.float32) for _ in range(3))

@@ -197,6 +197,7 @@ def test_greedy_generate_equals_full_forward_argmax_and_rows_equal_each_row_alon
     assert together.tokens[b] == alone.tokens[b]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize('cfg', [CFG, LLAMA, dataclasses.replace(LLAMA, scan_layers=True)],
                          ids=['gpt2', 'llama', 'llama-scanned'])
 def test_decoding_params_give_the_models_logits(cfg):
@@ -232,6 +233,7 @@ def test_decoding_params_give_the_models_logits(cfg):
   assert same_cfg is untied_cfg and same_params is params
 
 
+@pytest.mark.cpu_only
 def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chose(monkeypatch):
   ynn = lambda lowered: '__ynn_fusion' in lowered.compile().as_text()
   params = params_of(CFG)

@@ -163,6 +163,7 @@ def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize('user_flags,expected', [
     ('--xla_force_host_platform_device_count=2',
      '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type='),

@@ -21,6 +21,47 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
               key_valid_BxS: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
               bias_HxTxS: jax.Array | None = None, scaled: bool = True,
               block: int = 128) -> jax.Array:
+  """Attention (see blocked_attention for the contract). On GPU and TPU through
+  jax.nn.dot_product_attention (fused_attention: cuDNN's kernels on GPU where they apply, XLA's
+  otherwise); on CPU the blocked form, which skips the key blocks a causal query block cannot
+  see."""
+  kwargs = dict(causal=causal, window=window, key_valid_BxS=key_valid_BxS,
+                segment_ids_BxT=segment_ids_BxT, bias_HxTxS=bias_HxTxS, scaled=scaled)
+  if jax.default_backend() in ('gpu', 'tpu'):
+    return fused_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, **kwargs)
+  return blocked_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, **kwargs, block=block)
+
+
+def fused_attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
+                    causal: bool = True, window: int | None = None,
+                    key_valid_BxS: jax.Array | None = None,
+                    segment_ids_BxT: jax.Array | None = None,
+                    bias_HxTxS: jax.Array | None = None, scaled: bool = True,
+                    implementation: str | None = None) -> jax.Array:
+  """blocked_attention's contract through jax.nn.dot_product_attention: the causal mask and
+  the window as its `is_causal` and `local_window_size`, padding and segments as a boolean
+  mask, T5's bias as its bias; `implementation` None lets JAX pick cuDNN where it can."""
+  mask_Bx1xTxS = None
+  if key_valid_BxS is not None:
+    mask_Bx1xTxS = key_valid_BxS[:, None, None, :]
+  if segment_ids_BxT is not None:
+    same_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+    mask_Bx1xTxS = same_Bx1xTxS if mask_Bx1xTxS is None else mask_Bx1xTxS & same_Bx1xTxS
+  out = jax.nn.dot_product_attention(
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+      bias=None if bias_HxTxS is None else bias_HxTxS[None].astype(q_BxTxHxDh.dtype),
+      mask=mask_Bx1xTxS, scale=None if scaled else 1.0, is_causal=causal,
+      local_window_size=(window - 1, 0) if causal and window is not None else None,
+      implementation=implementation)
+  return out.astype(q_BxTxHxDh.dtype)
+
+
+def blocked_attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
+                      causal: bool = True, window: int | None = None,
+                      key_valid_BxS: jax.Array | None = None,
+                      segment_ids_BxT: jax.Array | None = None,
+                      bias_HxTxS: jax.Array | None = None, scaled: bool = True,
+                      block: int = 128) -> jax.Array:
   """Softmax(q k^T / sqrt(Dh) + bias) v over query blocks of `block` rows; causal (query t
   sees keys s <= t) or bidirectional (every key). `scaled` False leaves out the 1 / sqrt(Dh)
   (T5, whose initialisation folds it into the query); `bias_HxTxS` is added to the logits
