@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from lm import files
 from lm.config import (Config, ConfigError, ModelConfig, model_from_dict, upgrade_saved,
                        validate_model)
 
@@ -70,12 +70,6 @@ def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _process_start(pid: int) -> str | None:
   """When process `pid` of this host started (Linux: /proc/PID/stat field 22), to tell a live
   run from a new process that reuses a dead run's pid; None where there is no /proc."""
@@ -105,17 +99,21 @@ class WorkdirLock:
   host (killed) is taken over with a warning; one from another host is never taken over, since
   its process cannot be checked from here. Multi-host runs: only process 0 takes it
   (`enabled=False` elsewhere). On exit the lock is removed, and so is the workdir if the lock
-  created it and nothing else was written (a config error leaves no trace).
+  created it and nothing else was written (a config error leaves no trace). On an object store
+  (a gs:// workdir) the lock is advisory: there is no exclusive create and no process to check,
+  so a lock found there is named in a warning and taken over.
   """
 
-  def __init__(self, workdir: Path, enabled: bool = True):
-    self.workdir, self.enabled = Path(workdir), enabled
+  def __init__(self, workdir: files.PathLike, enabled: bool = True):
+    self.workdir, self.enabled = files.path(workdir), enabled
     self.path = self.workdir / 'lock'
     self.created_workdir = False
 
   def __enter__(self) -> 'WorkdirLock':
     if not self.enabled:
       return self
+    if not files.is_local(self.workdir):
+      return self._advisory()
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
           'started': _process_start(os.getpid()), 'since': time.strftime('%Y-%m-%d %H:%M:%S')}
     try:
@@ -140,6 +138,16 @@ class WorkdirLock:
       self._remove_workdir()
       raise ConfigError(f'--workdir={str(self.workdir)!r}: not writable ({e.strerror}); '
                         'give a directory you can write to') from e
+    return self
+
+  def _advisory(self) -> 'WorkdirLock':
+    if self.path.exists():
+      warnings.warn(f'{self.path}: another run may be writing this workdir ({self.path.read_text()}'
+                    '); on an object store the lock is advisory, and this run takes it over',
+                    CheckpointWarning, stacklevel=3)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.path.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                                     'since': time.strftime('%Y-%m-%d %H:%M:%S')}))
     return self
 
   def _create(self, me: dict[str, Any]) -> bool:
@@ -176,12 +184,12 @@ class WorkdirLock:
       self.workdir.rmdir()
 
 
-def prepare_workdir(workdir: Path, cfg: Config) -> None:
+def prepare_workdir(workdir: files.PathLike, cfg: Config) -> None:
   """Checks that the run a workdir holds has a config compatible with `cfg`.
 
   Raises ConfigError for an incompatible run, writing nothing.
   """
-  saved_path = workdir / 'config.json'
+  saved_path = files.path(workdir) / 'config.json'
   if saved_path.is_file():
     saved = flatten(upgrade_saved(json.loads(saved_path.read_text())))
     current = flatten(json.loads(cfg.to_json()))
@@ -252,8 +260,8 @@ class Checkpoints:
   to the host, and the files are written while training goes on.
   """
 
-  def __init__(self, directory: Path, keep: int, async_save: bool = True):
-    self.directory = directory.absolute()
+  def __init__(self, directory: files.PathLike, keep: int, async_save: bool = True):
+    self.directory = files.path(directory).absolute()
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
     self.pending: int | None = None  # the step of a save that may still be writing
@@ -290,7 +298,8 @@ class Checkpoints:
     failed, self.pending = self.pending, None
     if jax.process_index() == 0:  # what the failed save wrote only takes space
       for partial in self.directory.glob(f'{failed}.orbax-checkpoint-tmp*'):
-        shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+          partial.rmtree()
     self.manager.reload()
     intact = [s for s in self.manager.all_steps() if s != failed]
     return CheckpointError(
@@ -327,14 +336,14 @@ class Checkpoints:
                     CheckpointWarning, stacklevel=2)
     return None
 
-  def _move_aside(self, step: int) -> Path:
+  def _move_aside(self, step: int) -> files.PathLike:
     target = self.directory / UNREADABLE / str(step)
     if jax.process_index() == 0:
       target.parent.mkdir(exist_ok=True)
       n = 1
       while target.exists():  # a step that failed before
         target, n = self.directory / UNREADABLE / f'{step}.{n}', n + 1
-      os.replace(self.directory / str(step), target)
+      (self.directory / str(step)).replace(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'lm: checkpoint {step} moved aside')
@@ -350,35 +359,48 @@ class Checkpoints:
 
 
 class MetricsLog:
-  """`metrics.jsonl` (one JSON object a line, with `step`) and TensorBoard events."""
+  """`metrics.jsonl` (one JSON object a line, with `step`) and TensorBoard events. On a local
+  disk each line is appended; an object store cannot append, so there the file is written
+  whole again each time (it is small: a line per logged step), and no TensorBoard events are
+  written (tensorboardX's object-store writers need their cloud's client libraries)."""
 
-  def __init__(self, workdir: Path, resume_step: int):
+  def __init__(self, workdir: files.PathLike, resume_step: int):
     from tensorboardX import SummaryWriter  # heavy import, only where it is used
-    self.path = workdir / 'metrics.jsonl'
-    self._drop_after(resume_step)
-    self.file = open(self.path, 'a')
-    self.tb = SummaryWriter(str(workdir))
-
-  def _drop_after(self, step: int) -> None:
-    """Lines of steps past the checkpoint we resume from are recomputed, so they go."""
+    self.path = files.path(workdir) / 'metrics.jsonl'
+    self.lines = self._kept_until(resume_step)
     if self.path.is_file():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)['step'] <= step]
-      write_atomic(self.path, ''.join(line + '\n' for line in kept))
+      files.write_atomic(self.path, ''.join(self.lines))
+    local = files.is_local(self.path)
+    self.file = self.path.open('a') if local else None
+    self.tb = SummaryWriter(str(workdir)) if local else None
+
+  def _kept_until(self, step: int) -> list[str]:
+    """Lines of steps past the checkpoint we resume from are recomputed, so they go."""
+    if not self.path.is_file():
+      return []
+    return [line + '\n' for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)['step'] <= step]
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """One line of strict JSON: a value that is not finite (JSON has no NaN) is null there, and
     left out of TensorBoard."""
     record = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
-    self.file.write(json.dumps({'step': step, **record}, allow_nan=False) + '\n')
-    self.file.flush()
+    line = json.dumps({'step': step, **record}, allow_nan=False) + '\n'
+    self.lines.append(line)
+    if self.file is not None:
+      self.file.write(line)
+      self.file.flush()
+    else:
+      files.write_atomic(self.path, ''.join(self.lines))
     for key, value in record.items():
-      if value is not None:
+      if value is not None and self.tb is not None:
         self.tb.add_scalar(key, value, step)
 
   def close(self) -> None:
-    self.file.close()
-    self.tb.close()
+    if self.file is not None:
+      self.file.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def load_model(workdir: Path, tokenizer_arg: str | None = None):

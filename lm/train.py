@@ -26,8 +26,8 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from lm import (checkpoint, config as config_lib, distributed, hf, models, parallel, tasks,
-                tokenizers)
+from lm import (checkpoint, config as config_lib, distributed, files, hf, models, parallel,
+                tasks, tokenizers)
 from lm.config import Config
 from lm.data import store
 
@@ -212,7 +212,7 @@ class StopOnSignal:
 class Run:
   """What the loop needs, built once from a validated Config."""
   cfg: Config
-  workdir: Path
+  workdir: files.PathLike
   tokenizer: Any
   splits: dict[str, store.Split]
   mesh: jax.sharding.Mesh
@@ -225,7 +225,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   """Validates everything a user can get wrong before anything is written."""
-  workdir = Path(workdir)
+  workdir = files.path(workdir)
   saved = workdir / 'tokenizer'  # a resumed run keeps the tokenizer its model learned with,
   saved_tok = tokenizers.load(saved) if (saved / 'tokenizer.json').is_file() else None
   vocab_size = lambda t: (saved_tok.vocab_size if saved_tok is not None and saved_tok.kind == t.kind
@@ -247,7 +247,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   print(distributed.describe(mesh), flush=True)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic(workdir / 'config.json', cfg.to_json())
+    files.write_atomic(workdir / 'config.json', cfg.to_json())
     tokenizer.save(workdir / 'tokenizer')
   return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
 
@@ -363,8 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, flo
   with contextlib.ExitStack() as stack:
     error = None
     try:
-      stack.enter_context(checkpoint.WorkdirLock(Path(workdir),
-                                                 enabled=jax.process_index() == 0))
+      stack.enter_context(checkpoint.WorkdirLock(workdir, enabled=jax.process_index() == 0))
     except config_lib.ConfigError as e:
       error = e
     if not distributed.all_ok(error is None):

@@ -69,7 +69,7 @@ def setup_script(a) -> str:
       f'(test -d {CHECKOUT} || git clone {shlex.quote(a.repo)} {CHECKOUT})',
       f'cd {CHECKOUT}', 'git fetch -q origin', f'git checkout -q {shlex.quote(a.commit)}',
       f'python3 -m venv {VENV}', f'. {VENV}/bin/activate', 'pip install -q --upgrade pip',
-      "pip install -q -r requirements.txt 'jax[tpu]'"])
+      "pip install -q -r requirements.txt 'jax[tpu]' gcsfs"])  # gcsfs: gs:// workdirs
 
 
 def launch_script(a) -> str:

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from lm import models
-from lm.checkpoint import write_atomic
+from lm.files import write_atomic
 from lm.config import ConfigError, ModelConfig, validate_model
 from lm.hf import bert, convert, gpt2, llama, mamba, t5
 from lm.models.layers import common

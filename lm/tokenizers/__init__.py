@@ -8,8 +8,8 @@ from it, so a run's workdir carries the tokenizer its model was trained with.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from lm import files
 from lm.config import ConfigError
 from lm.tokenizers import bpe
 from lm.tokenizers.tokenizer import (BYTES_FIRST_SPECIAL, CL100K_FIRST_SPECIAL, FORMAT, GPT4_PATTERN,
@@ -41,9 +41,9 @@ def load(name_or_dir: str | os.PathLike) -> Tokenizer:
     return byte_tokenizer()
   if name == 'cl100k':
     return cl100k()
-  if not (Path(name) / 'tokenizer.json').is_file():
+  if not (files.path(name) / 'tokenizer.json').is_file():
     hint = (' a bpe is trained first: python -m lm.tokenizers train --input=GLOB '
             '--vocab_size=N --out=DIR, then load(DIR)' if name == 'bpe' else '')
     raise ConfigError(f'tokenizer={name!r}: not bytes, cl100k, nor a directory holding '
                       f'tokenizer.json;{hint or " give a kind or a tokenizer directory"}')
-  return load_dir(Path(name))
+  return load_dir(name)

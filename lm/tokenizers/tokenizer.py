@@ -22,12 +22,12 @@ import codecs
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import tiktoken
 
+from lm import files
 from lm.config import ConfigError
 
 # The GPT-4 (cl100k) split: contractions, letters with one leading non-letter (the space goes
@@ -115,11 +115,11 @@ class Tokenizer:
   def save(self, directory: str | os.PathLike) -> None:
     """tokenizer.json (kind, pattern, special ids) and, for `bpe`, ranks.tiktoken. Each file is
     written whole and renamed into place, tokenizer.json last."""
-    path = Path(directory)
+    path = files.path(directory)
     path.mkdir(parents=True, exist_ok=True)
     if self.kind == 'bpe':
-      _write_atomic(path / 'ranks.tiktoken', dump_ranks(self.ranks))
-    _write_atomic(path / 'tokenizer.json', json.dumps(self._header(), indent=2).encode())
+      files.write_atomic(path / 'ranks.tiktoken', dump_ranks(self.ranks))
+    files.write_atomic(path / 'tokenizer.json', json.dumps(self._header(), indent=2).encode())
 
   def _header(self) -> dict:
     return {'format': self.format, 'kind': self.kind, 'vocab_size': self.vocab_size,
@@ -194,9 +194,10 @@ def parse_ranks(data: bytes) -> dict[bytes, int]:
   return ranks
 
 
-def load_dir(directory: Path) -> Tokenizer:
+def load_dir(directory: files.PathLike) -> Tokenizer:
   """A directory written by `Tokenizer.save`, in any format of FORMATS (a format-1 tokenizer
   loads without the sentinels); a ConfigError names what is wrong with it."""
+  directory = files.path(directory)
   path = directory / 'tokenizer.json'
   try:
     header = json.loads(path.read_text())
@@ -220,8 +221,3 @@ def load_dir(directory: Path) -> Tokenizer:
                       'or a run\'s workdir/tokenizer)') from e
   return tokenizer
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
