@@ -63,8 +63,8 @@ def initialize(d: DistributedConfig, environ: Mapping[str, str] = os.environ) ->
   cannot listen on) is a ConfigError naming it."""
   explicit = bool(d.coordinator_address) or d.num_processes > 1
   how = 'config' if explicit else cluster(environ)
-  if how is None:
-    return None
+  if how is None or jax.distributed.is_initialized():  # a second run in the same processes
+    return how
   kwargs: dict[str, Any] = {'initialization_timeout': d.initialization_timeout}
   if explicit:
     kwargs.update(coordinator_address=d.coordinator_address or None,

@@ -448,7 +448,7 @@ def _train(r: Run) -> dict[str, float]:
           state, metrics = train_step(state, batch)
           if unchecked:
             guard.check(*unchecked)
-          stop_signal = int(signalled) or None if signalled is not None else None
+          stop_signal = None if signalled is None else int(signalled) or None  # last step's
           signalled = metrics.pop('signal')
           unchecked = (step, metrics.pop('finite'), metrics)
           bar.update(1)

@@ -20,8 +20,6 @@ import jax
 import numpy as np
 
 from lm import config as config_lib, models, objectives, parallel, sampling
-from lm.data import span as span_data
-from lm.tasks import span as span_task
 from tests import sharded_check
 from tests.sharded_check import causal_batches, small_config
 
@@ -54,13 +52,7 @@ def families(rng):
   bert_loss = lambda model: functools.partial(
       objectives.mlm_nsp_loss, apply_fn=model.apply, pad_id=258, mask_id=257, first_special=256,
       num_ordinary=256, rate=0.15)
-  lengths = span_data.lengths(32, 0.15, 3.0)
-  corrupt = functools.partial(span_task.corrupted, lengths=lengths,
-                              sentinel_ids=tuple(range(260, 260 + lengths.spans)), eos_id=257)
-  t5_loss = lambda model: functools.partial(objectives.seq2seq_loss, apply_fn=model.apply,
-                                            start_id=0)
-  t5_batches = [{'tokens': rng.integers(0, 256, (8, lengths.raw)).astype(np.int32)}
-                for _ in range(3)]
+  t5_loss, t5_batches, corrupt = sharded_check.span_case(rng)
   mlp_kernel = ('block_0', 'mlp', 'up', 'kernel')
   return {
       'gpt2': (gpt2, clm, causal, V_DECODER, mlp_kernel, None),

@@ -12,27 +12,29 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib, models, objectives, parallel, train
-from lm.data import span as span_data
-from lm.tasks import span as span_task
-from tests.sharded_check import small_config
+from tests.sharded_check import small_config, span_case
 
 
-def run_steps(c, loss_of, batches, accum_steps, vocab_size=259, prepare=None):
+def run_steps(c, loss_of, runs, accum_steps, vocab_size=259, prepare=None):
+  """[(losses, final parameters)] of each run (a list of batches) from the same initial
+  state, through one compiled step of `accum_steps` microbatches."""
   cfg = config_lib.parse(c, vocab_size=vocab_size, device_count=1)
   model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train, model)
   step_fn = train.make_train_step(loss_of(model), train.make_schedule(cfg.train), accum_steps,
                                   prepare)
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  results = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    init_fn, _, shardings = train.abstract_state(model, tx, 32, 0, mesh)
-    state = init_fn()
+    init_fn, _, _ = train.abstract_state(model, tx, 32, 0, mesh)
     step = jax.jit(step_fn, donate_argnums=0)
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, batch)
-      losses.append(float(metrics['loss']))
-  return np.array(losses), jax.device_get(state.params)
+    for batches in runs:
+      state, losses = init_fn(), []
+      for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics['loss']))
+      results.append((np.array(losses), jax.device_get(state.params)))
+  return results
 
 
 def assert_same_steps(a, b) -> None:
@@ -49,34 +51,32 @@ def clm(model):
   return functools.partial(objectives.clm_loss, apply_fn=model.apply)
 
 
+@pytest.mark.slow
 def test_four_microbatches_equal_one_batch_for_clm_and_uneven_sft_masks():
   rng = np.random.default_rng(0)
   c = small_config()
   tokens = lambda: rng.integers(0, 256, (8, 32)).astype(np.int32)
   plain = [{'inputs': tokens(), 'targets': tokens(), 'loss_mask': np.ones((8, 32), bool)}
            for _ in range(5)]
-  assert_same_steps(run_steps(c, clm, plain, 4), run_steps(c, clm, plain, 1))
   # sft: assistant turns only, so microbatches hold very different counts of loss tokens
   # (rows 0-1 nearly all, the others a few): a mean per microbatch would weigh them wrongly.
   masked = []
   for batch in plain:
-    keep_BxT = rng.random((8, 32)) < np.array([0.95, 0.9, 0.1, 0.05, 0.2, 0.1, 0.05, 0.3])[:, None]
+    share_B = np.array([0.95, 0.9, 0.1, 0.05, 0.2, 0.1, 0.05, 0.3])
+    keep_BxT = rng.random((8, 32)) < share_B[:, None]
     masked.append({**batch, 'loss_mask': keep_BxT})
-  assert_same_steps(run_steps(c, clm, masked, 4), run_steps(c, clm, masked, 1))
+  fours, ones = (run_steps(c, clm, [plain, masked], k) for k in (4, 1))
+  for four, one in zip(fours, ones):
+    assert_same_steps(four, one)
 
 
+@pytest.mark.slow
 def test_four_microbatches_equal_one_batch_for_span_corruption():
   rng = np.random.default_rng(1)
   c = small_config('encdec')
-  lengths = span_data.lengths(32, 0.15, 3.0)
-  corrupt = functools.partial(span_task.corrupted, lengths=lengths,
-                              sentinel_ids=tuple(range(260, 260 + lengths.spans)), eos_id=257)
-  loss_of = lambda model: functools.partial(objectives.seq2seq_loss, apply_fn=model.apply,
-                                            start_id=0)
-  batches = [{'tokens': rng.integers(0, 256, (8, lengths.raw)).astype(np.int32)}
-             for _ in range(5)]
-  one = run_steps(c, loss_of, batches, 1, vocab_size=370, prepare=corrupt)
-  four = run_steps(c, loss_of, batches, 4, vocab_size=370, prepare=corrupt)
+  loss_of, batches, corrupt = span_case(rng, 5)
+  (one,) = run_steps(c, loss_of, [batches], 1, vocab_size=370, prepare=corrupt)
+  (four,) = run_steps(c, loss_of, [batches], 4, vocab_size=370, prepare=corrupt)
   assert_same_steps(four, one)
 
 

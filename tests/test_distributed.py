@@ -55,9 +55,18 @@ def test_cluster_detection_from_the_environment():
   assert distributed.cluster({'JAX_COORDINATOR_ADDRESS': 'h:1'}) == 'JAX_COORDINATOR_ADDRESS'
   # Nothing set: one process, and jax.distributed is not started.
   assert distributed.initialize(config_lib.DistributedConfig(), environ={}) is None
-  with pytest.raises(ConfigError, match='JAX found a JAX_COORDINATOR_ADDRESS setting but not'):
-    distributed.initialize(config_lib.DistributedConfig(initialization_timeout=1),
-                           environ={'JAX_COORDINATOR_ADDRESS': 'localhost:1'})
+
+
+def test_a_coordinator_address_alone_is_one_line():
+  """JAX_COORDINATOR_ADDRESS without a process count or index (nothing else to detect them)."""
+  proc = subprocess.run([sys.executable, '-m', 'lm.main', '--config=configs/decoder.py',
+                         f'--workdir={ROOT / "runs" / "never-written"}'], cwd=ROOT,
+                        env={**env(1), 'JAX_COORDINATOR_ADDRESS': 'localhost:1'},
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith('error: distributed: JAX found a JAX_COORDINATOR_ADDRESS setting '
+                                'but not the rest'), proc.stderr
+  assert not (ROOT / 'runs' / 'never-written').exists()
 
 
 @pytest.mark.parametrize('batch, accum, processes, mesh, message', [

@@ -91,8 +91,10 @@ def test_every_family_train_step_on_8_devices_equals_1_device():
   assert len(results) == 21  # three meshes each
   for r in results:
     what = f'{r["family"]} on mesh {r["mesh"]}'
-    np.testing.assert_allclose(r['losses_8'], r['losses_1'], rtol=2e-5, err_msg=what)
-    assert r['max_param_diff'] < 2e-5, what
+    np.testing.assert_allclose(r['losses_8'], r['losses_1'], rtol=1e-5, err_msg=what)
+    # BERT, the hybrid and T5 kept the tolerance of test_train's 8-device check, where they
+    # were first tested; GPT-2's largest difference is about 1e-5 (Adam's normalised steps)
+    assert r['max_param_diff'] < (1e-5 if r['family'] in ('bert', 'hybrid', 't5') else 2e-5), what
     if r['mesh'][1] * r['mesh'][2] > 1:  # a kernel split over fsdp x tensor
       assert r['kernel_shards'] > 1, what
   tensor_heavy = {r['family']: r['mesh'] for r in results if r['mesh'][0] == 1}

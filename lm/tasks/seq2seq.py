@@ -145,7 +145,7 @@ class Seq2Seq(Task):
     t, rows = self.cfg.train, self.splits['train'].rows
     ds = shuffled_indices(len(rows['inputs']), t.seed)
     return batched(ds.map(lambda i: {k: v[i] for k, v in rows.items()}), t.batch_size,
-                   process_count)
+                   process_index, process_count)
 
   def eval_batches(self, max_batches):
     rows, batch_size = self.val_rows, self.cfg.train.batch_size
