@@ -456,8 +456,9 @@ def _on_this_device(manager: ocp.CheckpointManager, step: int) -> Any:
 
 def restore_params(workdir: Path, cfg: ModelConfig):
   """The parameters of the newest checkpoint of a run that reads and holds the shapes of a
-  model of `cfg`, on this process's first device (whatever mesh saved them); each newer one that does not is named in a CheckpointWarning (and left where
-  it is: only a training run moves checkpoints)."""
+  model of `cfg`, on this process's first device (whatever mesh saved them); each newer one
+  that does not is named in a CheckpointWarning (and left where it is: only a training run
+  moves checkpoints)."""
   from lm import models
   directory = (workdir / 'checkpoints').absolute()
   no_checkpoint = ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '

@@ -5,8 +5,8 @@ Each task gives the loop the same things: `loss_fn(params, batch, rng) -> (loss,
 `eval_fn(params, batch, rng) -> sums` whose sums over a split `metrics(sums)` turns into
 numbers, the shapes of a batch, a checkpointable training iterator, fixed evaluation batches,
 and the lines of its final report; and, where a batch is made from the step's key (span
-corruption), `prepare(rng, batch) -> batch`. Causal batches carry `inputs`, `targets` and `loss_mask`
-(the targets the loss counts), so every causal task shares objectives.clm_loss.
+corruption), `prepare(rng, batch) -> batch`. Causal batches carry `inputs`, `targets` and
+`loss_mask` (the targets the loss counts), so every causal task shares objectives.clm_loss.
 """
 from __future__ import annotations
 
