@@ -386,11 +386,11 @@ class MetricsLog:
     left out of TensorBoard."""
     record = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
     line = json.dumps({'step': step, **record}, allow_nan=False) + '\n'
-    self.lines.append(line)
     if self.file is not None:
       self.file.write(line)
       self.file.flush()
-    else:
+    else:  # the object store's copy: every line so far, written whole
+      self.lines.append(line)
       files.write_atomic(self.path, ''.join(self.lines))
     for key, value in record.items():
       if value is not None and self.tb is not None:

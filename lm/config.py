@@ -239,7 +239,7 @@ def parse_distributed(config: ml_collections.ConfigDict | dict[str, Any]) -> Dis
   require(d.process_id == -1 or 0 <= d.process_id < max(d.num_processes, 1),
           'distributed.process_id', d.process_id,
           f'must be in [0, distributed.num_processes={d.num_processes}), or -1 to detect it')
-  require(d.num_processes == 0 or d.process_id >= 0 or d.num_processes == 1,
+  require(d.num_processes <= 1 or d.process_id >= 0,
           'distributed.process_id', d.process_id,
           f'with distributed.num_processes={d.num_processes}, give each process its index '
           f'0..{d.num_processes - 1}')

@@ -113,11 +113,11 @@ def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
       time.sleep(0.5)
 
 
-def describe(mesh: jax.sharding.Mesh | None = None) -> str:
+def describe(mesh: jax.sharding.Mesh) -> str:
   """The start-up line: process i of n, devices local and global, platform, mesh."""
-  line = (f'process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} '
-          f'local of {jax.device_count()} devices ({jax.default_backend()})')
-  return line + (f'; mesh {dict(mesh.shape)}' if mesh is not None else '')
+  return (f'process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} '
+          f'local of {jax.device_count()} devices ({jax.default_backend()}); mesh '
+          f'{dict(mesh.shape)}')
 
 
 def all_ok(ok: bool) -> bool:
