@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
                  min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
                  log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,
                  keep_checkpoints=3, grad_accum_steps=1, async_checkpoints=True,
-                 skip_nonfinite_steps=0, peak_flops=0.0, num_samples=3, sample_len=200)
+                 skip_nonfinite_steps=0, peak_flops=0.0, num_samples=3, sample_len=200,
+                 wandb_project='', wandb_group='')
   c.mesh = dict(shape=(-1, 1, 1))
   c.distributed = dict(coordinator_address='', num_processes=0, process_id=-1,
                        local_device_ids=(), initialization_timeout=300)

@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import transformers
 from lm import hf, models, objectives, parallel, train
 from lm.config import TrainConfig
 from lm.models import DecoderConfig
+from machine import cpu_model  # experiments/machine.py
 
 
 SHAPE = dict(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, max_len=256)
@@ -155,15 +155,6 @@ def torch_steps(model: torch.nn.Module, loss_fn, t: TrainConfig):
       opt.step()
     return state
   return run
-
-
-def cpu_model() -> str:
-  """The CPU's model name (the 2-core hosts vary: AMD EPYC, Intel Xeon)."""
-  try:
-    lines = Path('/proc/cpuinfo').read_text().splitlines()
-    return next(l.split(':', 1)[1].strip() for l in lines if l.startswith('model name'))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def random_batch() -> dict[str, np.ndarray]:

@@ -44,7 +44,8 @@ RESUMABLE_CHANGES = frozenset({
     'train.num_samples', 'train.sample_len', 'train.skip_nonfinite_steps',
     'train.async_checkpoints', 'train.grad_accum_steps', 'data.cache_dir', 'mesh.shape',
     'distributed.coordinator_address', 'distributed.num_processes', 'distributed.process_id',
-    'distributed.local_device_ids', 'distributed.initialization_timeout'})
+    'distributed.local_device_ids', 'distributed.initialization_timeout',
+    'train.wandb_project', 'train.wandb_group'})
 UNREADABLE = 'unreadable'  # checkpoints/unreadable/<step>: checkpoints that could not be read
 
 
@@ -364,8 +365,9 @@ class MetricsLog:
   whole again each time (it is small: a line per logged step), and no TensorBoard events are
   written (tensorboardX's object-store writers need their cloud's client libraries)."""
 
-  def __init__(self, workdir: files.PathLike, resume_step: int):
+  def __init__(self, workdir: files.PathLike, resume_step: int, dashboard=None):
     from tensorboardX import SummaryWriter  # heavy import, only where it is used
+    self.dashboard = dashboard  # a wandb run (train.wandb_project), or None
     self.path = files.path(workdir) / 'metrics.jsonl'
     self.lines = self._kept_until(resume_step)
     if self.path.is_file():
@@ -395,8 +397,12 @@ class MetricsLog:
     for key, value in record.items():
       if value is not None and self.tb is not None:
         self.tb.add_scalar(key, value, step)
+    if self.dashboard is not None:
+      self.dashboard.log({k: v for k, v in record.items() if v is not None}, step=step)
 
   def close(self) -> None:
+    if self.dashboard is not None:
+      self.dashboard.finish()
     if self.file is not None:
       self.file.close()
     if self.tb is not None:

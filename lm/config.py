@@ -110,6 +110,9 @@ class TrainConfig:
   peak_flops: float = 0.0  # FLOP/s of one device; 0: measured at start with a matmul
   num_samples: int = 3
   sample_len: int = 200
+  wandb_project: str = ''  # Weights & Biases project to log metrics and config to; '': none
+  wandb_group: str = ''  # its run group (experiments/ablate.py: the plan); the run's name is
+                         # its workdir's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +362,9 @@ def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
           'how many non-finite steps to skip before stopping: give 0 (stop at the first) or more')
   require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',
           (t.num_samples, t.sample_len), 'must be >= 0')
+  require(not t.wandb_project or importlib.util.find_spec('wandb') is not None,
+          'train.wandb_project', t.wandb_project,
+          'wandb is not installed: pip install wandb, or set train.wandb_project=\'\'')
   validate_batch(t, mesh_shape(cfg.mesh.shape, device_count), process_count)
 
 

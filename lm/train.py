@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -381,14 +382,55 @@ def same_across_processes(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps({**raw, 'distributed': section}, default=str))
 
 
+def train_batch_spec(r: Run) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global shapes, dtypes and shardings of a training batch (with its `signal_B`)."""
+  shapes = {**r.task.batch_shapes(),
+            'signal_B': jax.ShapeDtypeStruct((r.cfg.train.batch_size,), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                  sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
+          for k, s in shapes.items()}
+
+
+def compiled_train_step(r: Run, batch_spec: dict[str, jax.ShapeDtypeStruct]):
+  """The train step of `r`, compiled for its shardings (the state donated); call it inside the
+  run's mesh and logical-axis rules."""
+  t = r.cfg.train
+  step = jax.jit(make_train_step(r.task.loss_fn, make_schedule(t), t.grad_accum_steps,
+                                 r.task.prepare),
+                 in_shardings=(r.shardings, {k: s.sharding for k, s in batch_spec.items()}),
+                 out_shardings=(r.shardings, parallel.replicated(r.mesh)), donate_argnums=0)
+  return step.lower(r.abstract, batch_spec).compile()
+
+
+def seconds_per_step(config: ml_collections.ConfigDict, workdir: str | Path,
+                     steps: int = 5) -> float:
+  """The median wall time of `steps` compiled train steps of `config` on real batches, after
+  one warm-up step: what a time budget is turned into steps with (experiments/ablate.py).
+  `workdir` gets the run's config and tokenizer, no checkpoint."""
+  r = setup(config, workdir)
+  batch_spec = train_batch_spec(r)
+  sharding = {k: s.sharding for k, s in batch_spec.items()}
+  rows = r.cfg.train.batch_size // jax.process_count()
+  data_iter = iter(r.task.train_dataset(jax.process_index(), jax.process_count()))
+  with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
+    train_step = compiled_train_step(r, batch_spec)
+    state = r.init_fn()
+    times = []
+    for _ in range(steps + 1):
+      batch = parallel.global_batch({**next(data_iter), 'signal_B': np.zeros(rows, np.int32)},
+                                    sharding)
+      start = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  return float(np.median(times[1:]))
+
+
 def _train(r: Run) -> dict[str, float]:
   cfg, t, task = r.cfg, r.cfg.train, r.task
   is_main = jax.process_index() == 0
   abstract, shardings = r.abstract, r.shardings
-  batch_spec = {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                        sharding=parallel.batch_sharding(r.mesh, len(s.shape)))
-                for k, s in {**task.batch_shapes(), 'signal_B': jax.ShapeDtypeStruct(
-                    (t.batch_size,), jnp.int32)}.items()}
+  batch_spec = train_batch_spec(r)
   batch_sharding = {k: s.sharding for k, s in batch_spec.items()}
   eval_sharding = {k: parallel.batch_sharding(r.mesh, len(s.shape))
                    for k, s in task.eval_batch_shapes().items()}
@@ -401,13 +443,8 @@ def _train(r: Run) -> dict[str, float]:
   # Host copies (numpy): the train step donates the state's device buffers.
   pretrained = jax.device_get(pretrained_params(cfg)) if cfg.train.init_from else None
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
-    train_step = jax.jit(make_train_step(task.loss_fn, make_schedule(t), t.grad_accum_steps,
-                                         task.prepare),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, parallel.replicated(r.mesh)),
-                         donate_argnums=0)
     compile_start = time.perf_counter()
-    train_step = train_step.lower(abstract, batch_spec).compile()
+    train_step = compiled_train_step(r, batch_spec)
     eval_step = jax.jit(task.eval_fn, in_shardings=(shardings.params, eval_sharding, None))
     compile_seconds = time.perf_counter() - compile_start
 
@@ -427,7 +464,7 @@ def _train(r: Run) -> dict[str, float]:
     say(f'model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; '
           f'compiled in {compile_seconds:.1f}s; device peak {peak / 1e9:.0f} GFLOP/s x '
           f'{jax.device_count()}; mesh {dict(r.mesh.shape)}')
-    log = checkpoint.MetricsLog(r.workdir, start) if is_main else None
+    log = checkpoint.MetricsLog(r.workdir, start, wandb_run(cfg, r.workdir)) if is_main else None
     val_batches = task.eval_batches(t.eval_batches)
     evaluate = lambda params, batches: _evaluate(eval_step, task, params, batches, eval_sharding,
                                                  t.seed)
@@ -491,6 +528,22 @@ def _train(r: Run) -> dict[str, float]:
     if pretrained is not None:
       pretrained = jax.device_put(pretrained, shardings.params)
     return _finish(r, state, evaluate, log, pretrained)
+
+
+def wandb_run(cfg: Config, workdir: files.PathLike):
+  """A Weights & Biases run for train.wandb_project (None where it is ''): the config, then
+  every line of metrics.jsonl. Named after the workdir, in train.wandb_group; its id is fixed by
+  the workdir, so a resumed run continues it. WANDB_MODE=offline keeps it on disk."""
+  t = cfg.train
+  if not t.wandb_project:
+    return None
+  import wandb  # only where it is asked for; config.validate checked that it is installed
+  workdir = files.path(workdir)
+  return wandb.init(project=t.wandb_project, group=t.wandb_group or None, name=workdir.name,
+                    id=hashlib.sha256(str(workdir.resolve() if files.is_local(workdir) else workdir)
+                                       .encode()).hexdigest()[:16],
+                    resume='allow', config=cfg.to_dict(),
+                    dir=str(workdir) if files.is_local(workdir) else None)
 
 
 def _evaluate(eval_step, task: tasks.Task, params, batches, batch_sharding,

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from lm import tokenizers
+from lm import files, tokenizers
 from lm.config import ConfigError, DataConfig, TokenizerConfig
 from lm.data import corpus
 from lm.tokenizers import bpe
@@ -78,11 +78,28 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
   return tokenizers.load(directory)
 
 
+def directory_of(cfg: DataConfig, tokenizer: tokenizers.Tokenizer,
+                 layout: str = 'documents') -> Path:
+  """Where the token store of this corpus, tokenizer and layout is (or will be) cached."""
+  what = tokenizer.fingerprint() + ('' if layout == 'documents' else f'-{layout}')
+  return cache_dir(cfg) / fingerprint(corpus.list_files(cfg.paths), what, cfg.val_fraction)
+
+
+def cached_json(directory: Path, name: str, compute: Callable[[], dict]) -> dict:
+  """`compute()`, kept as `name` in `directory` (a token store's): computed once."""
+  path = directory / name
+  if path.is_file():
+    return json.loads(path.read_text())
+  value = compute()
+  directory.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(path, json.dumps(value, indent=2))
+  return value
+
+
 def load_or_build(cfg: DataConfig, tokenizer: tokenizers.Tokenizer,
                   layout: str = 'documents') -> dict[str, Split]:
   files = corpus.list_files(cfg.paths)
-  what = tokenizer.fingerprint() + ('' if layout == 'documents' else f'-{layout}')
-  directory = cache_dir(cfg) / fingerprint(files, what, cfg.val_fraction)
+  directory = directory_of(cfg, tokenizer, layout)
   if not (directory / 'meta.json').is_file():
     _build(files, tokenizer, cfg, directory, layout)
   splits = _load(directory)

@@ -108,3 +108,18 @@ def abstract_params(model: nn.Module):
   """The boxed parameters of `model` (ShapeDtypeStructs with their logical axes and tags),
   computed without memory."""
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params']
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+  """(all parameters, the embeddings' among them) of cfg's model, computed without memory.
+  Embeddings: every table of nn.Embed (tokens, learned positions, segments) and every
+  parameter with a vocabulary axis (an untied head, an MLM bias)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  total = embedding = 0
+  for path, box in jax.tree_util.tree_leaves_with_path(abstract_params(build(cfg)),
+                                                       is_leaf=is_box):
+    size = box.unbox().size
+    total += size
+    if path[-1].key == 'embedding' or 'vocab' in (box.names or ()):
+      embedding += size
+  return total, embedding

@@ -57,10 +57,16 @@ def stacked(rows: list[dict[str, np.ndarray]], batch_size: int,
           for i in range(0, len(rows), batch_size)]
 
 
-def compressed_bits_per_byte(text: bytes) -> dict[str, float]:
-  """Bits per byte of gzip -9 and xz -9 on the same text: baselines for val/bpb."""
-  return {'gzip -9': 8 * len(gzip.compress(text, 9)) / len(text),
-          'xz -9': 8 * len(lzma.compress(text, preset=9)) / len(text)}
+def compressed_bits_per_byte(text: bytes, context: bytes | None = None) -> dict[str, float]:
+  """Bits per byte of gzip -9 and xz -9 on `text`: baselines for val/bpb. With `context` (the
+  training text), also xz -9e given it, a compressor that has read what the model trained on:
+  the bytes xz -9e adds for `text` after `context`, len(xz(context + text)) - len(xz(context))."""
+  out = {'gzip -9': 8 * len(gzip.compress(text, 9)) / len(text),
+         'xz -9': 8 * len(lzma.compress(text, preset=9)) / len(text)}
+  if context is not None:
+    xz = lambda data: len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    out['xz -9e given train'] = 8 * (xz(context + text) - xz(context)) / len(text)
+  return out
 
 
 class Task(abc.ABC):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import objectives, parallel, sampling
-from lm.data import fim
+from lm.data import fim, store
 from lm.tasks.base import (Task, batched, compressed_bits_per_byte, shuffled_indices, spread,
                            stacked)
 
@@ -105,19 +105,32 @@ class CausalLM(Task):
   def metrics(self, sums):
     return objectives.clm_eval_metrics(sums)
 
-  def report(self, params, val, mesh, base=None):
+  def references(self) -> tuple[int, dict[str, float]]:
+    """(bytes, {compressor: bits per byte}) of the held-out text the evaluation scores: gzip -9,
+    xz -9, and xz -9e given the training text; computed once per token store and seq_len, and
+    kept in the store's directory."""
     seq_len, val_tokens = self.cfg.data.seq_len, self.splits['val'].tokens
     covered = num_windows(len(val_tokens), seq_len) * seq_len
-    text = self.tokenizer.decode(np.asarray(val_tokens[1:covered + 1]).tolist()).encode('utf-8')
-    baselines = compressed_bits_per_byte(text)
-    lines = [f'({len(text):,} bytes of held-out text):']
-    extra = {'gzip_bpb': baselines['gzip -9'], 'xz_bpb': baselines['xz -9']}
+    decode = lambda tokens: self.tokenizer.decode(np.asarray(tokens).tolist()).encode('utf-8')
+    text = decode(val_tokens[1:covered + 1])
+    def compute():
+      return {'bytes': len(text), **compressed_bits_per_byte(
+          text, context=decode(self.splits['train'].tokens))}
+    out = store.cached_json(store.directory_of(self.cfg.data, self.tokenizer, self.layout),
+                            f'references-T{seq_len}.json', compute)
+    return out.pop('bytes'), out
+
+  def report(self, params, val, mesh, base=None):
+    num_bytes, baselines = self.references()
+    lines = [f'({num_bytes:,} bytes of held-out text):']
+    extra = {'gzip_bpb': baselines['gzip -9'], 'xz_bpb': baselines['xz -9'],
+             'xz_given_train_bpb': baselines['xz -9e given train']}
     if base is not None:  # train.init_from: the starting model
       extra.update(base_loss=base[1]['loss'], base_bpb=base[1]['bpb'])
-      lines.append(f'  {"start":<10} loss {base[1]["loss"]:.4f} nats/token   '
+      lines.append(f'  {"start":<18} loss {base[1]["loss"]:.4f} nats/token   '
                    f'{base[1]["bpb"]:.4f} bits/byte')
-    lines.append(f'  {"model":<10} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte')
-    lines += [f'  {name:<10} {"":27} {bpb:.4f} bits/byte' for name, bpb in baselines.items()]
+    lines.append(f'  {"model":<18} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte')
+    lines += [f'  {name:<18} {"":27} {bpb:.4f} bits/byte' for name, bpb in baselines.items()]
     for i, sample in enumerate(self.samples(params, mesh)):
       lines.append(f'\n--- sample {i + 1} ---\n{sample}')
     return extra, lines
