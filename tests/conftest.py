@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for a test run (its workers and the processes they start,
+# which inherit the environment): many tests compile the same tiny models. Named by the run,
+# so no executable compiled for another machine's CPU is ever read back.
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'lm-tests-jax-cache-{_RUN}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import ml_collections
 import pytest

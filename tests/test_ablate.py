@@ -51,7 +51,8 @@ def kill_during_third_run(out: Path, sets: list[str]) -> Path:
   deadline = time.time() + 240
   try:
     while time.time() < deadline:
-      found = glob.glob(str(out / 'runs' / 'gpt2-lr0.005-s0-*' / 'checkpoints' / '[0-9]*'))
+      found = [p for p in glob.glob(str(out / 'runs' / 'gpt2-lr0.005-s0-*' / 'checkpoints' / '*'))
+               if Path(p).name.isdigit()]  # a finished checkpoint (orbax renames it so)
       if found:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
