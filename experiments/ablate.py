@@ -25,6 +25,7 @@ A plan is a Python file whose `get_plan()` returns a dict (experiments/plans/*.p
                   gives every arm the same batches (arms of one seq_len and batch size)
   warmup_fraction train.warmup_steps as a share of each run's steps (default 0.05)
   evals_per_run   evaluations along a run, for the curves (default 8)
+  checkpoints_per_run  checkpoints along a run, to resume from (default 4)
   timing_steps    timed steps of a seconds budget (default 5)
 
 Every run goes through lm.train.run, one at a time, in a workdir of its own under OUT/runs
@@ -44,6 +45,7 @@ against the learning rate, and the paired differences.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import dataclasses
@@ -72,9 +74,10 @@ from machine import cpu_model, describe  # noqa: E402  experiments/machine.py
 
 PLAN_KEYS = {'config': str, 'overrides': dict, 'arms': dict, 'baselines': dict, 'metric': dict,
              'budget': dict, 'lr_multipliers': tuple, 'extend_edge': bool, 'seeds': tuple,
-             'warmup_fraction': float, 'evals_per_run': int, 'timing_steps': int}
+             'warmup_fraction': float, 'evals_per_run': int, 'checkpoints_per_run': int,
+             'timing_steps': int}
 DEFAULTS = {'overrides': {}, 'extend_edge': True, 'warmup_fraction': 0.05, 'evals_per_run': 8,
-            'timing_steps': 5}
+            'checkpoints_per_run': 4, 'timing_steps': 5}
 NOT_IN_KEY = ('train.peak_flops', 'train.wandb_project', 'train.wandb_group', 'data.cache_dir')
 PLOTS = ('heldout_vs_flops.png', 'heldout_vs_seconds.png', 'heldout_vs_lr.png',
          'paired_differences.png')
@@ -96,6 +99,7 @@ class Plan:
   seeds: tuple
   warmup_fraction: float
   evals_per_run: int
+  checkpoints_per_run: int
   timing_steps: int
 
 
@@ -126,7 +130,6 @@ def load_plan(path: str, sets: list[str]) -> Plan:
 
 def parse_set(text: str) -> tuple[str, object]:
   """'train.steps=10' -> ('train.steps', 10): the value as a Python literal, else a string."""
-  import ast
   key, sep, value = text.partition('=')
   config_lib.require(sep and '.' in key, '--set', text, 'give SECTION.KEY=VALUE')
   try:
@@ -152,7 +155,8 @@ def check_plan(p: Plan) -> None:
                        f'name one of the arms {sorted(p.arms)}')
   config_lib.require(0 <= p.warmup_fraction < 1, 'plan.warmup_fraction', p.warmup_fraction,
                      'give a share of the steps in [0, 1)')
-  config_lib.require(p.evals_per_run >= 1, 'plan.evals_per_run', p.evals_per_run, 'give >= 1')
+  for key in ('evals_per_run', 'checkpoints_per_run', 'timing_steps'):
+    config_lib.require(getattr(p, key) >= 1, f'plan.{key}', getattr(p, key), 'give >= 1')
 
 
 # --- arms ---------------------------------------------------------------------------------------
@@ -242,17 +246,24 @@ def make_arm(plan: Plan, name: str) -> Arm:
   config_lib.require(task in family_tasks, f'arm {name!r}: model.family', family,
                      f'trains on {family_tasks}, not the plan\'s data.task={task!r}; give this '
                      'arm a config of a family that does (its own \'config\'), or drop it')
+  built = build_task(config)
+  cfg = built.cfg
+  params, embedding = models.parameter_counts(cfg.model)
+  return Arm(name, json.loads(json.dumps(config.to_dict(), default=list)), task, family,
+             plan.metric[task], cfg.train.learning_rate, built.train_flops_per_token(),
+             cfg.train.batch_size * cfg.data.seq_len, params, embedding)
+
+
+def build_task(config: ml_collections.ConfigDict | dict) -> tasks.Task:
+  """The task a config trains on (its tokenizer and token store made, or read from the
+  cache), validated as lm.main validates it: a one-line ConfigError."""
   cfg = config_lib.parse(config, device_count=jax.device_count(),
                          vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size),
                          process_count=jax.process_count())
   tokenizer = store.load_or_train_tokenizer(cfg.tokenizer, cfg.data)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                            vocab_size=tokenizer.vocab_size))
-  built = tasks.make(cfg, models.build(cfg.model), tokenizer, tasks.load(cfg, tokenizer))
-  params, embedding = models.parameter_counts(cfg.model)
-  return Arm(name, json.loads(json.dumps(config.to_dict(), default=list)), task, family,
-             plan.metric[task], cfg.train.learning_rate, built.train_flops_per_token(),
-             cfg.train.batch_size * cfg.data.seq_len, params, embedding)
+  return tasks.make(cfg, models.build(cfg.model), tokenizer, tasks.load(cfg, tokenizer))
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -281,7 +292,7 @@ def make_run(arm: Arm, lr: float, seed: int, phase: str, steps: int, plan: Plan,
       learning_rate=lr, seed=seed, steps=steps,
       warmup_steps=min(round(plan.warmup_fraction * steps), steps - 1),
       eval_every=max(1, steps // plan.evals_per_run),
-      checkpoint_every=max(1, steps // 4), keep_checkpoints=1, peak_flops=peak_flops,
+      checkpoint_every=max(1, steps // plan.checkpoints_per_run), keep_checkpoints=1, peak_flops=peak_flops,
       num_samples=0)
   if 'wandb_group' in config['train']:
     config['train']['wandb_group'] = plan.name
@@ -638,13 +649,7 @@ def references_of(out: Path, plan: Plan, arms: dict[str, Arm]) -> dict | None:
   base = plan.baselines.get('clm')
   if base is None:
     return None
-  cfg = config_lib.parse(arms[base].config, device_count=jax.device_count(),
-                         vocab_size=lambda t: tokenizers.vocab_size_of(t.kind, t.vocab_size))
-  tokenizer = store.load_or_train_tokenizer(cfg.tokenizer, cfg.data)
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                           vocab_size=tokenizer.vocab_size))
-  task = tasks.make(cfg, models.build(cfg.model), tokenizer, tasks.load(cfg, tokenizer))
-  num_bytes, refs = task.references()
+  num_bytes, refs = build_task(arms[base].config).references()
   return {'bytes': num_bytes, **refs}
 
 
@@ -658,6 +663,8 @@ def check_unchanged(out: Path, plan: Plan, arms: dict[str, Arm], add: bool) -> N
   path = out / 'plan.json'
   if path.is_file():
     saved = json.loads(path.read_text())
+    saved['rest'] = {**{k: v for k, v in DEFAULTS.items() if k != 'overrides'},
+                     **saved['rest']}  # plan keys added since, at their defaults
     rest = sorted(k for k in set(saved['rest']) | set(identity['rest'])
                   if saved['rest'].get(k) != json.loads(json.dumps(identity['rest'])).get(k))
     changed = sorted(n for n in saved['arms'] if identity['arms'].get(n) != saved['arms'][n])

@@ -25,5 +25,6 @@ def get_plan():
       lr_multipliers=(1, 2),
       extend_edge=False,
       seeds=(0, 1),
-      evals_per_run=4,
+      evals_per_run=2,
+      checkpoints_per_run=2,
   )
