@@ -1,7 +1,7 @@
-"""The CPU-sized hybrid, Jamba-style: the decoder default's blocks (RoPE attention, SwiGLU MLP)
-with three of every four mixers a Mamba layer of 8 states (layer_pattern 'MMMG'), on the
-decoder default's data, the byte tokenizer and batch 32 of 128; 850 steps, about the decoder default's 10 minutes
-on 2 cores. Its bits per byte beside the decoder default's: README.
+"""The CPU-sized hybrid, Jamba-style: configs/mamba.py's data and scan layers (the byte
+tokenizer, batch 32 of 128, Mamba-1 mixers of 8 states) with the decoder default's blocks (RoPE
+attention, SwiGLU MLP) in every fourth layer (layer_pattern 'MMMG'); 850 steps, about 10 minutes
+on 2 cores. How it compares with the other families at matched FLOPs: README, Ablations.
 
   python -m lm.main --config=configs/hybrid.py [--config.model.layer_pattern=MSMG ...]
 """
@@ -13,14 +13,9 @@ from lm.config import from_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = from_file(Path(__file__).with_name('decoder.py'))
-  # the byte-level data and batch its figures were measured with (the decoder default's until
-  # it moved to a BPE of 2048 ids and a context of 256)
-  c.tokenizer.update(kind='bytes')
-  c.data.update(seq_len=128)
-  c.model.update(max_len=128)
-  c.train.update(batch_size=32)
-  c.model.update(layer_pattern='MMMG', state_size=8, d_conv=4, expand=2, dt_rank=0,
-                 dt_min=0.001, dt_max=0.1, conv_bias=True, scan='sequential', scan_chunk=32)
+  c = from_file(Path(__file__).with_name('mamba.py'))
+  decoder = from_file(Path(__file__).with_name('decoder.py')).model  # its blocks, as they are
+  c.model.update(num_layers=decoder.num_layers, mlp_dim=decoder.mlp_dim,
+                 positions=decoder.positions, layer_pattern='MMMG')
   c.train.update(steps=850)
   return c
