@@ -112,8 +112,8 @@ class CausalLM(Task):
     seq_len, val_tokens = self.cfg.data.seq_len, self.splits['val'].tokens
     covered = num_windows(len(val_tokens), seq_len) * seq_len
     decode = lambda tokens: self.tokenizer.decode(np.asarray(tokens).tolist()).encode('utf-8')
-    text = decode(val_tokens[1:covered + 1])
-    def compute():
+    def compute():  # decoding and compressing only when the store has no copy yet
+      text = decode(val_tokens[1:covered + 1])
       return {'bytes': len(text), **compressed_bits_per_byte(
           text, context=decode(self.splits['train'].tokens))}
     out = store.cached_json(store.directory_of(self.cfg.data, self.tokenizer, self.layout),
