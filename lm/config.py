@@ -14,14 +14,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A user's mistake (config, command line, data, workdir): printed without a traceback."""
-
-
-def require(ok: bool, field: str, value: Any, fix: str) -> None:
-  if not ok:
-    raise ConfigError(f'{field}={value!r}: {fix}')
+from lm.errors import ConfigError, require
 
 
 DTYPES = ('float32', 'bfloat16')

@@ -13,9 +13,9 @@ IGNORED = (r'\.attn\.(masked_)?bias$',)  # causal-mask buffers of older checkpoi
 
 
 def fits(cfg: DecoderConfig) -> str | None:
-  ok = (cfg.layer_kinds.replace('L', 'G'), cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias,
-        cfg.window, cfg.num_experts) == (
-      'G' * cfg.num_layers, 'learned', 'layernorm', 'gelu', True, None, 0)
+  ok = (all(kind.attends for kind in cfg.kinds), cfg.positions, cfg.norm, cfg.mlp,
+        cfg.use_bias, cfg.window, cfg.num_experts) == (
+      True, 'learned', 'layernorm', 'gelu', True, None, 0)
   return 'gpt2' if ok and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim else None
 
 

@@ -17,8 +17,7 @@ IGNORED = ()
 
 
 def fits(cfg: DecoderConfig) -> str | None:
-  kinds = set(cfg.layer_kinds)
-  if not cfg.mlp_dim or not kinds <= set('GL') or len(kinds) > 1:
+  if not cfg.mlp_dim or not all(kind.attends for kind in cfg.kinds) or len(set(cfg.kinds)) > 1:
     return None
   if (cfg.positions, cfg.norm, cfg.mlp) != ('rope', 'rmsnorm', 'swiglu') or (
       cfg.num_experts and cfg.use_bias):

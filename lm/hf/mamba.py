@@ -13,8 +13,8 @@ CONFIG = DecoderConfig  # the lm family config whose models this architecture ma
 IGNORED = ()
 
 def fits(cfg: DecoderConfig) -> str | None:
-  ok = (set(cfg.layer_kinds), cfg.mlp_dim, cfg.positions, cfg.norm) == (
-      {'M'}, 0, 'none', 'rmsnorm')
+  ok = ({kind.name for kind in cfg.kinds}, cfg.mlp_dim, cfg.positions, cfg.norm) == (
+      {'mamba'}, 0, 'none', 'rmsnorm')
   return 'mamba' if ok else None
 
 def config_from_hf(hf: dict, where: str) -> DecoderConfig:

@@ -1,9 +1,10 @@
 """The decoder-only language model: pre-norm blocks of a mixer and an MLP, configured by
 DecoderConfig into GPT-2 (learned positions, LayerNorm, GELU, biases) or Llama / Mistral (RoPE,
 RMSNorm, SwiGLU, grouped-query attention, sliding window in all layers or a local/global
-pattern, mixture of experts), Mamba (selective scan layers, no MLP) or hybrids: the mixer of
-each layer is a letter of model.layer_pattern (G global attention, L sliding window, M Mamba,
-S S4D). Tied or untied embeddings; optionally rematerialised and scanned over layers.
+pattern, mixture of experts), Mamba (scan layers, no MLP) or hybrids: the mixer of each layer
+is a letter of model.layer_pattern, a kind of lm.models.layers.kinds.LAYER_KINDS, which this
+module asks for everything a kind decides. Tied or untied embeddings; optionally
+rematerialised and scanned over layers.
 """
 from __future__ import annotations
 
@@ -15,35 +16,25 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig, require
-from lm.models.layers import attention, common, kv_cache, mlp, ssm
+from lm.models.layers import common, mlp
+from lm.models.layers.kinds import LAYER_KINDS, LayerKind, config_keys, describe
 
 ACTIVATION = ('batch', 'length', 'embed')
-LAYER_KINDS = {'G': 'global attention', 'L': 'sliding-window attention (model.window)',
-               'M': 'Mamba (selective SSM)', 'S': 'S4D (linear time-invariant SSM)'}
-SCANS = ('sequential', 'parallel', 'chunked')
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig(ModelConfig):
-  """A decoder-only model: the common keys (lm.config.ModelConfig) and these."""
+class DecoderConfig(*config_keys(), ModelConfig):
+  """A decoder-only model: the common keys (lm.config.ModelConfig), the keys of its layer kinds
+  (each kind's dataclass, e.g. ssm.ScanKeys: state_size, d_conv, expand, ...) and these."""
   family: str = dataclasses.field(default='decoder', init=False)
   window: int | None = None  # sliding window: a query sees its last `window` positions; None: all
-  layer_pattern: str = ''  # a letter a layer, repeated over the depth: G global attention,
-                           # L sliding window, M Mamba, S S4D; '': all L
+  layer_pattern: str = ''  # a letter a layer (LAYER_KINDS), repeated over the depth: G global
+                           # attention, L sliding window, M Mamba, S S4D; '': all L
   tie_embeddings: bool = True
   num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
   scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
-  state_size: int = 16  # scan layers (M, S): N, the states per channel
-  d_conv: int = 4  # Mamba: the causal convolution's width
-  expand: int = 2  # Mamba: inner width I = expand * d_model
-  dt_rank: int = 0  # Mamba: the rank R of the time step's projection; 0: ceil(d_model / 16)
-  dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
-  dt_max: float = 0.1
-  conv_bias: bool = True  # Mamba: a bias in the convolution
-  scan: str = 'sequential'  # Mamba's selective scan: sequential | parallel | chunked
-  scan_chunk: int = 64  # chunked: steps a chunk (parallel within, sequential across)
 
   @property
   def period(self) -> int:
@@ -57,67 +48,36 @@ class DecoderConfig(ModelConfig):
     return ''.join(pattern[i % len(pattern)] for i in range(self.num_layers))
 
   @property
+  def kinds(self) -> tuple[LayerKind, ...]:
+    """The LayerKind of each layer."""
+    return tuple(LAYER_KINDS[letter] for letter in self.layer_kinds)
+
+  @property
   def layer_windows(self) -> tuple[int | None, ...]:
     """The attention window of each layer (None: full causal attention, or a scan layer)."""
-    return tuple(self.window if kind == 'L' else None for kind in self.layer_kinds)
+    return tuple(self.window if kind.windowed else None for kind in self.kinds)
 
   @property
   def has_attention(self) -> bool:
-    return any(kind in 'GL' for kind in self.layer_kinds)
-
-  @property
-  def inner(self) -> int:
-    """Mamba's inner width I."""
-    return self.expand * self.d_model
-
-  @property
-  def time_step_rank(self) -> int:
-    return self.dt_rank or math.ceil(self.d_model / 16)
-
-
-def mixer(cfg: DecoderConfig, kind: str, out_std: float) -> nn.Module:
-  """The mixer of a layer of kind `kind` (a letter of LAYER_KINDS)."""
-  dtype = jnp.dtype(cfg.dtype)
-  if kind == 'M':
-    return ssm.MambaMixer(cfg.inner, cfg.state_size, cfg.d_conv, cfg.time_step_rank,
-                          cfg.use_bias, cfg.conv_bias, cfg.dt_min, cfg.dt_max, cfg.scan,
-                          cfg.scan_chunk, dtype, out_std, name='mamba')
-  if kind == 'S':
-    return ssm.S4DMixer(cfg.state_size, cfg.dt_min, cfg.dt_max, cfg.use_bias, dtype, out_std,
-                        name='s4d')
-  return attention.Attention(
-      cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
-      cfg.rope_theta if cfg.positions == 'rope' else 0.0, cfg.window if kind == 'L' else None,
-      dtype, out_std, name='attn')
+    return any(kind.attends for kind in self.kinds)
 
 
 def validate(m: DecoderConfig, seq_len: int | None) -> None:
-  """The decoder's own keys, and with `seq_len` the length of its training sequences; errors
-  name field, value, fix."""
+  """The decoder's own keys, each of its layer kinds' (LayerKind.validate), and with `seq_len`
+  the length of its training sequences; errors name field, value, fix."""
   require(m.window is None or m.window >= 1, 'model.window', m.window,
           'a query sees its last `window` positions, itself included: give >= 1, or leave it '
           'unset (None) for full causal attention')
   require(set(m.layer_pattern) <= set(LAYER_KINDS), 'model.layer_pattern', m.layer_pattern,
-          'use one letter a layer: ' + ', '.join(f'{k} {v}' for k, v in LAYER_KINDS.items())
-          + ", e.g. 'LLLG' or 'MMMG'")
-  require(m.window is not None or 'L' not in m.layer_pattern, 'model.layer_pattern',
-          m.layer_pattern, 'local (L) layers need model.window; set it, or use only G')
+          f"use one letter a layer: {describe()}, e.g. 'LLLG' or 'MMMG'")
+  for letter in sorted(set(m.layer_kinds), key=list(LAYER_KINDS).index):
+    LAYER_KINDS[letter].validate(m, seq_len)
   require(not m.scan_layers or m.num_layers % m.period == 0, 'model.num_layers', m.num_layers,
           f'scan_layers repeats model.layer_pattern={m.layer_pattern!r}: num_layers must be a '
           f'multiple of its length {m.period}')
   require(m.positions != 'none' or not m.has_attention, 'model.positions', m.positions,
           f'layer_pattern={m.layer_pattern!r} has attention layers, which need positions: '
           'use rope or learned')
-  if any(kind in 'MS' for kind in m.layer_kinds):
-    for key in ('state_size', 'd_conv', 'expand'):
-      require(getattr(m, key) >= 1, f'model.{key}', getattr(m, key), 'must be >= 1')
-    require(m.dt_rank >= 0, 'model.dt_rank', m.dt_rank,
-            'the rank of the time step projection must be >= 1, or 0 for ceil(d_model / 16)')
-    require(0 < m.dt_min < m.dt_max, 'model.dt_min', m.dt_min,
-            f'the time step at init is drawn in [dt_min, dt_max={m.dt_max}]: give '
-            '0 < dt_min < dt_max, e.g. 0.001 and 0.1')
-    require(m.scan in SCANS, 'model.scan', m.scan, f'use one of {SCANS}')
-    require(m.scan_chunk >= 1, 'model.scan_chunk', m.scan_chunk, 'must be >= 1')
   if m.num_experts:
     require(m.num_experts >= 1 and 1 <= m.experts_per_token <= m.num_experts,
             'model.experts_per_token', m.experts_per_token,
@@ -127,10 +87,6 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
           (m.num_experts, m.moe_aux_coef), 'must be >= 0')
   if seq_len is None:
     return
-  if 'M' in m.layer_kinds and m.scan == 'chunked':
-    require(seq_len % min(m.scan_chunk, seq_len) == 0, 'model.scan_chunk', m.scan_chunk,
-            f'the chunked scan splits data.seq_len={seq_len} into chunks: give a divisor of '
-            f'it, e.g. {math.gcd(m.scan_chunk, seq_len)}')
   require(seq_len <= m.max_len or not m.has_attention and m.positions != 'learned',
           'data.seq_len', seq_len,
           f'exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len')
@@ -138,7 +94,7 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
 
 class Block(nn.Module):
   """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
-  `cache` is this layer's decoding state: a KV cache (attention) or a scan layer's state."""
+  `cache` is this layer's decoding state (LayerKind.init_state), None in training."""
   cfg: DecoderConfig
   kind: str  # a letter of LAYER_KINDS
 
@@ -146,21 +102,12 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, cache=None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
                positions_BxT: jax.Array | None = None):
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    cfg, dtype, kind = self.cfg, jnp.dtype(self.cfg.dtype), LAYER_KINDS[self.kind]
     out_std = common.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
-    scan = self.kind in 'MS'
-    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype,
-                          'mixer_norm' if scan else 'attn_norm')(x_BxTxD)
-    if scan:
-      valid_BxT = None
-      if start_B is not None:  # left padding never enters the state
-        valid_BxT = (index + jnp.arange(x_BxTxD.shape[1]))[None] >= start_B[:, None]
-      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, valid_BxT, segment_ids_BxT)
-    else:
-      mixed = mixer(cfg, self.kind, out_std)(h_BxTxD, cache, index, start_B,
-                                              segment_ids_BxT=segment_ids_BxT,
-                                              positions_BxT=positions_BxT)
-    h_BxTxD, cache = mixed if cache is not None else (mixed, None)
+    h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, kind.norm)(x_BxTxD)
+    h_BxTxD, cache = kind.mixer(cfg, out_std)(h_BxTxD, cache, index=index, start_B=start_B,
+                                               segment_ids_BxT=segment_ids_BxT,
+                                               positions_BxT=positions_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
     if not cfg.mlp_dim:
       return x_BxTxD if cache is None else (x_BxTxD, cache)
@@ -298,23 +245,16 @@ def plain_layout(cfg: DecoderConfig, params: dict) -> dict:
 # --- the decoding interface: init_cache, prefill, decode_step ------------------------------
 
 def init_cache(cfg: DecoderConfig, batch_size: int, max_len: int) -> dict:
-  """An empty cache for sequences of up to max_len positions (prompt included): per layer, a KV
-  cache (a layer with a sliding window keeps `window` slots whatever max_len is) or a scan
-  layer's state (the same size at any length)."""
-  dtype = jnp.dtype(cfg.dtype)
-
-  def make(kind):
-    if kind in 'MS':
-      return ssm.init_state(kind, batch_size, cfg.d_model, cfg.inner, cfg.state_size,
-                            cfg.d_conv, dtype)
-    return kv_cache.init_kv_cache(batch_size, max_len, cfg.kv_heads, cfg.head_dim,
-                                  cfg.window if kind == 'L' else None, dtype)
+  """An empty cache for sequences of up to max_len positions (prompt included): per layer, its
+  kind's empty state (a KV cache, which with a sliding window keeps `window` slots whatever
+  max_len is; a scan layer's state, the same size at any length)."""
   if cfg.scan_layers:  # per block of the period, stacked over its repeats
     repeats = cfg.num_layers // cfg.period
     stacked = lambda c: jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats, *x.shape)), c)
-    caches = tuple(stacked(make(kind)) for kind in cfg.layer_kinds[:cfg.period])
+    caches = tuple(stacked(kind.init_state(cfg, batch_size, max_len))
+                   for kind in cfg.kinds[:cfg.period])
   else:
-    caches = [make(kind) for kind in cfg.layer_kinds]
+    caches = [kind.init_state(cfg, batch_size, max_len) for kind in cfg.kinds]
   return {'index': jnp.zeros((), jnp.int32), 'start': jnp.zeros((batch_size,), jnp.int32),
           'layers': caches}
 
@@ -441,27 +381,18 @@ class Decoding:
 
 
 def matmul_params(cfg: DecoderConfig) -> int:
-  """Weights that take part in a matmul per token in the attention layers, the MLPs and the
-  output head (for a mixture of experts, the router and the experts each token uses); a scan
-  layer's mixer is counted by ssm's FLOP counts."""
+  """Weights that take part in a matmul per token: each layer's mixer (LayerKind.matmul_params),
+  the MLPs (for a mixture of experts, the router and the experts each token uses) and the
+  output head."""
   mlp = common.block_matmul_params(cfg.d_model, 0, cfg.mlp, cfg.mlp_dim) - 2 * cfg.d_model ** 2
   if cfg.num_experts and cfg.mlp_dim:  # the router, and the experts a token is sent to
     mlp += cfg.d_model * cfg.num_experts + (cfg.experts_per_token - 1) * 3 * cfg.d_model * cfg.mlp_dim
-  attn = common.block_matmul_params(cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp, 0)
-  attention_layers = sum(kind in 'GL' for kind in cfg.layer_kinds)
-  return attention_layers * attn + cfg.num_layers * mlp + cfg.d_model * cfg.vocab_size
+  mixers = sum(kind.matmul_params(cfg) for kind in cfg.kinds)
+  return mixers + cfg.num_layers * mlp + cfg.d_model * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
-  """Forward plus backward FLOPs of one token: 6 per matmul weight, plus attention's over all
-  keys a query may see in each attention layer (seq_len, or that layer's window), as in PaLM's
-  MFU: not halved for causality; plus each scan layer's (ssm.mamba_flops_per_token,
-  ssm.s4d_flops_per_token)."""
-  keys = sum(seq_len if w is None else min(seq_len, w)
-             for kind, w in zip(cfg.layer_kinds, cfg.layer_windows) if kind in 'GL')
-  kinds = cfg.layer_kinds
-  scan = (kinds.count('M') * ssm.mamba_flops_per_token(cfg.d_model, cfg.inner, cfg.state_size,
-                                                       cfg.d_conv, cfg.time_step_rank)
-          + kinds.count('S') * ssm.s4d_flops_per_token(cfg.d_model, cfg.state_size, seq_len))
-  return (6 * matmul_params(cfg) + scan
-          + common.attention_flops_per_token(keys, cfg.num_heads, cfg.head_dim))
+  """Forward plus backward FLOPs of one token: 6 per matmul weight, plus each layer's other
+  FLOPs as its kind counts them (LayerKind.flops_per_token: attention's scores over the keys a
+  query may see, as in PaLM's MFU; a scan's work)."""
+  return 6 * matmul_params(cfg) + sum(kind.flops_per_token(cfg, seq_len) for kind in cfg.kinds)

@@ -119,7 +119,8 @@ class EncoderBlock(nn.Module):
     attn = attention.Attention(cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.use_bias, 0.0,
                                None, _dtype(cfg), out_std, causal=False,
                                scaled=cfg.scaled_attention, name='attn')
-    sublayers = (('attn_norm', lambda h: attn(h, key_valid_BxT=valid_BxS, bias_HxTxS=bias_HxSxS)),
+    sublayers = (('attn_norm',
+                  lambda h: attn(h, key_valid_BxT=valid_BxS, bias_HxTxS=bias_HxSxS)[0]),
                  ('mlp_norm', _mlp(cfg, out_std)))
     for norm_name, sublayer in sublayers:
       x_BxSxD = nn.with_logical_constraint(
@@ -158,8 +159,8 @@ class DecoderBlock(nn.Module):
 
     def self_attention(h_BxTxD):
       if cache is None:
-        return self.self_attn(h_BxTxD, bias_HxTxS=bias_HxTxS)
-      y_BxTxD, updated = self.self_attn(h_BxTxD, cache, index, bias_HxTxS=bias_HxTxS)
+        return self.self_attn(h_BxTxD, bias_HxTxS=bias_HxTxS)[0]
+      y_BxTxD, updated = self.self_attn(h_BxTxD, cache, index=index, bias_HxTxS=bias_HxTxS)
       new_cache.append(updated)
       return y_BxTxD
     cross = lambda h_BxTxD: self.cross_attn.attend(h_BxTxD, cross_k, cross_v, memory_valid_BxS)

@@ -44,7 +44,7 @@ class EncoderBlock(nn.Module):
         ('attn_norm', lambda h: attention.Attention(
             cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
             cfg.rope_theta if cfg.positions == 'rope' else 0.0, None, dtype, out_std,
-            causal=False, name='attn')(h, key_valid_BxT=valid_BxT)),
+            causal=False, name='attn')(h, key_valid_BxT=valid_BxT)[0]),
         ('mlp_norm', lambda h: mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
                                           name='mlp')(h)))
     for norm_name, sublayer in sublayers:

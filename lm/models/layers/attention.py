@@ -124,19 +124,19 @@ class Attention(nn.Module):
   scaled: bool = True  # False: no 1 / sqrt(Dh) on the logits (T5)
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None,
+  def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None, *,
                index: jax.Array | int = 0, start_B: jax.Array | None = None,
-               key_valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None, bias_HxTxS: jax.Array | None = None
-               ) -> jax.Array | tuple[jax.Array, KVCache]:
-    """Training: x_BxTxD -> y_BxTxD; key_valid_BxT False marks padding. Decoding (with a
-    `cache` from `init_kv_cache`): the T new columns start at column `index` of the rows;
-    T > 1 is a prefill into an empty cache, T = 1 a decode step. Row b is left-padded up to
-    column start_B[b]: its positions count from there and its padding is never attended.
-    Returns (y_BxTxD, cache). Packed rows (training): `segment_ids_BxT` keep attention within
-    each segment and `positions_BxT` give RoPE each token's position in its segment.
-    `bias_HxTxS` is added to the logits: over the T x T columns, or in a decode step over the
-    cache's slots (T = 1)."""
+               segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
+               key_valid_BxT: jax.Array | None = None, bias_HxTxS: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """x_BxTxD -> (y_BxTxD, cache): a Mixer (lm.models.layers.kinds). Training (cache None):
+    key_valid_BxT False marks padding. Decoding (with a `cache` from `init_kv_cache`): the T
+    new columns start at column `index` of the rows; T > 1 is a prefill into an empty cache,
+    T = 1 a decode step. Row b is left-padded up to column start_B[b]: its positions count
+    from there and its padding is never attended. Packed rows (training): `segment_ids_BxT`
+    keep attention within each segment and `positions_BxT` give RoPE each token's position in
+    its segment. `bias_HxTxS` is added to the logits: over the T x T columns, or in a decode
+    step over the cache's slots (T = 1)."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     h, k = self.num_heads, self.num_kv_heads
@@ -170,7 +170,7 @@ class Attention(nn.Module):
                         dtype=self.dtype, use_bias=self.use_bias,
                         kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
                         bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
-    return y_BxTxD if cache is None else (y_BxTxD, cache)
+    return y_BxTxD, cache
 
 
 class CrossAttention(nn.Module):

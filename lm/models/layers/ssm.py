@@ -12,6 +12,7 @@ discretisation fused into each step, nothing of size [B, T, I, N] materialised),
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -19,7 +20,33 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lm.errors import require
 from lm.models.layers.common import INIT_STD, normal, no_decay, zeros
+
+SCANS = ('sequential', 'parallel', 'chunked')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanKeys:
+  """The config keys of the scan layers (model.*; the decoder's config inherits them)."""
+  state_size: int = 16  # scan layers: N, the states per channel (Mamba-2: per head)
+  d_conv: int = 4  # Mamba: the causal convolution's width
+  expand: int = 2  # Mamba: inner width I = expand * d_model
+  dt_rank: int = 0  # Mamba-1: the rank R of the time step's projection; 0: ceil(d_model / 16)
+  dt_min: float = 0.001  # scan layers: the time step at init is log-uniform in [dt_min, dt_max]
+  dt_max: float = 0.1
+  conv_bias: bool = True  # Mamba: a bias in the convolution
+  scan: str = 'sequential'  # Mamba-1's selective scan: sequential | parallel | chunked
+  scan_chunk: int = 64  # chunked scans: steps a chunk (parallel within, sequential across)
+
+  @property
+  def inner(self) -> int:
+    """Mamba's inner width I."""
+    return self.expand * self.d_model
+
+  @property
+  def time_step_rank(self) -> int:
+    return self.dt_rank or math.ceil(self.d_model / 16)
 
 
 # --- the selective scan ---------------------------------------------------------------------
@@ -176,19 +203,22 @@ class ScanState:
                           prompts * beams)
 
 
-def init_state(kind: str, batch: int, d_model: int, inner: int, state_size: int,
-               d_conv: int, dtype=jnp.float32) -> ScanState:
-  """The empty decoding state of a scan layer: `M` (Mamba) the conv window and the SSM state,
-  `S` (S4D) the SSM state."""
-  ssm_names = ('batch', 'inner', 'state')  # on a mesh: rows as the batch, channels as the
-  # layer's `inner` parameters
-  if kind == 'M':
-    return ScanState(
-        nn.with_logical_constraint(jnp.zeros((batch, inner, state_size), jnp.float32), ssm_names),
-        nn.with_logical_constraint(jnp.zeros((batch, d_conv - 1, inner), dtype),
-                                   ('batch', 'conv', 'inner')))
-  return ScanState(nn.with_logical_constraint(jnp.zeros((batch, d_model, state_size), jnp.float32),
-                                              ssm_names))
+def mamba_state(cfg, batch: int, max_len: int) -> ScanState:
+  """Mamba's empty decoding state: the conv window [B, d_conv - 1, I] and the SSM state
+  [B, I, N], the same size at any max_len."""
+  del max_len
+  return ScanState(
+      nn.with_logical_constraint(jnp.zeros((batch, cfg.inner, cfg.state_size), jnp.float32),
+                                 ('batch', 'inner', 'state')),  # channels as the parameters'
+      nn.with_logical_constraint(jnp.zeros((batch, cfg.d_conv - 1, cfg.inner),
+                                           jnp.dtype(cfg.dtype)), ('batch', 'conv', 'inner')))
+
+
+def s4d_state(cfg, batch: int, max_len: int) -> ScanState:
+  """S4D's empty decoding state: the SSM state [B, D, N]."""
+  del max_len
+  return ScanState(nn.with_logical_constraint(
+      jnp.zeros((batch, cfg.d_model, cfg.state_size), jnp.float32), ('batch', 'inner', 'state')))
 
 
 # --- the causal depthwise convolution -------------------------------------------------------
@@ -242,6 +272,15 @@ def segment_starts(segment_ids_BxT: jax.Array | None) -> jax.Array | None:
                  constant_values=True)
 
 
+def valid_columns(length: int, index: jax.Array | int,
+                  start_B: jax.Array | None) -> jax.Array | None:
+  """False at the left padding of T = length columns from column `index` (rows begin at
+  start_B): padding never enters a scan's state. None without padding."""
+  if start_B is None:
+    return None
+  return (index + jnp.arange(length))[None] >= start_B[:, None]
+
+
 def mask_padding(x_BxTxC: jax.Array, valid_BxT: jax.Array | None) -> jax.Array:
   return x_BxTxC if valid_BxT is None else jnp.where(valid_BxT[..., None], x_BxTxC, 0)
 
@@ -254,10 +293,9 @@ class MambaMixer(nn.Module):
   I -> D. Initialised as Mamba: A_log = log(1..N), D = 1, the dt bias the inverse softplus of
   a log-uniform dt in [dt_min, dt_max], dt_proj's kernel uniform in +-R^-0.5.
 
-  Training: x_BxTxD -> y_BxTxD. Decoding, with a ScanState (conv [B, d_conv - 1, I], ssm
-  [B, I, N]): also the state after these T tokens. `valid_BxT` False marks left
-  padding, which never enters the state; `segment_ids_BxT` (packed rows) restart the state
-  and the convolution at each segment."""
+  A Mixer (lm.models.layers.kinds): x_BxTxD -> (y_BxTxD, state); the state a ScanState (conv
+  [B, d_conv - 1, I], ssm [B, I, N]). Left padding never enters the state; `segment_ids_BxT`
+  (packed rows) restart the state and the convolution at each segment."""
   inner: int
   state_size: int
   d_conv: int
@@ -272,8 +310,11 @@ class MambaMixer(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None,
-               valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None):
+  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None, *,
+               index: jax.Array | int = 0, start_B: jax.Array | None = None,
+               segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None):
+    del positions_BxT  # the scan orders the tokens itself
+    valid_BxT = valid_columns(x_BxTxD.shape[1], index, start_B)
     d_model, inner, n, rank = x_BxTxD.shape[-1], self.inner, self.state_size, self.dt_rank
     def dense(features: int, axes: tuple, name: str, use_bias: bool, std: float = INIT_STD):
       return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name,
@@ -308,7 +349,7 @@ class MambaMixer(nn.Module):
     y_BxTxI = (y_BxTxI + u_BxTxI.astype(jnp.float32) * D) * nn.silu(z_BxTxI.astype(jnp.float32))
     y_BxTxD = dense(d_model, ('inner', 'embed'), 'out_proj', self.use_bias,
                     self.out_std)(y_BxTxI.astype(self.dtype))
-    return y_BxTxD if state is None else (y_BxTxD, ScanState(h_BxIxN, window))
+    return y_BxTxD, None if state is None else ScanState(h_BxIxN, window)
 
 
 def _uniform(bound: float):
@@ -339,7 +380,8 @@ class S4DMixer(nn.Module):
   Bbar = (Abar - 1) / A * B, with a learned time step per channel (log-uniform in
   [dt_min, dt_max] at init); y = K * u + D u with the kernel K of `s4d_kernel` (FFT), then
   GELU and an output projection D -> D. Decoding runs the same system as a recurrence from
-  a ScanState (ssm [B, D, N]); `valid_BxT` False marks left padding, which never enters it."""
+  a ScanState (ssm [B, D, N]); left padding never enters it. A Mixer
+  (lm.models.layers.kinds)."""
   state_size: int
   dt_min: float = 0.001
   dt_max: float = 0.1
@@ -348,8 +390,11 @@ class S4DMixer(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None,
-               valid_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None):
+  def __call__(self, x_BxTxD: jax.Array, state: ScanState | None = None, *,
+               index: jax.Array | int = 0, start_B: jax.Array | None = None,
+               segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None):
+    del positions_BxT  # the recurrence orders the tokens itself
+    valid_BxT = valid_columns(x_BxTxD.shape[1], index, start_B)
     channels, n = x_BxTxD.shape[-1], self.state_size
     log_dt = self.param('log_dt', no_decay(
         lambda key, shape: jnp.log(log_uniform_dt(self.dt_min, self.dt_max)(key, shape)),
@@ -374,7 +419,7 @@ class S4DMixer(nn.Module):
     y_BxTxD = nn.Dense(channels, dtype=self.dtype, use_bias=self.use_bias, name='out_proj',
                        kernel_init=normal(('inner', 'embed'), self.out_std),
                        bias_init=zeros(('embed',)))(y_BxTxC.astype(self.dtype))
-    return y_BxTxD if state is None else (y_BxTxD, state)
+    return y_BxTxD, state
 
 
 def _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C_CxN, h_BxCxN, keep_BxT=None):
@@ -393,20 +438,63 @@ def _lti_recurrence(u_BxTxC, dt_C, A_CxN, Bbar_CxN, C_CxN, h_BxCxN, keep_BxT=Non
   return jnp.swapaxes(y_TxBxC, 0, 1), h_BxCxN
 
 
-def mamba_flops_per_token(d_model: int, inner: int, state_size: int, d_conv: int,
-                          dt_rank: int) -> int:
-  """Training FLOPs (forward and backward, 3x the forward) of one token through a Mamba mixer:
-  the projections (2 per weight: in 2DI, x (R + 2N) I, dt R I, out I D), the convolution
-  (2 d_conv I) and the scan (per state: the exponential's product, the decay, dt B u, C h:
-  about 8 I N)."""
-  weights = 2 * d_model * inner + (dt_rank + 2 * state_size) * inner + dt_rank * inner \
-      + inner * d_model
-  return 3 * (2 * weights + 2 * d_conv * inner + 8 * inner * state_size)
+# --- what the layer-kind registry asks (lm.models.layers.kinds) --------------------------
+
+def mamba_mixer(cfg, out_std: float) -> MambaMixer:
+  return MambaMixer(cfg.inner, cfg.state_size, cfg.d_conv, cfg.time_step_rank, cfg.use_bias,
+                    cfg.conv_bias, cfg.dt_min, cfg.dt_max, cfg.scan, cfg.scan_chunk,
+                    jnp.dtype(cfg.dtype), out_std, name='mamba')
 
 
-def s4d_flops_per_token(d_model: int, state_size: int, seq_len: int) -> float:
-  """Training FLOPs of one token through an S4D mixer: the output projection (2 D^2), and the
-  FFT convolution (three FFTs of length 2T per channel, about 3 * 5 * 2T log2(2T) / T FLOPs a
-  token each), times 3 for the backward pass."""
-  fft = 3 * 5 * 2 * math.log2(2 * max(seq_len, 1)) * d_model
-  return 3 * (2 * d_model * d_model + fft + 4 * d_model)
+def s4d_mixer(cfg, out_std: float) -> S4DMixer:
+  return S4DMixer(cfg.state_size, cfg.dt_min, cfg.dt_max, cfg.use_bias, jnp.dtype(cfg.dtype),
+                  out_std, name='s4d')
+
+
+def mamba_matmul_params(cfg) -> int:
+  """Mamba's projections: in 2DI, x (R + 2N) I, dt R I, out I D."""
+  inner, rank, n = cfg.inner, cfg.time_step_rank, cfg.state_size
+  return 2 * cfg.d_model * inner + (rank + 2 * n) * inner + rank * inner + inner * cfg.d_model
+
+
+def mamba_scan_flops(cfg, seq_len: int) -> int:
+  """Training FLOPs (3x the forward) of one token through Mamba's convolution (2 d_conv I) and
+  scan (per state: the exponential's product, the decay, dt B u, C h: about 8 I N)."""
+  del seq_len
+  return 3 * (2 * cfg.d_conv * cfg.inner + 8 * cfg.inner * cfg.state_size)
+
+
+def s4d_matmul_params(cfg) -> int:
+  """S4D's output projection D x D."""
+  return cfg.d_model * cfg.d_model
+
+
+def s4d_scan_flops(cfg, seq_len: int) -> float:
+  """Training FLOPs of one token through S4D's FFT convolution (three FFTs of length 2T per
+  channel, about 3 * 5 * 2T log2(2T) / T FLOPs a token each) and the rest (4 D), times 3 for
+  the backward pass."""
+  fft = 3 * 5 * 2 * math.log2(2 * max(seq_len, 1)) * cfg.d_model
+  return 3 * (fft + 4 * cfg.d_model)
+
+
+def validate_s4d(m, seq_len: int | None) -> None:
+  """The keys S4D reads; errors name field, value, fix."""
+  require(m.state_size >= 1, 'model.state_size', m.state_size, 'must be >= 1')
+  require(0 < m.dt_min < m.dt_max, 'model.dt_min', m.dt_min,
+          f'the time step at init is drawn in [dt_min, dt_max={m.dt_max}]: give '
+          '0 < dt_min < dt_max, e.g. 0.001 and 0.1')
+
+
+def validate_mamba(m, seq_len: int | None) -> None:
+  """The keys Mamba reads, and with `seq_len` that the chunked scan splits it."""
+  for key in ('state_size', 'd_conv', 'expand'):
+    require(getattr(m, key) >= 1, f'model.{key}', getattr(m, key), 'must be >= 1')
+  require(m.dt_rank >= 0, 'model.dt_rank', m.dt_rank,
+          'the rank of the time step projection must be >= 1, or 0 for ceil(d_model / 16)')
+  validate_s4d(m, seq_len)
+  require(m.scan in SCANS, 'model.scan', m.scan, f'use one of {SCANS}')
+  require(m.scan_chunk >= 1, 'model.scan_chunk', m.scan_chunk, 'must be >= 1')
+  if seq_len is not None and m.scan == 'chunked':
+    require(seq_len % min(m.scan_chunk, seq_len) == 0, 'model.scan_chunk', m.scan_chunk,
+            f'the chunked scan splits data.seq_len={seq_len} into chunks: give a divisor of '
+            f'it, e.g. {math.gcd(m.scan_chunk, seq_len)}')
