@@ -23,7 +23,7 @@ ACTIVATION = ('batch', 'length', 'embed')
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig(*config_keys(), ModelConfig):
+class DecoderConfig(*reversed(config_keys()), ModelConfig):
   """A decoder-only model: the common keys (lm.config.ModelConfig), the keys of its layer kinds
   (each kind's dataclass, e.g. ssm.ScanKeys: state_size, d_conv, expand, ...) and these."""
   family: str = dataclasses.field(default='decoder', init=False)
