@@ -1,18 +1,23 @@
-"""The scan layer measured: lm's Mamba against transformers' MambaForCausalLM (the mambapy
-parallel scan, the fastest PyTorch path without CUDA kernels) and beside lm's Llama-style
-decoder of matched parameters.
+"""The scan layers measured: lm's Mamba against transformers' MambaForCausalLM (the mambapy
+parallel scan, the fastest PyTorch path without CUDA kernels), lm's Mamba-2 against
+transformers' Mamba2ForCausalLM (its PyTorch chunked SSD), beside each other and lm's
+Llama-style decoder of matched parameters.
 
-Shape (the issue's): vocab 8192, d_model 384, 6 layers, state 16, expand 2, float32; training
-at sequence 256, batch 16, AdamW. Four tables:
+Shape: vocab 8192, d_model 384, 6 layers, expand 2, float32 (Mamba state 16; Mamba-2 heads of
+64 channels, one group, state 64, chunks of 64); training at sequence 256, batch 16, AdamW.
+Six tables:
   train     train-step tokens/s: lm Mamba, the peer, lm Llama of matched parameters
   scans     the three selective scans, forward plus backward, at B 4, L 2048, I 1024, N 16
   decode    greedy tokens/s, 256 new tokens after a 16-token prompt, batch 1 and 8, against the
             peer's generate on the same weights
   context   one decode step after 16 and after 4,096 tokens of context: Mamba and Llama
+  mamba2    train-step tokens/s: lm Mamba-2, transformers' Mamba-2, lm Mamba, lm Llama
+  mamba2_decode   greedy decoding as `decode`, lm Mamba-2 against transformers' Mamba-2
 Each framework's training runs in a worker process of its own; the parent alternates timed
 rounds between them so that both see the same machine.
 
-  python experiments/bench_ssm.py [--parts=train,scans,decode,context] [--rounds=2]
+  python experiments/bench_ssm.py [--parts=train,scans,decode,context,mamba2,mamba2_decode]
+                                  [--rounds=2]
 
 Prints the tables, then one JSON line with the figures.
 """
@@ -22,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +44,7 @@ import transformers
 from bench_train import (BATCH, SEQ_LEN, lm_step_fn, random_batch, serve, start_workers,
                          timed_rounds, torch_steps)  # the same train step, batch and workers
 from lm import hf, models, sampling, train
+from machine import describe
 from lm.config import TrainConfig
 from lm.models import DecoderConfig
 from lm.models.layers import ssm
@@ -53,12 +58,17 @@ MAMBA = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, m
 LLAMA = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, num_kv_heads=2,
                     mlp_dim=512, max_len=4608, positions='rope', norm='rmsnorm', mlp='swiglu',
                     use_bias=False)
+# Mamba-2 layers of about the Mamba layer's parameters (0.94M against 0.96M).
+MAMBA2 = dataclasses.replace(MAMBA, layer_pattern='D', state_size=64, ssm_head_dim=64, ngroups=1,
+                             scan_chunk=64)
 TRAIN = TrainConfig(steps=1000, learning_rate=1e-3)
 
 
 def peer_model(cfg: DecoderConfig = MAMBA):
+  """transformers' model of cfg's architecture, random weights."""
   hf_config = hf.config_to_hf(cfg)
-  hf_config.pop('model_type')
+  if hf_config.pop('model_type') == 'mamba2':
+    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**hf_config))
   return transformers.MambaForCausalLM(transformers.MambaConfig(**hf_config, use_mambapy=True))
 
 
@@ -71,7 +81,17 @@ def peer_train(cfg: DecoderConfig):
 
 
 WORKERS = {'lm_mamba': lambda: lm_step_fn(MAMBA, TRAIN), 'peer_mamba': lambda: peer_train(MAMBA),
-           'lm_llama': lambda: lm_step_fn(LLAMA, TRAIN)}
+           'lm_llama': lambda: lm_step_fn(LLAMA, TRAIN),
+           'lm_mamba2': lambda: lm_step_fn(MAMBA2, TRAIN),
+           'peer_mamba2': lambda: peer_train(MAMBA2)}
+TRAIN_ARMS = {  # part -> (worker, config, label); the first two give the ratio
+    'train': (('lm_mamba', MAMBA, f'lm Mamba ({MAMBA.scan} scan)'),
+              ('peer_mamba', MAMBA, 'transformers Mamba (mambapy)'),
+              ('lm_llama', LLAMA, 'lm Llama, matched params')),
+    'mamba2': (('lm_mamba2', MAMBA2, 'lm Mamba-2 (chunked SSD)'),
+               ('peer_mamba2', MAMBA2, 'transformers Mamba-2 (torch)'),
+               ('lm_mamba', MAMBA, f'lm Mamba ({MAMBA.scan} scan)'),
+               ('lm_llama', LLAMA, 'lm Llama, matched params'))}
 
 
 def worker(name: str) -> None:
@@ -79,19 +99,18 @@ def worker(name: str) -> None:
   serve(*WORKERS[name](), warmup=1)
 
 
-def train_part(rounds: int) -> dict:
-  procs = start_workers(__file__, list(WORKERS))
+def train_part(rounds: int, part: str = 'train') -> dict:
+  arms = TRAIN_ARMS[part]
+  procs = start_workers(__file__, [name for name, _, _ in arms])
   peak = train.measure_peak_flops('float32')
-  times = timed_rounds(procs, rounds, lambda name: 1 if name == 'peer_mamba' else 3)
+  times = timed_rounds(procs, rounds, lambda name: 1 if name.startswith('peer') else 3)
   out = {'peak_flops_per_sec': peak}
   print(f'train step: d_model 384, 6 layers, vocab 8192, seq {SEQ_LEN}, batch {BATCH}, float32, '
         f'AdamW; matmul peak {peak / 1e9:.0f} GFLOP/s')
   print(f'| {"model":<28} | {"params":>7} | {"MFLOP/tok":>9} | {"step ms":>8} | {"tok/s":>7} | '
         f'{"MFU":>6} |')
   print('|' + '|'.join('-' * (w + 2) for w in (28, 7, 9, 8, 7, 6)) + '|')
-  for name, cfg, label in (('lm_mamba', MAMBA, f'lm Mamba ({MAMBA.scan} scan)'),
-                           ('peer_mamba', MAMBA, 'transformers Mamba (mambapy)'),
-                           ('lm_llama', LLAMA, 'lm Llama, matched params')):
+  for name, cfg, label in arms:
     seconds = statistics.median(times[name])
     flops = models.train_flops_per_token(cfg, SEQ_LEN)
     params = sum(x.size for x in jax.tree.leaves(models.abstract_params(models.build(cfg))))
@@ -100,9 +119,11 @@ def train_part(rounds: int) -> dict:
                  'flops_per_token': flops, 'mfu': tps * flops / peak}
     print(f'| {label:<28} | {params / 1e6:>6.2f}M | {flops / 1e6:>9.1f} | {1e3 * seconds:>8.0f} | '
           f'{tps:>7,.0f} | {tps * flops / peak:>6.1%} |')
-  out['ratio_lm_to_peer'] = out['lm_mamba']['tokens_per_sec'] / out['peer_mamba']['tokens_per_sec']
-  print(f'lm Mamba / transformers Mamba: {out["ratio_lm_to_peer"]:.1f}x; lm Mamba / lm Llama: '
-        f'{out["lm_mamba"]["tokens_per_sec"] / out["lm_llama"]["tokens_per_sec"]:.2f}x')
+  (lm, _, lm_label), (peer, _, peer_label) = arms[:2]
+  out['ratio_lm_to_peer'] = out[lm]['tokens_per_sec'] / out[peer]['tokens_per_sec']
+  print(f'{lm_label} / {peer_label}: {out["ratio_lm_to_peer"]:.1f}x; ' + '; '.join(
+      f'{lm_label} / {label}: {out[lm]["tokens_per_sec"] / out[name]["tokens_per_sec"]:.2f}x'
+      for name, _, label in arms[2:]))
   return out
 
 
@@ -134,17 +155,18 @@ def scans_part(rounds: int) -> dict:
   return out
 
 
-def decode_part(rounds: int) -> dict:
+def decode_part(rounds: int, arch: DecoderConfig = MAMBA) -> dict:
   torch.set_num_threads(os.cpu_count() or 1)
-  peer = peer_model().eval()
+  peer = peer_model(arch).eval()
   peer.generation_config.eos_token_id = None
   with tempfile.TemporaryDirectory() as tmp:
     peer.save_pretrained(tmp)
     cfg, params = hf.load(tmp)
-  cfg = dataclasses.replace(cfg, scan=MAMBA.scan, scan_chunk=MAMBA.scan_chunk)
+  cfg = dataclasses.replace(cfg, scan=arch.scan, scan_chunk=arch.scan_chunk)
   prompt_len, new = 16, 256
   out = {}
-  print(f'greedy decoding: {new} new tokens after a {prompt_len}-token prompt, the same weights')
+  print(f'greedy decoding ({hf.architecture_of(cfg)}): {new} new tokens after a '
+        f'{prompt_len}-token prompt, the same weights')
   print(f'| {"batch":>5} | {"lm tok/s":>8} | {"peer tok/s":>10} | {"lm/peer":>7} |')
   print('|' + '|'.join('-' * (w + 2) for w in (5, 8, 10, 7)) + '|')
   for batch in (1, 8):
@@ -198,7 +220,8 @@ def _timed(fn) -> float:
 
 
 PARTS = {'train': train_part, 'scans': scans_part, 'decode': decode_part,
-         'context': context_part}
+         'context': context_part, 'mamba2': lambda rounds: train_part(rounds, 'mamba2'),
+         'mamba2_decode': lambda rounds: decode_part(rounds, MAMBA2)}
 
 
 def main() -> None:
@@ -213,8 +236,8 @@ def main() -> None:
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     parser.error(f'--parts: unknown {unknown}; use some of {list(PARTS)}')
-  machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
-  print(f'machine: {machine}; jax {jax.__version__}, torch {torch.__version__}')
+  machine = describe()
+  print(f'machine: {machine}; torch {torch.__version__}')
   results = {}
   for part in parts:
     results[part] = PARTS[part](args.rounds)

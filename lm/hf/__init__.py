@@ -2,7 +2,7 @@
 
   cfg, params = lm.hf.load('path/to/hf_model')  # GPT2LMHeadModel, LlamaForCausalLM,
   logits_BxTxV = lm.models.build(cfg).apply(     # MistralForCausalLM, MixtralForCausalLM,
-      {'params': params}, tokens_BxT)            # MambaForCausalLM
+      {'params': params}, tokens_BxT)            # MambaForCausalLM, Mamba2ForCausalLM
   lm.hf.save(cfg, params, 'path/out')                # transformers' from_pretrained reads it
 
   cfg, params = lm.hf.load('path/to/bert')       # BertForPreTraining
@@ -13,8 +13,8 @@
   logits_BxTxV = lm.models.build(cfg).apply(
       {'params': params}, tokens_BxS, decoder_tokens_BxT, padding_mask=mask_BxS)
 
-One module per architecture (gpt2, llama, bert, mamba, t5) holds its config translation and one
-declarative name map (lm.hf.convert.Rule) used both to load and to save. Weights are
+One module per architecture (gpt2, llama, bert, mamba, mamba2, t5) holds its config translation
+and one declarative name map (lm.hf.convert.Rule) used both to load and to save. Weights are
 converted exactly (float32); nothing is downloaded; `transformers` itself is not needed. A
 checkpoint missing a tensor, holding one of the wrong shape, or holding tensors lm does not
 read is an error that names them.
@@ -34,10 +34,10 @@ import numpy as np
 from lm import models
 from lm.files import write_atomic
 from lm.config import ConfigError, ModelConfig, validate_model
-from lm.hf import bert, convert, gpt2, llama, mamba, t5
+from lm.hf import bert, convert, gpt2, llama, mamba, mamba2, t5
 from lm.models.layers import common
 
-MODULES = (gpt2, llama, bert, mamba, t5)
+MODULES = (gpt2, llama, bert, mamba, mamba2, t5)
 ARCHITECTURES = {t: name for module in MODULES for t, name in module.MODEL_TYPES.items()}
 WEIGHTS = 'model.safetensors'
 

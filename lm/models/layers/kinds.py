@@ -6,6 +6,7 @@ decoder branches on no letter.
   L  window          causal self-attention over the last model.window positions
   M  mamba           Mamba-1's selective SSM (ssm.MambaMixer)
   S  s4d             S4D, a linear time-invariant diagonal SSM (ssm.S4DMixer)
+  D  mamba2          Mamba-2, the state-space duality layer (mamba2.Mamba2Mixer)
 
 A new kind is one file under lm/models/layers/ (its mixer, its empty decoding state, its FLOP
 count, its own config keys as a frozen dataclass) and one entry below.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.errors import require
-from lm.models.layers import attention, common, kv_cache, ssm
+from lm.models.layers import attention, common, kv_cache, mamba2, ssm
 
 
 class Mixer(Protocol):
@@ -116,6 +117,9 @@ LAYER_KINDS: dict[str, LayerKind] = {
     'S': LayerKind('s4d', 'S4D (linear time-invariant SSM)', ssm.s4d_mixer, ssm.s4d_state,
                    ssm.s4d_matmul_params, ssm.s4d_scan_flops, keys=(ssm.ScanKeys,),
                    validate=ssm.validate_s4d),
+    'D': LayerKind('mamba2', 'Mamba-2 (state-space duality)', mamba2.mixer, mamba2.init_state,
+                   mamba2.matmul_params, mamba2.scan_flops,
+                   keys=(ssm.ScanKeys, mamba2.Mamba2Keys), validate=mamba2.validate),
 }
 
 
