@@ -32,9 +32,9 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from lm import files
-from lm.config import (Config, ConfigError, ModelConfig, model_from_dict, upgrade_saved,
-                       validate_model)
+from lm import files, models
+from lm.config import Config, ConfigError, model_from_dict, upgrade_saved
+from lm.models import ModelConfig
 
 # Keys that may differ when a run is resumed: they change how long it runs, what it reports or
 # how it saves, not what the saved state means. Any other difference is an incompatible run.
@@ -412,7 +412,7 @@ class MetricsLog:
 def load_model(workdir: Path, tokenizer_arg: str | None = None):
   """(ModelConfig, params, tokenizer) of a run's workdir (its newest checkpoint that reads) or a
   Hugging Face directory."""
-  from lm import hf, tokenizers  # hf imports this module
+  from lm import hf, tokenizers
   config_path = workdir / 'config.json'
   if not config_path.is_file():
     raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
@@ -440,7 +440,7 @@ def saved_model(workdir: Path) -> ModelConfig:
     raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
                       'python -m lm.main')
   cfg = model_from_dict(upgrade_saved(json.loads((workdir / 'config.json').read_text()))['model'])
-  validate_model(cfg)
+  models.validate(cfg)
   return cfg
 
 
@@ -465,7 +465,6 @@ def restore_params(workdir: Path, cfg: ModelConfig):
   model of `cfg`, on this process's first device (whatever mesh saved them); each newer one
   that does not is named in a CheckpointWarning (and left where it is: only a training run
   moves checkpoints)."""
-  from lm import models
   directory = (workdir / 'checkpoints').absolute()
   no_checkpoint = ConfigError(f'--workdir={str(workdir)!r}: holds no checkpoint yet; train first '
                               f'(python -m lm.main --config=... --workdir={workdir}) or wait for '

@@ -14,47 +14,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import ml_collections
 
+from lm import models
 from lm.errors import ConfigError, require
-
-
-DTYPES = ('float32', 'bfloat16')
-POSITIONS = ('learned', 'rope', 'none')
-NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'gelu_exact', 'relu', 'swiglu', 'geglu')
-REMATS = ('none', 'full', 'dots')
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The keys every family's model has. Each family's own frozen config adds its keys to these
-  (lm.models.DecoderConfig, lm.models.EncoderConfig; the registry maps model.family to it), so
-  a config lists only its family's keys. `vocab_size` comes from the tokenizer, not the user."""
-  POSITIONS: ClassVar[tuple[str, ...]] = POSITIONS  # the model.positions a family takes
-  vocab_size: int
-  family: str = dataclasses.field(default='', init=False)  # fixed by the family's class
-  num_layers: int = 4
-  d_model: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 0  # key/value heads; 0: num_heads (multi-head), 1: multi-query
-  mlp_dim: int = 1024  # 0: blocks without an MLP (as Mamba-1's)
-  max_len: int = 256
-  positions: str = 'learned'  # learned | rope | none (a scan layer orders the tokens itself)
-  rope_theta: float = 10000.0
-  norm: str = 'layernorm'  # layernorm | rmsnorm
-  norm_eps: float = 1e-5
-  mlp: str = 'gelu'  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | relu |
-                     # swiglu (Llama) | geglu (T5 v1.1's gated GELU)
-  use_bias: bool = True  # biases of every projection
-  dtype: str = 'float32'  # compute dtype; parameters stay float32
-  remat: str = 'none'  # recompute in the backward pass: none | full (each block) | dots (all but matmuls)
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
+from lm.models import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +126,6 @@ def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any])
 def _model_section(given: dict[str, Any], vocab_size: int) -> ModelConfig:
   """The model section as its family's config class: a key that another family owns is one
   line naming that family."""
-  from lm import models  # models imports this module
   family = given.pop('family', 'decoder')
   cls = models.config_class(family)
   for key in given:
@@ -276,7 +237,6 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
   """A run's config.json as this version writes it: renamed keys under their new names, keys
   added since (which a run before them used at their defaults) filled in, and the model keys of
   other families (which older versions wrote at their defaults) left out."""
-  from lm import models  # models imports this module
   out = {}
   for name, cls in SECTIONS.items():
     section = {RENAMED.get((name, k), k): v for k, v in saved.get(name, {}).items()}
@@ -291,7 +251,6 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
 
 def model_from_dict(model: dict[str, Any]) -> ModelConfig:
   """The model section of a config.json (as upgrade_saved gives it) as its family's config."""
-  from lm import models  # models imports this module
   cls = models.config_class(model.get('family', 'decoder'))
   return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls) if f.init})
 
@@ -322,8 +281,7 @@ def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
 def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
   _positive(d, 'data', ['seq_len'])
-  validate_model(m, d.seq_len)
-  from lm import models  # models imports this module
+  models.validate(m, d.seq_len)
   tasks = models.family(m).tasks
   require(d.task in tasks, 'data.task', d.task, f'a model.family={m.family!r} trains on {tasks}')
   if d.task == 'mlm_nsp':
@@ -380,29 +338,6 @@ def validate_batch(t: TrainConfig, mesh: tuple[int, int, int], process_count: in
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
-
-
-def validate_model(m: ModelConfig, seq_len: int | None = None) -> None:
-  """The architecture options of a model config (also of one read from Hugging Face): the
-  common keys here, each family's own keys by the family (lm.models registry); with `seq_len`,
-  also that the model takes sequences of that length."""
-  from lm import models  # models imports this module
-  family = models.family(m)
-  _positive(m, 'model', ['num_layers', 'd_model', 'num_heads', 'max_len'])
-  require(m.mlp_dim >= 0, 'model.mlp_dim', m.mlp_dim, 'give the MLP width, or 0 for no MLP')
-  require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
-          f'must be divisible by model.num_heads={m.num_heads}; '
-          f'try model.d_model={max(1, round(m.d_model / m.num_heads)) * m.num_heads}')
-  for key, options in (('positions', type(m).POSITIONS), ('norm', NORMS), ('mlp', MLPS),
-                       ('remat', REMATS), ('dtype', DTYPES)):
-    require(getattr(m, key) in options, f'model.{key}', getattr(m, key), f'use one of {options}')
-  require(m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0, 'model.num_kv_heads',
-          m.num_kv_heads, f'must divide model.num_heads={m.num_heads} (0 means num_heads)')
-  require(m.positions != 'rope' or m.head_dim % 2 == 0, 'model.d_model', m.d_model,
-          f'RoPE rotates pairs: head width d_model / num_heads = {m.head_dim} must be even')
-  require(m.rope_theta > 0 and m.norm_eps > 0, 'model.rope_theta/norm_eps',
-          (m.rope_theta, m.norm_eps), 'must be positive')
-  family.validate(m, seq_len)
 
 
 def mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, int, int]:

@@ -33,7 +33,8 @@ import numpy as np
 
 from lm import models
 from lm.files import write_atomic
-from lm.config import ConfigError, ModelConfig, validate_model
+from lm.errors import ConfigError
+from lm.models import ModelConfig
 from lm.hf import bert, convert, gpt2, llama, mamba, mamba2, t5
 from lm.models.layers import common
 
@@ -100,7 +101,7 @@ def config_from_hf(hf: dict, directory: Path) -> ModelConfig:
     cfg = _module(model_type).config_from_hf(hf, where)
   except KeyError as e:
     raise ConfigError(f'{where}: the {model_type} config lacks {e}; the file is incomplete') from e
-  validate_model(cfg)
+  models.validate(cfg)
   return cfg
 
 

@@ -2,7 +2,7 @@
 GELU, a pooler, the MLM transform and the next-sentence head; torch Linear weights [out, in]."""
 from __future__ import annotations
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models import EncoderConfig
 from lm.hf.convert import Rule, copies, flat, linear, same
 

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 and query, key and value fused in one c_attn."""
 from __future__ import annotations
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models import DecoderConfig
 from lm.hf.convert import Rule, concat, conv1d, flat, linear, same
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models import DecoderConfig
 from lm.hf.convert import Rule, concat, flat, linear, same, swap_last
 

@@ -3,7 +3,7 @@ head, with or without the projections' biases; torch Linear weights [out, in], t
 Conv1d weight [I, 1, d_conv]."""
 from __future__ import annotations
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models import DecoderConfig
 from lm.hf.convert import Rule, depthwise_conv, linear, same
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models import EncDecConfig
 from lm.hf.convert import Rule, copies, linear, same
 

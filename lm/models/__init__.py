@@ -1,5 +1,5 @@
 """The registry of model families. A family registers its frozen config class (the common
-lm.config.ModelConfig keys plus its own), its Flax module (`build`), its training FLOPs per
+lm.models.base.ModelConfig keys plus its own), its Flax module (`build`), its training FLOPs per
 token, the tasks it trains on, the checks of its own config keys and, if it generates, its
 decoding interface; nothing outside this module branches on a family's name.
 
@@ -11,17 +11,51 @@ decoding interface; nothing outside this module branches on a family's name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import ConfigError, ModelConfig
+from lm.errors import ConfigError
 from lm.models import decoder, encdec, encoder
+from lm.models.base import ModelConfig, validate_common
 from lm.models.decoder import DecoderConfig
 from lm.models.encdec import EncDecConfig
 from lm.models.encoder import EncoderConfig
+
+
+class Decoding(Protocol):
+  """The decoding interface of a family that generates (decoder.Decoding, encdec.Decoding),
+  all that lm.sampling knows of a model. The state is a pytree whose per-layer states follow
+  lm.models.layers.kinds.LayerState (take_rows, reorder)."""
+
+  @property
+  def max_len(self) -> int | None:
+    """The longest sequence it decodes (None: no bound)."""
+
+  def prompt_room(self, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for max_new_tokens (None: no bound)."""
+
+  def new_tokens_room(self, prompt_len: int) -> int | None:
+    """The most new tokens after a prompt of prompt_len (None: no bound)."""
+
+  def prepare(self, params, rows: int):
+    """params laid out for decoding `rows` rows on this device."""
+
+  def prefill(self, params, prompts_BxT: jax.Array, lengths_B: jax.Array | None,
+              max_len: int) -> tuple[jax.Array, Any]:
+    """Row b's prompt is the last lengths_B[b] columns of prompts_BxT (left-padded): the
+    logits_BxV of each row's next token and the state to continue from."""
+
+  def decode_step(self, params, token_B: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+    """One new token a row: logits_BxV and the state after it."""
+
+  def expand(self, state: Any, beams: int) -> Any:
+    """The state of B rows as B * beams rows (row b * beams + j: beam j of row b)."""
+
+  def reorder(self, state: Any, parent_PxR: jax.Array) -> Any:
+    """Beam j of prompt p continues beam parent_PxR[p, j]."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +66,7 @@ class Family:
   tasks: tuple[str, ...]  # the data.task values it trains on (lm.tasks)
   validate: Callable[[ModelConfig, int | None], None]  # its own keys' checks, and (with
                                                       # data.seq_len) its sequences' (ConfigError)
-  decoding: Callable[[ModelConfig], Any] | None = None  # None: it does not generate
+  decoding: Callable[[ModelConfig], Decoding] | None = None  # None: it does not generate
   plain_layout: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
   layout_for: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
 
@@ -70,13 +104,21 @@ def family(cfg: ModelConfig) -> Family:
   return FAMILIES[cfg.family]
 
 
+def validate(cfg: ModelConfig, seq_len: int | None = None) -> None:
+  """The architecture options of a model config (also of one read from Hugging Face): the
+  common keys (base.validate_common), then the family's own; with `seq_len`, also that the
+  model takes sequences of that length. Raises ConfigError naming field, value and fix."""
+  fam = family(cfg)
+  validate_common(cfg)
+  fam.validate(cfg, seq_len)
+
+
 def build(cfg: ModelConfig) -> nn.Module:
   return family(cfg).build(cfg)
 
 
-def decoding(cfg: ModelConfig):
-  """The decoding interface of a family that generates (decoder.Decoding, encdec.Decoding):
-  prefill, decode_step, reorder, expand, prepare, max_len, prompt_room, new_tokens_room."""
+def decoding(cfg: ModelConfig) -> Decoding:
+  """The decoding interface (`Decoding`) of a family that generates."""
   make = family(cfg).decoding
   if make is None:
     raise ConfigError(f'model.family={cfg.family!r} does not generate text; it trains on '

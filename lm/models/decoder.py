@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig, require
+from lm.errors import require
+from lm.models.base import ModelConfig
 from lm.models.layers import common, mlp
 from lm.models.layers.kinds import LAYER_KINDS, LayerKind, config_keys, describe
 

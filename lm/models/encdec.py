@@ -31,7 +31,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig, require
+from lm.errors import require
+from lm.models.base import ModelConfig
 from lm.models.layers import attention, common, kv_cache, mlp
 
 ACTIVATION = ('batch', 'length', 'embed')

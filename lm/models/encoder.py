@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig, require
+from lm.errors import require
+from lm.models.base import ModelConfig
 from lm.models.layers import attention, common, mlp
 
 ACTIVATION = ('batch', 'length', 'embed')
