@@ -24,18 +24,10 @@ POOLINGS = ('cls', 'mean')
 LENGTH_BUCKET = 16  # batches are padded to a multiple of this: few shapes, few compilations
 
 
-def _check_encoder(cfg: ModelConfig) -> None:
-  if not hasattr(models.build(cfg), 'encode'):
-    raise ConfigError(f'model.family={cfg.family!r}: fill_mask and embed need an encoder '
-                      '(configs/encoder.py, or a BertForPreTraining directory)')
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _apply(cfg: ModelConfig, params, tokens_BxT, padding_BxT, encode: bool):
-  model = models.build(cfg)
-  if encode:
-    return model.apply({'params': params}, tokens_BxT, padding_mask=padding_BxT, method='encode')
-  return model.apply({'params': params}, tokens_BxT, padding_mask=padding_BxT)[0]
+  e = models.encoding(cfg)
+  return (e.hidden if encode else e.mlm_logits)(params, tokens_BxT, padding_BxT)
 
 
 def _padded(rows: list[list[int]], pad_id: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +42,7 @@ def fill_mask(cfg: ModelConfig, params, tokenizer, text: str,
               top_k: int = 5) -> list[list[tuple[str, float]]]:
   """For each [MASK] of `text`, in order, its top_k (token text, probability) candidates
   among the ordinary tokens."""
-  _check_encoder(cfg)
+  models.encoding(cfg)  # a family without one: a one-line ConfigError
   pieces = text.split(MASK)
   if len(pieces) == 1:
     raise ConfigError(f'text={text!r}: holds no {MASK}; put {MASK} where a token is to be '
@@ -82,7 +74,7 @@ def embed(cfg: ModelConfig, params, tokenizer, texts: list[str], pooling: str = 
   """One vector per text, [N, d_model] float32: the final hidden state at [CLS] (`cls`) or the
   mean over the text's tokens, [CLS] and [SEP] included (`mean`). A text longer than the
   model's max_len keeps its first max_len - 2 tokens."""
-  _check_encoder(cfg)
+  models.encoding(cfg)  # a family without one: a one-line ConfigError
   if pooling not in POOLINGS:
     raise ConfigError(f'pooling={pooling!r}: use one of {POOLINGS}')
   cls, sep = tokenizer.special_ids['cls'], tokenizer.special_ids['sep']

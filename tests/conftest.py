@@ -1,7 +1,9 @@
 """Shared fixtures: a small synthetic corpus and a tiny config derived from configs/decoder.py."""
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,3 +68,24 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(corpus: Path, tmp_path: Path) -> ml_collections.ConfigDict:
   return tiny_config(corpus, tmp_path / 'cache')
+
+
+@pytest.fixture(scope='session')
+def _trained_run(tmp_path_factory):
+  """One tiny run (4 steps; checkpoints at 2 and 4) a test worker, shared by the tests that
+  only need a trained model; they take a copy through `trained`."""
+  from lm import train
+  root = tmp_path_factory.mktemp('trained')
+  config = tiny_config(write_corpus(root / 'corpus'), root / 'cache', steps=4, eval_every=100,
+                       checkpoint_every=2)
+  train.run(config, root / 'run')
+  return config, root / 'run'
+
+
+@pytest.fixture
+def trained(_trained_run, tmp_path: Path) -> tuple[ml_collections.ConfigDict, Path]:
+  """(its config, a workdir): a copy of the shared trained run at tmp_path / 'run', the test's
+  own to change or resume."""
+  config, run = _trained_run
+  shutil.copytree(run, tmp_path / 'run')
+  return copy.deepcopy(config), tmp_path / 'run'

@@ -348,5 +348,14 @@ def test_bad_encoder_input_gets_clear_errors(tmp_path):
     encoding.fill_mask(cfg, params, tok, 'no mask here')
   with pytest.raises(ConfigError, match='pooling'):
     encoding.embed(cfg, params, tok, ['x'], pooling='max')
+  for other in (models.EncDecConfig(vocab_size=tok.vocab_size),  # T5 also has an `encode`
+                models.DecoderConfig(vocab_size=tok.vocab_size)):
+    with pytest.raises(ConfigError, match=rf"model\.family='{other.family}': fill_mask and "
+                                          r'embed need a model of a family with an encoding '
+                                          r'interface \(encoder') as e:
+      encoding.fill_mask(other, params, tok, 'a[MASK]')
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match='encoding interface'):
+      encoding.embed(other, params, tok, ['x'])
   with pytest.raises(TypeError, match='post_norm'):  # each family's config has only its keys
     models.DecoderConfig(vocab_size=61, post_norm=True)

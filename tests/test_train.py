@@ -101,10 +101,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(config, tmp_path):
   assert (workdir / 'checkpoints' / str(saved) / 'commit_success.txt').exists()
 
 
-def test_workdir_of_an_incompatible_run_is_refused_and_kept(config, tmp_path):
-  config.train.update(steps=4, eval_every=100, checkpoint_every=2)
-  workdir = tmp_path / 'run'
-  train.run(config, workdir)
+def test_workdir_of_an_incompatible_run_is_refused_and_kept(trained):
+  config, workdir = trained  # a run of 4 steps, checkpoints at 2 and 4
   before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
   config.model.d_model = 64
   with pytest.raises(ConfigError, match=r"holds a run with another config \(model\.d_model: "
@@ -113,11 +111,10 @@ def test_workdir_of_an_incompatible_run_is_refused_and_kept(config, tmp_path):
   assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
 
 
-def test_longer_run_in_the_same_workdir_resumes(config, tmp_path, capsys):
-  config.train.update(steps=4, eval_every=100, checkpoint_every=2)
-  train.run(config, tmp_path / 'run')
+def test_longer_run_in_the_same_workdir_resumes(trained, capsys):
+  config, workdir = trained  # a run of 4 steps, checkpoints at 2 and 4
   config.train.steps = 6
-  result = train.run(config, tmp_path / 'run')
+  result = train.run(config, workdir)
   assert 'resuming' in capsys.readouterr().out and result['step'] == 6
 
 
@@ -272,11 +269,9 @@ def sample_in_process(capsys, *args: str) -> tuple[int, str, str]:
   return code, out.out, out.err
 
 
-def test_sample_cli_on_a_run_and_its_mistakes(config, tmp_path, capsys):
+def test_sample_cli_on_a_run_and_its_mistakes(trained, tmp_path, capsys):
   from lm import hf, sampling, tokenizers
-  config.train.update(steps=4, eval_every=100, checkpoint_every=4)
-  workdir = tmp_path / 'run'
-  train.run(config, workdir)
+  _, workdir = trained  # a run of 4 steps at tmp_path / 'run'
   greedy = sample_cli(f'--workdir={workdir}', '--prompt=def ', '--max_new_tokens=12',
                       '--temperature=0')
   assert greedy.returncode == 0, greedy.stderr

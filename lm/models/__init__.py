@@ -69,6 +69,8 @@ class Family:
   decoding: Callable[[ModelConfig], Decoding] | None = None  # None: it does not generate
   plain_layout: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
   layout_for: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
+  encoding: Callable[[ModelConfig], Any] | None = None  # mlm_logits, hidden (encoder.Encoding);
+                                                       # None: no fill_mask or embed
 
 
 FAMILIES = {
@@ -80,7 +82,7 @@ FAMILIES = {
     'encoder': Family(EncoderConfig, encoder.Encoder,
                       lambda cfg, seq_len, mask_rate, target_len: encoder.train_flops_per_token(
                           cfg, seq_len, mask_rate),
-                      ('mlm_nsp',), encoder.validate),
+                      ('mlm_nsp',), encoder.validate, encoding=encoder.Encoding),
     'encdec': Family(EncDecConfig, encdec.EncDec,
                      lambda cfg, seq_len, mask_rate, target_len: encdec.train_flops_per_token(
                          cfg, seq_len, target_len=target_len),
@@ -123,6 +125,18 @@ def decoding(cfg: ModelConfig) -> Decoding:
   if make is None:
     raise ConfigError(f'model.family={cfg.family!r} does not generate text; it trains on '
                       f'{family(cfg).tasks}')
+  return make(cfg)
+
+
+def encoding(cfg: ModelConfig):
+  """The encoding interface (encoder.Encoding: mlm_logits, hidden) of a family that provides
+  one; for another, a ConfigError of one line."""
+  make = family(cfg).encoding
+  if make is None:
+    with_one = sorted(name for name, f in FAMILIES.items() if f.encoding is not None)
+    raise ConfigError(f'model.family={cfg.family!r}: fill_mask and embed need a model of a family '
+                      f'with an encoding interface ({", ".join(with_one)}: configs/encoder.py, '
+                      'or a BertForPreTraining directory)')
   return make(cfg)
 
 

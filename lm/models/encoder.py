@@ -142,3 +142,19 @@ def train_flops_per_token(cfg: EncoderConfig, seq_len: int, mask_rate: float = 1
   """6 FLOPs per matmul weight plus attention's, every query seeing all seq_len keys."""
   return 6 * matmul_params(cfg, mask_rate) + common.attention_flops_per_token(
       cfg.num_layers * seq_len, cfg.num_heads, cfg.head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """The encoding interface of the encoder family (lm.models.encoding), what lm.encoding's
+  fill_mask and embed use."""
+  cfg: EncoderConfig
+
+  def mlm_logits(self, params, tokens_BxT: jax.Array, padding_BxT: jax.Array) -> jax.Array:
+    """The masked-LM logits_BxTxV of padded rows (padding_BxT False at padding)."""
+    return Encoder(self.cfg).apply({'params': params}, tokens_BxT, padding_mask=padding_BxT)[0]
+
+  def hidden(self, params, tokens_BxT: jax.Array, padding_BxT: jax.Array) -> jax.Array:
+    """The final hidden states hidden_BxTxD of padded rows."""
+    return Encoder(self.cfg).apply({'params': params}, tokens_BxT, padding_mask=padding_BxT,
+                                   method='encode')
