@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
                  window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
                  remat='none', scan_layers=False)
-  c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='', fim_rate=0.0,
-                fim_spm_rate=0.5)
+  c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='')  # task clm; FIM:
+                                                                         # configs/fim.py
   c.tokenizer = dict(kind='bpe', vocab_size=2048)
   c.train = dict(steps=1000, init_from='', batch_size=16, learning_rate=5e-3, warmup_steps=50,
                  min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,

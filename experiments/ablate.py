@@ -195,10 +195,14 @@ def base_config(path: str) -> ml_collections.ConfigDict:
 
 def section_keys(config: ml_collections.ConfigDict, section: str) -> set[str]:
   """The keys a section may have: its config file's, and its class's (for the model: the
-  family's config class, so that an arm can set a key that the base file leaves at its
-  default, such as a decoder's state_size)."""
-  cls = (models.config_class(config.model.get('family', 'decoder')) if section == 'model'
-         else config_lib.SECTIONS[section])
+  family's config class, for the data: the task's, so that an arm can set a key that the base
+  file leaves at its default, such as a decoder's state_size or clm's fim_rate)."""
+  if section == 'model':
+    cls = models.config_class(config.model.get('family', models.DEFAULT_FAMILY))
+  elif section == 'data':
+    cls = tasks.data_config_class(config.data.get('task', tasks.DataConfig.task))
+  else:
+    cls = config_lib.SECTIONS[section]
   own = {f.name for f in dataclasses.fields(cls) if f.init} | ({'family'} if section == 'model'
                                                                else set())
   return set(config[section].keys()) | own
@@ -237,8 +241,8 @@ def make_arm(plan: Plan, name: str) -> Arm:
   """The arm's config resolved and validated as lm.main would (a one-line ConfigError), with
   what the budget needs: its task's training FLOPs a token (the token store built if new)."""
   config = resolve_arm(plan, name)
-  task = config.data.get('task', 'clm')
-  family = config.model.get('family', 'decoder')
+  task = config.data.get('task', tasks.DataConfig.task)
+  family = config.model.get('family', models.DEFAULT_FAMILY)
   config_lib.require(task in plan.metric, f'arm {name!r}: data.task', task,
                      f'the plan compares arms on the tasks {sorted(plan.metric)}')
   models.config_class(family)  # an unknown family: a ConfigError naming the known ones

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from lm import checkpoint, sampling
+from lm import load, sampling
 from lm.config import upgrade_saved
 from lm.data import corpus
 
@@ -83,7 +83,7 @@ def main() -> None:
   fim_dir, plain_dir = Path(args.fim), Path(args.plain)
   results, cases = {}, None
   for name, workdir in (('fim', fim_dir), ('plain', plain_dir)):
-    cfg, params, tok = checkpoint.load_model(workdir)
+    cfg, params, tok = load.model(workdir)
     cases = cases or held_out_lines(fim_dir, tok, args.lines, args.seed)
     room = cfg.max_len - MAX_LINE - 2 - 4  # the reply, the sentinels and BOS
     side = args.context_chars or 4 * cfg.max_len

@@ -112,7 +112,7 @@ def train_part(rounds: int, part: str = 'train') -> dict:
   print('|' + '|'.join('-' * (w + 2) for w in (28, 7, 9, 8, 7, 6)) + '|')
   for name, cfg, label in arms:
     seconds = statistics.median(times[name])
-    flops = models.train_flops_per_token(cfg, SEQ_LEN)
+    flops = models.train_flops_per_token(cfg, models.TokenCounts(SEQ_LEN))
     params = sum(x.size for x in jax.tree.leaves(models.abstract_params(models.build(cfg))))
     tps = BATCH * SEQ_LEN / seconds
     out[name] = {'step_ms': 1e3 * seconds, 'tokens_per_sec': tps, 'params': params,

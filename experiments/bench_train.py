@@ -263,7 +263,7 @@ def main() -> None:
   results = {}
   for variant in variants:
     cfg = VARIANTS[variant]
-    flops_per_token = models.train_flops_per_token(cfg, SEQ_LEN)
+    flops_per_token = models.train_flops_per_token(cfg, models.TokenCounts(SEQ_LEN))
     params = sum(p.numel() for p in torch_model(cfg).parameters())
     row = {}
     for framework in RUNNERS:

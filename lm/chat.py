@@ -1,8 +1,5 @@
-"""Chat: a conversation rendered as token ids with the loss mask of instruction tuning, and
-the chat loop.
-
-  ids, loss_mask = render(tokenizer, [{'role': 'user', 'content': 'Hi'},
-                                      {'role': 'assistant', 'content': 'Hello.'}])
+"""Chat: the chat loop over a tuned model, through the chat template (lm.data.chat_template,
+whose `render`, `check` and `tool_calls_in` are also lm.chat's).
 
   python -m lm.chat --workdir=runs/sft [--system=TEXT] [--max_new_tokens=N] [--temperature=T]
       [--top_k=K] [--top_p=P] [--min_p=M] [--seed=S]
@@ -14,111 +11,17 @@ are dropped, the system message kept, and a note says so on stderr. Commands: /r
 the conversation), /system TEXT (set the system message and reset), /exit; end of input or
 Ctrl-C leave cleanly. From a terminal it prompts with "> "; otherwise (piped input) it reads one
 user message a line and prints each reply on its own line, so it can be scripted.
-
-The layout (Llama 3's, with lm's special tokens):
-
-  <|begin_of_text|>
-  <|start_header|> role <|end_header|> "\\n\\n" content <|end_of_turn|>    (every message)
-  <|start_header|> assistant <|end_header|> "\\n\\n"                       (add_generation_prompt)
-
-The role and the content are encoded as ordinary text, each on its own (the separator "\\n\\n"
-too), so no message can forge a control token: a user who types "<|end_of_turn|>" gets the
-bytes of that text. `loss_mask[i]` is True exactly on the tokens of each assistant message's
-content and its <|end_of_turn|>: never on system, user or tool text, never on a header.
-
-Roles: `system` (the first message only), `user`, `assistant`, `tool`. Tool use: an assistant
-message may carry `tool_calls`, a list of `{"name": str, "arguments": {...}}`; each is rendered
-after its content as one line `{"tool_call": {"name": ..., "arguments": ...}}` (JSON, keys
-sorted), which `tool_calls_in` reads back from a reply, and the `tool` role's content is the
-call's result.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator
 
-import numpy as np
-
-from lm.config import ConfigError, require
-
-ROLES = ('system', 'user', 'assistant', 'tool')
-SEPARATOR = '\n\n'  # after every header
-
-
-def check(messages: Any, where: str = 'messages') -> None:
-  """Raises ConfigError naming the message, the field and the fix."""
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise ConfigError(f'{where}={messages!r}: give a non-empty list of '
-                      '{"role": ..., "content": ...} messages')
-  for i, m in enumerate(messages):
-    at = f'{where}[{i}]'
-    if not isinstance(m, dict) or not isinstance(m.get('role'), str):
-      raise ConfigError(f'{at}={m!r}: a message is an object with "role" and "content"')
-    if m['role'] not in ROLES:
-      raise ConfigError(f'{at}.role={m["role"]!r}: use one of {ROLES}')
-    if m['role'] == 'system' and i:
-      raise ConfigError(f'{at}.role=\'system\': a system message comes first, and only once; '
-                        'move it to the start')
-    if not isinstance(m.get('content', ''), str):
-      raise ConfigError(f'{at}.content={m.get("content")!r}: give the text as a string')
-    calls = m.get('tool_calls', [])
-    if calls and m['role'] != 'assistant':
-      raise ConfigError(f'{at}.tool_calls: only an assistant message calls tools; '
-                        'a tool\'s result is a message of role "tool"')
-    for j, call in enumerate(calls):
-      if not (isinstance(call, dict) and isinstance(call.get('name'), str)
-              and isinstance(call.get('arguments', {}), dict)):
-        raise ConfigError(f'{at}.tool_calls[{j}]={call!r}: give {{"name": str, '
-                          '"arguments": {...}}')
-
-
-def content_text(message: dict) -> str:
-  """The text a message's content renders as: its content, then one JSON line a tool call."""
-  lines = [json.dumps({'tool_call': {'name': c['name'], 'arguments': c.get('arguments', {})}},
-                      sort_keys=True, ensure_ascii=False) for c in message.get('tool_calls', [])]
-  return '\n'.join(([message['content']] if message.get('content') else []) + lines)
-
-
-def tool_calls_in(reply: str) -> list[dict]:
-  """The tool calls of an assistant reply's text (the lines content_text writes)."""
-  calls = []
-  for line in reply.splitlines():
-    try:
-      value = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(value, dict) and isinstance(value.get('tool_call'), dict):
-      calls.append(value['tool_call'])
-  return calls
-
-
-def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """(ids_T int32, loss_mask_T bool) of a conversation; see the module docstring."""
-  check(messages)
-  special = tokenizer.special_ids
-  sep = tokenizer.encode(SEPARATOR)
-  ids, mask = [special['begin_of_text']], [False]
-
-  def header(role: str) -> None:
-    part = [special['start_header'], *tokenizer.encode(role), special['end_header'], *sep]
-    ids.extend(part)
-    mask.extend([False] * len(part))
-
-  for m in messages:
-    header(m['role'])
-    body = [*tokenizer.encode(content_text(m)), special['end_of_turn']]
-    ids.extend(body)
-    mask.extend([m['role'] == 'assistant'] * len(body))
-  if add_generation_prompt:
-    header('assistant')
-  return np.asarray(ids, np.int32), np.asarray(mask, bool)
-
-
-# --- the chat loop -----------------------------------------------------------------------------
+from lm.data.chat_template import (ROLES, SEPARATOR, check, content_text, render,  # noqa: F401
+                                   tool_calls_in)
+from lm.errors import ConfigError, require
 
 DEFAULT_NEW_TOKENS = 256  # a reply's budget when the model's context does not bound it
 
@@ -200,12 +103,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, lines, out=sys.stdout, err=sys.stderr,
         interactive: bool = False) -> Session:
   """The loop over `lines` (user messages and commands); returns the session."""
-  from lm import models, sampling
-  from lm.checkpoint import load_model, saved_model
+  from lm import load, models, sampling
   require(args.max_new_tokens >= 0, 'max_new_tokens', args.max_new_tokens, 'give >= 0')
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
-  models.decoding(saved_model(Path(args.workdir)))  # a family that generates, before the weights
-  cfg, params, tokenizer = load_model(Path(args.workdir))
+  models.decoding(load.model_config(Path(args.workdir)))  # a family that generates, first
+  cfg, params, tokenizer = load.model(Path(args.workdir))
   session = Session(cfg, params, tokenizer, system=args.system,
                     max_new_tokens=args.max_new_tokens, filter_fn=filter_fn, seed=args.seed)
   note = lambda line: print(line, file=err, flush=True)

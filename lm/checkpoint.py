@@ -409,31 +409,6 @@ class MetricsLog:
       self.tb.close()
 
 
-def load_model(workdir: Path, tokenizer_arg: str | None = None):
-  """(ModelConfig, params, tokenizer) of a run's workdir (its newest checkpoint that reads) or a
-  Hugging Face directory."""
-  from lm import hf, tokenizers
-  config_path = workdir / 'config.json'
-  if not config_path.is_file():
-    raise ConfigError(f'--workdir={str(workdir)!r}: no config.json; give a run directory of '
-                      'python -m lm.main, or a Hugging Face model directory')
-  if is_hugging_face(workdir):
-    if not tokenizer_arg and not (workdir / 'tokenizer' / 'tokenizer.json').is_file():
-      raise ConfigError(f'--workdir={str(workdir)!r} is a Hugging Face directory: name its '
-                        'tokenizer with --tokenizer=bytes|cl100k|DIR')
-    cfg, params = hf.load(workdir)
-    return cfg, params, tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-  cfg = saved_model(workdir)
-  return cfg, restore_params(workdir, cfg), tokenizers.load(tokenizer_arg or workdir / 'tokenizer')
-
-
-def is_hugging_face(directory: Path) -> bool:
-  """Whether a directory's config.json is a Hugging Face one (it names a model_type), not the
-  config.json of an lm run."""
-  path = Path(directory) / 'config.json'
-  return path.is_file() and 'model_type' in json.loads(path.read_text())
-
-
 def saved_model(workdir: Path) -> ModelConfig:
   """The model config of a run's workdir (its config.json), checked."""
   if not (workdir / 'config.json').is_file():

@@ -14,25 +14,10 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import ml_collections
 
-from lm import models
+from lm import models, tasks
 from lm.errors import ConfigError, require
 from lm.models import ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  paths: tuple[str, ...] = ()  # globs of text or JSONL files; empty: the Python stdlib sources
-  seq_len: int = 256
-  val_fraction: float = 0.02
-  cache_dir: str = ''  # empty: ~/.cache/lm/tokens
-  task: str = 'clm'  # clm (next token; decoder) | sft (chat; decoder) | mlm_nsp (BERT; encoder)
-                     # | span (T5's span corruption; encdec) | seq2seq (input -> target; encdec)
-  mask_rate: float = 0.15  # mlm_nsp: share of a sequence's tokens chosen for prediction
-  noise_density: float = 0.15  # span: share of a row's raw tokens that are noise
-  mean_noise_span: float = 3.0  # span: mean length of a noise span
-  target_len: int = 64  # seq2seq: target tokens a row (EOS included); span derives its own
-  fim_rate: float = 0.0  # clm: share of documents laid out for fill-in-the-middle (lm.data.fim)
-  fim_spm_rate: float = 0.5  # clm: share of those laid out SPM (suffix first) rather than PSM
+from lm.tasks import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +88,7 @@ class Config:
 
 SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'tokenizer': TokenizerConfig,
             'train': TrainConfig, 'mesh': MeshConfig,
-            'distributed': DistributedConfig}  # model: the family's class, by family
+            'distributed': DistributedConfig}  # model: the family's class; data: the task's
 DERIVED = {('model', 'vocab_size')}  # filled in by the boundary, never by the user
 
 
@@ -126,17 +111,32 @@ def _section(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any])
 def _model_section(given: dict[str, Any], vocab_size: int) -> ModelConfig:
   """The model section as its family's config class: a key that another family owns is one
   line naming that family."""
-  family = given.pop('family', 'decoder')
+  family = given.pop('family', models.DEFAULT_FAMILY)
   cls = models.config_class(family)
+  _refuse_others('model', 'family', family, given, cls, models.config_classes())
+  return _section('model', cls, given, {'vocab_size': vocab_size})
+
+
+def _data_section(given: dict[str, Any]) -> DataConfig:
+  """The data section as its task's config class: a key that another task owns is one line
+  naming that task."""
+  task = given.get('task', DataConfig.task)
+  require(isinstance(task, str), 'data.task', task, f'use one of {sorted(tasks.TASKS)}')
+  cls = tasks.data_config_class(task)
+  _refuse_others('data', 'task', task, given, cls, tasks.data_config_classes())
+  return _section('data', cls, given, {})
+
+
+def _refuse_others(section: str, by: str, choice: str, given: dict[str, Any], cls: type,
+                   classes: dict[str, type]) -> None:
+  """A key of `given` that only other choices' classes have: one line naming them."""
   for key in given:
-    owners = [name for name, other in models.config_classes().items()
-              if key in _names(other) - _names(cls)]
+    owners = [name for name, other in classes.items() if key in _names(other) - _names(cls)]
     if owners:
       raise ConfigError(
-          f'model.{key}={given[key]!r}: a key of the {" and ".join(owners)} family, and '
-          f'model.family={family!r}; remove it from the config (a config lists only its '
-          'family\'s keys)')
-  return _section('model', cls, given, {'vocab_size': vocab_size})
+          f'{section}.{key}={given[key]!r}: a key of the {" and ".join(owners)} {by}, and '
+          f'{section}.{by}={choice!r}; remove it from the config (a config lists only its '
+          f'{by}\'s keys)')
 
 
 def _names(cls: type) -> set[str]:
@@ -222,9 +222,10 @@ def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
   tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
   model = _model_section(dict(raw.get('model', {})),
                          vocab_size(tokenizer) if callable(vocab_size) else vocab_size)
-  cfg = Config(model=model, tokenizer=tokenizer, **{
-      name: _section(name, cls, dict(raw.get(name, {})), {})
-      for name, cls in SECTIONS.items() if name not in ('model', 'tokenizer', 'distributed')},
+  cfg = Config(model=model, tokenizer=tokenizer, data=_data_section(dict(raw.get('data', {}))),
+               **{name: _section(name, cls, dict(raw.get(name, {})), {})
+                  for name, cls in SECTIONS.items()
+                  if name not in ('model', 'tokenizer', 'data', 'distributed')},
                distributed=parse_distributed(raw))
   validate(cfg, device_count, process_count)
   return cfg
@@ -240,8 +241,9 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
   out = {}
   for name, cls in SECTIONS.items():
     section = {RENAMED.get((name, k), k): v for k, v in saved.get(name, {}).items()}
-    if name == 'model':
-      cls = models.config_class(section.get('family', 'decoder'))
+    if name in ('model', 'data'):  # other families' / tasks' keys at their defaults
+      cls = (models.config_class(section.get('family', models.DEFAULT_FAMILY)) if name == 'model'
+             else tasks.data_config_class(section.get('task', DataConfig.task)))
       section = {k: v for k, v in section.items() if k in _names(cls)}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING}
@@ -251,25 +253,8 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
 
 def model_from_dict(model: dict[str, Any]) -> ModelConfig:
   """The model section of a config.json (as upgrade_saved gives it) as its family's config."""
-  cls = models.config_class(model.get('family', 'decoder'))
+  cls = models.config_class(model.get('family', models.DEFAULT_FAMILY))
   return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls) if f.init})
-
-
-def validate_span(d: DataConfig) -> None:
-  """Span corruption's noise settings, and that data.seq_len holds a corrupted row."""
-  from lm.data import span  # (pure arithmetic)
-  require(0.0 < d.noise_density < 1.0, 'data.noise_density', d.noise_density,
-          'the share of noise tokens must be in (0, 1), e.g. 0.15 (T5)')
-  require(d.mean_noise_span >= 1.0, 'data.mean_noise_span', d.mean_noise_span,
-          'a noise span holds at least one token: give >= 1, e.g. 3 (T5)')
-  n = span.lengths(d.seq_len, d.noise_density, d.mean_noise_span)
-  require(n is not None, 'data.seq_len', d.seq_len,
-          'too short for one noise span: a corrupted row needs a kept token, a sentinel and '
-          'EOS; give >= 3, e.g. 256')
-  require(n.raw - n.noise >= n.spans, 'data.noise_density', d.noise_density,
-          f'with data.mean_noise_span={d.mean_noise_span}, a row of {n.raw} tokens has '
-          f'{n.spans} noise spans but only {n.raw - n.noise} other tokens to separate them; '
-          'lower the density or raise the mean span')
 
 
 def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
@@ -282,24 +267,10 @@ def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
   _positive(d, 'data', ['seq_len'])
   models.validate(m, d.seq_len)
-  tasks = models.family(m).tasks
-  require(d.task in tasks, 'data.task', d.task, f'a model.family={m.family!r} trains on {tasks}')
-  if d.task == 'mlm_nsp':
-    require(0.0 < d.mask_rate < 1.0, 'data.mask_rate', d.mask_rate,
-            'the share of tokens chosen for prediction must be in (0, 1), e.g. 0.15')
-    require(d.seq_len >= 5, 'data.seq_len', d.seq_len,
-            '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
-            'give data.seq_len >= 5, e.g. 128')
-  if d.task == 'span':
-    validate_span(d)
-  if d.task == 'seq2seq':
-    _positive(d, 'data', ['target_len'])
-  for key in ('fim_rate', 'fim_spm_rate'):
-    require(0.0 <= getattr(d, key) <= 1.0, f'data.{key}', getattr(d, key),
-            'a probability: give a number in [0, 1] (fim_rate 0 turns fill-in-the-middle off)')
-  require(d.fim_rate == 0.0 or d.task == 'clm', 'data.fim_rate', d.fim_rate,
-          f'fill-in-the-middle transforms the clm task\'s windows, and data.task={d.task!r}: '
-          'set data.fim_rate=0')
+  trains_on = models.family(m).tasks
+  require(d.task in trains_on, 'data.task', d.task,
+          f'a model.family={m.family!r} trains on {trains_on}')
+  tasks.validate(d)
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
           'must be in (0, 1)')
   _positive(t, 'train', ['steps', 'batch_size', 'log_every', 'eval_every', 'eval_batches',

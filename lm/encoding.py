@@ -1,6 +1,6 @@
 """Using a trained encoder (BERT): fill in masked tokens, embed texts.
 
-  cfg, params, tok = lm.checkpoint.load_model(Path('runs/encoder'))  # or a BERT HF directory
+  cfg, params, tok = lm.load.model(Path('runs/encoder'))  # or a BERT HF directory
   fill_mask(cfg, params, tok, 'for i in ra[MASK]ge(n):')  # [[(text, probability), ...]]
   embed(cfg, params, tok, ['import os', 'def f(x):'], pooling='mean')  # [2, d_model] float32
 
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError, ModelConfig
+from lm.errors import ConfigError
+from lm.models import ModelConfig
 from lm import models
 
 MASK = '[MASK]'

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 RULES = (

@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lm.checkpoint import load_model
-from lm.config import ConfigError, require
+from lm import load
+from lm.errors import ConfigError, require
 
 
 DEFAULT_NEW_TOKENS = 256  # --max_new_tokens=0 for a model without a context bound
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> str:
                       '--stream')
   filter_fn = sampling.make_filter(args.temperature, args.top_k, args.top_p, args.min_p)
   from lm import models
-  cfg, params, tok = load_model(Path(args.workdir), args.tokenizer)
+  cfg, params, tok = load.model(Path(args.workdir), args.tokenizer)
   prompt = (sampling.infill_prompt(tok, args.prefix or '', args.suffix or '') if infilling
             else [tok.bos_id, *tok.encode(args.prompt)])
   if not args.max_new_tokens:

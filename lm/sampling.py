@@ -14,16 +14,16 @@ once per shape; a user's function compiles once per function object.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lm
-from lm.config import ModelConfig, require
 from lm import models
+from lm.backend import decoding_jit
+from lm.errors import require
+from lm.models import ModelConfig
 from lm.data import fim
 from lm.tokenizers.tokenizer import StreamDecoder
 
@@ -219,32 +219,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   for b, p in enumerate(prompts):
     tokens_BxT[b, width - len(p):] = p
   return tokens_BxT, lengths_B
-
-
-# --- compiling a decoding loop -------------------------------------------------------------
-
-YNN_MATMULS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
-
-
-def decoding_jit(**jit_kwargs):
-  """jax.jit for a decoding loop. On CPU it compiles with YNNPACK's matmuls, not the Eigen ones
-  `import lm` picks for training: a decode step multiplies a few rows by each weight matrix,
-  which YNNPACK does faster (experiments/README.md, Sampling). A choice of the user's own in
-  XLA_FLAGS wins; other backends compile as jax.jit would."""
-  def wrap(fn):
-    plain = jax.jit(fn, **jit_kwargs)
-    ynn = jax.jit(fn, **jit_kwargs, compiler_options=YNN_MATMULS)
-
-    def jitted():
-      cpu = jax.default_backend() == 'cpu' and not lm.USER_CHOSE_CPU_MATMULS
-      return ynn if cpu else plain
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-      return jitted()(*args, **kwargs)
-    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
-    return call
-  return wrap
 
 
 # --- sampling ------------------------------------------------------------------------------

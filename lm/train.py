@@ -27,7 +27,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from lm import (checkpoint, config as config_lib, distributed, files, hf, models, parallel,
+from lm import (checkpoint, config as config_lib, distributed, files, load, models, parallel,
                 tasks, tokenizers)
 from lm.config import Config
 from lm.data import store
@@ -253,18 +253,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   return Run(cfg, workdir, tokenizer, splits, mesh, model, task, init_fn, abstract, shardings)
 
 
-PRETRAINING_CHOICES = ('dtype', 'remat', 'scan_layers', 'moe_aux_coef')  # kept from the config,
-# where both the config's family and the checkpoint's have them
-
-
-def is_lm_workdir(path: str | Path) -> bool:
-  """A run directory of lm.main (its config.json), not a Hugging Face directory."""
-  return (Path(path) / 'config.json').is_file() and not checkpoint.is_hugging_face(Path(path))
-
-
 def with_pretrained_model(cfg: Config, device_count: int, process_count: int = 1) -> Config:
   """With train.init_from, the model section is the architecture of that lm workdir or
-  Hugging Face directory (the config's dtype, remat, scan_layers and moe_aux_coef kept); its
+  Hugging Face directory (the config's choices kept: models.pretrained); its
   weights are read when the run starts (`pretrained_params`): a fresh run starts from them,
   and the final report compares the tuned model with them."""
   path = cfg.train.init_from
@@ -274,9 +265,8 @@ def with_pretrained_model(cfg: Config, device_count: int, process_count: int = 1
                      'no such directory; give a run directory of python -m lm.main, a Hugging '
                      'Face model directory (config.json and model.safetensors), or \'\' to '
                      'start from random weights')
-  read = checkpoint.saved_model(Path(path)) if is_lm_workdir(path) else hf.load_config(path)
-  model = dataclasses.replace(read, **{k: getattr(cfg.model, k) for k in PRETRAINING_CHOICES
-                                       if hasattr(read, k) and hasattr(cfg.model, k)})
+  read = load.model_config(Path(path))
+  model = models.pretrained(read, cfg.model)
   config_lib.require(
       cfg.model.vocab_size <= model.vocab_size, 'tokenizer.kind', cfg.tokenizer.kind,
       f'its {cfg.model.vocab_size} ids do not fit the {model.vocab_size}-row embedding of '
@@ -294,19 +284,14 @@ def with_pretrained_model(cfg: Config, device_count: int, process_count: int = 1
 def pretrained_params(cfg: Config) -> Any:
   """The weights of train.init_from (an lm workdir's newest checkpoint that reads, or a
   Hugging Face directory's), in the layout of cfg.model."""
-  path = Path(cfg.train.init_from)
-  if is_lm_workdir(path):
-    saved = checkpoint.saved_model(path)
-    params = models.plain_layout(saved, checkpoint.restore_params(path, saved))
-  else:
-    _, params = hf.load(path)
+  _, params = load.params(Path(cfg.train.init_from))
   return models.layout_for(cfg.model, params)
 
 
 def pretrained_tokenizer(cfg: Config) -> tokenizers.Tokenizer | None:
   """The tokenizer of an lm workdir in train.init_from, which must be the config's kind."""
   path = Path(cfg.train.init_from)
-  if not cfg.train.init_from or not is_lm_workdir(path):
+  if not cfg.train.init_from or load.is_hugging_face(path):
     return None
   tokenizer = tokenizers.load(path / 'tokenizer')
   t = cfg.tokenizer

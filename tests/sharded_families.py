@@ -1,6 +1,7 @@
 """Run by test_parallel.py with 8 fake CPU devices: every family's train step on three meshes
 of 8 devices equals 1 device, and greedy generation with a tensor axis of 2 gives the tokens of
-1 device. Prints one JSON line per check.
+1 device. Prints one JSON line per check. `train:gpt2,bert` runs those families' train checks
+alone (the batches are drawn for all, so each family's check is the same either way).
 
 Families: GPT-2 (learned positions, LayerNorm, GELU), Llama with grouped-query attention,
 Mixtral-style MoE, Mamba, a hybrid (Mamba, S4D, local and global attention), BERT, T5. Meshes:
@@ -72,8 +73,11 @@ def tensor_heavy_mesh(c) -> tuple[int, int, int]:
   return (1, 1, 8) if heads % 8 == 0 and kv % 8 == 0 else (1, 2, 4)
 
 
-def train_steps_on_meshes(rng) -> None:
+def train_steps_on_meshes(rng, only: set[str] | None = None) -> None:
+  """Each family's (or each of `only`'s) train steps on the meshes against 1 device."""
   for name, (c, loss_of, batches, vocab, kernel, prepare) in families(rng).items():
+    if only is not None and name not in only:
+      continue
     shapes = [(1, 1, 1), tensor_heavy_mesh(c), (2, 2, 2), (8, 1, 1)]
     runs = sharded_check.train_on_meshes(c, loss_of, batches, shapes, vocab, kernel, prepare)
     (losses_1, params_1, _), rest = runs[0], runs[1:]
@@ -118,9 +122,11 @@ def generation_with_a_tensor_axis(rng) -> None:
 def main():
   assert jax.device_count() == 8, jax.device_count()
   rng = np.random.default_rng(0)
-  which = sys.argv[1] if len(sys.argv) > 1 else 'all'
+  which = sys.argv[1] if len(sys.argv) > 1 else 'all'  # all | train | train:A,B | generate
   if which in ('all', 'train'):
     train_steps_on_meshes(rng)
+  if which.startswith('train:'):  # some families: two processes can share the work
+    train_steps_on_meshes(rng, set(which.split(':', 1)[1].split(',')))
   if which in ('all', 'generate'):
     generation_with_a_tensor_axis(rng)
 

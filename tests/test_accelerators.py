@@ -16,7 +16,8 @@ def test_gpt2_124m_config_is_gpt2_small_in_bfloat16():
   params = models.abstract_params(models.build(cfg.model))
   assert sum(x.size for x in jax.tree.leaves(params)) == 124_439_808  # GPT-2 small's count
   # 6N per token plus attention: about 0.85 GFLOP a token of a 1024-token sequence
-  assert models.train_flops_per_token(cfg.model, 1024) == pytest.approx(8.5e8, rel=0.05)
+  assert models.train_flops_per_token(cfg.model, models.TokenCounts(1024)) == pytest.approx(
+      8.5e8, rel=0.05)
 
 
 @pytest.mark.parametrize('kind, peak', [('NVIDIA H100 80GB HBM3', 989e12),

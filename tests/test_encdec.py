@@ -190,7 +190,7 @@ def test_flops_per_token_by_hand():
   from lm.models import encdec
   assert encdec.encoder_flops_per_token(cfg, 16) == encoder
   assert encdec.decoder_flops_per_token(cfg, 16, 5) == decoder
-  assert models.train_flops_per_token(cfg, 16, target_len=5) == pytest.approx(
+  assert models.train_flops_per_token(cfg, models.TokenCounts(16, target_len=5)) == pytest.approx(
       encoder + 5 / 16 * decoder)
 
 
@@ -256,7 +256,8 @@ def test_tokenizers_have_sentinels_and_older_ones_load(tmp_path):
 # --- the tasks end to end -------------------------------------------------------------------
 
 def encdec_config(corpus, cache_dir, **data):
-  c = load_config('encdec')
+  # seq2seq: configs/seq2seq.py, the same model with the seq2seq task's data keys
+  c = load_config('seq2seq' if data.get('task') == 'seq2seq' else 'encdec')
   c.tokenizer.kind = 'bytes'
   c.model.update(num_layers=2, num_decoder_layers=2, d_model=32, num_heads=2, mlp_dim=64,
                  max_len=64)
@@ -288,8 +289,8 @@ def test_span_training_learns_and_reports_fills(corpus, tmp_path, capsys):
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.startswith('def f1_2(x):')
-  from lm.checkpoint import load_model  # streaming yields the text of the greedy tokens
-  cfg, params, tok = load_model(tmp_path / 'run')
+  from lm import load  # streaming yields the text of the greedy tokens
+  cfg, params, tok = load.model(tmp_path / 'run')
   prompt = [tok.bos_id, *tok.encode('def f1_2(x):')]
   greedy = sampling.generate(cfg, params, [prompt], max_new_tokens=8, eos_id=tok.eos_id,
                              pad_id=tok.pad_id).tokens[0]

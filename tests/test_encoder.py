@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoint, encoding, hf, models, objectives, sample, tokenizers, train
+from lm import checkpoint, encoding, hf, load, models, objectives, sample, tokenizers, train
 from lm.config import ConfigError
 from lm.models import EncoderConfig
 from lm.data import corpus, store
@@ -288,7 +288,7 @@ def test_a_short_run_lifts_next_sentence_accuracy_above_chance(tmp_path, capsys)
   assert result['val/mlm_accuracy'] > result['val/mlm_mode_accuracy'] + 0.05, result
   out = capsys.readouterr().out
   assert 'next sentence' in out and "fill_mask('for i in ra[MASK]ge(n):')" in out
-  cfg, params, tok = checkpoint.load_model(tmp_path / 'run')
+  cfg, params, tok = load.model(tmp_path / 'run')
   assert cfg.family == 'encoder'
   with pytest.raises(ConfigError, match='does not generate'):
     sample.run(sample.parse_args([f'--workdir={tmp_path / "run"}', '--prompt=a']))

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from lm import checkpoint, train
+from lm import checkpoint, load, train
 from lm.checkpoint import CheckpointWarning
 from lm.config import ConfigError
 from lm.data import store
@@ -72,7 +72,7 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_run_resumes_from_the_on
     corrupt(run / 'checkpoints' / '4')
     # A reader (lm.sample) takes the newest step that reads, and moves nothing.
     with pytest.warns(CheckpointWarning, match=r'checkpoints/4 cannot be read \('):
-      _, params, _ = checkpoint.load_model(run)
+      _, params, _ = load.model(run)
     assert_trees_equal(params, restore_params(base, 2))
     assert (run / 'checkpoints' / '4').is_dir()
     # A run moves it aside and goes on from the step before it.
@@ -105,7 +105,7 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_run_resumes_from_the_on
   metadata_not_json(run / 'checkpoints' / '4')
   with pytest.warns(CheckpointWarning), pytest.raises(
       ConfigError, match=r"none of its checkpoints can be read \(step 4: .*; step 2: .*\)"):
-    checkpoint.load_model(run)
+    load.model(run)
   with pytest.warns(CheckpointWarning, match='can be read: starting afresh'):
     assert checkpoint.Checkpoints(run / 'checkpoints', keep=3).restore_latest(abstract) is None
   assert sorted(p.name for p in (run / 'checkpoints' / 'unreadable').iterdir()) == ['2', '4']

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lm import checkpoint, sample, sampling, tokenizers, train
+from lm import checkpoint, load, sample, sampling, tokenizers, train
 from lm.config import ConfigError
 from lm.data import fim
 from lm.tasks import clm
@@ -107,7 +107,7 @@ def test_infill_fills_the_middle_of_a_pattern_the_model_was_trained_on(tmp_path,
   c.data.update(paths=str(corpus / '*.txt'), fim_rate=0.9, val_fraction=0.2, seq_len=64)
   c.model.max_len = 64
   train.run(c, tmp_path / 'run')
-  cfg, params, tok = checkpoint.load_model(tmp_path / 'run')
+  cfg, params, tok = load.model(tmp_path / 'run')
   cases = [('abcdefgh', 'lmnopqrstuvwxyz\n', 'ijk'), ('abc', 'ghijklmnopqrstuvwxyz\n', 'def'),
            ('abcdefghijklmnop', 'tuvwxyz\n', 'qrs')]
   got = [sampling.infill(cfg, params, tok, prefix, suffix, max_new_tokens=8)

@@ -245,7 +245,7 @@ def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chos
   matmul = sampling.decoding_jit()(lambda x_BxD, w_DxF: x_BxD @ w_DxF)
   x_BxD, w_DxF = jnp.ones((8, 16)), jnp.ones((16, 32))
   assert ynn(matmul.lower(x_BxD, w_DxF))
-  monkeypatch.setattr(lm, 'USER_CHOSE_CPU_MATMULS', True)  # XLA_FLAGS named a choice
+  monkeypatch.setattr(lm.backend, 'USER_CHOSE_CPU_MATMULS', True)  # XLA_FLAGS named a choice
   assert not ynn(matmul.lower(x_BxD, w_DxF)) and not ynn(loop())
   np.testing.assert_array_equal(matmul(x_BxD, w_DxF), np.full((8, 32), 16.0))
 

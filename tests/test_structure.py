@@ -34,12 +34,23 @@ def test_the_letter_check_finds_a_comparison():
   assert _letter_comparisons(source, 'probe.py') == ['probe.py:2'] * 2
 
 
+def _executed(tree: ast.AST):
+  """Every node of `tree` but those under `if TYPE_CHECKING:` (imports for annotations only,
+  never run)."""
+  for node in ast.iter_child_nodes(tree):
+    if isinstance(node, ast.If) and 'TYPE_CHECKING' in ast.unparse(node.test):
+      yield from (n for child in node.orelse for n in ast.walk(child))
+      continue
+    yield node
+    yield from _executed(node)
+
+
 def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
   """The lm modules that `module` (at `path`) imports anywhere in it, inside functions too:
   `import lm.a.b`, `from lm.a import b` (b a module, else lm.a), relative imports."""
   out = set()
   package = module if path.name == '__init__.py' else module.rsplit('.', 1)[0]
-  for node in ast.walk(ast.parse(path.read_text())):
+  for node in _executed(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
       out |= {alias.name for alias in node.names if alias.name in modules}
     elif isinstance(node, ast.ImportFrom):
@@ -135,3 +146,34 @@ def test_every_registered_mixer_takes_the_mixer_keywords():
     params = inspect.signature(type(kind.mixer(cfg, 0.02)).__call__).parameters
     keyword = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
     assert len(params) - len(keyword) == 3 and set(wanted) <= set(keyword), (letter, params)
+
+
+def test_config_branches_on_no_task_or_family_name_and_imports_only_the_registries():
+  from lm import models, tasks
+  tree = ast.parse((LM / 'config.py').read_text())
+  names = set(tasks.TASKS) | set(models.FAMILIES)
+  compared = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Compare)
+              and any(isinstance(n, ast.Constant) and n.value in names
+                      for n in [node.left, *node.comparators])]
+  assert compared == []
+  imported = import_graph()['lm.config']
+  assert not {m for m in imported if m.startswith(('lm.tasks.', 'lm.models.', 'lm.data'))}
+  assert {'lm.tasks', 'lm.models'} <= imported
+
+
+def test_a_data_key_of_another_task_is_one_line_naming_its_owner():
+  from lm import config as config_lib
+  from lm.errors import ConfigError
+  from tests.conftest import load_config
+  for name, key, value, owner, task in (('decoder', 'mask_rate', 0.2, 'mlm_nsp', 'clm'),
+                                        ('encdec', 'fim_rate', 0.5, 'clm', 'span'),
+                                        ('encoder', 'target_len', 8, 'seq2seq', 'mlm_nsp')):
+    c = load_config(name)
+    c.data[key] = value
+    try:
+      config_lib.parse(c, vocab_size=400, device_count=1)
+      raise AssertionError(f'{name}: data.{key} was taken')
+    except ConfigError as e:
+      assert str(e) == (f'data.{key}={value!r}: a key of the {owner} task, and '
+                        f"data.task={task!r}; remove it from the config (a config lists only "
+                        "its task's keys)")

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lm import checkpoint, tokenizers, train
+from lm import checkpoint, load, tokenizers, train
 from lm.config import ConfigError
 from tests.conftest import ROOT
 
@@ -276,7 +276,7 @@ def test_sample_cli_on_a_run_and_its_mistakes(trained, tmp_path, capsys):
                       '--temperature=0')
   assert greedy.returncode == 0, greedy.stderr
   # The CLI's text is the greedy continuation of BOS + prompt by the checkpoint's params.
-  cfg, params, tok = checkpoint.load_model(workdir)
+  cfg, params, tok = load.model(workdir)
   ids = sampling.generate(cfg, params, [[tok.bos_id, *tok.encode('def ')]], max_new_tokens=12,
                           eos_id=tok.eos_id).tokens[0]
   assert greedy.stdout == 'def ' + tok.decode(ids) + '\n'

@@ -21,7 +21,7 @@ import hashlib
 import warnings
 from typing import Iterator
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.data import corpus
 
 MAX_SOURCE = 600  # characters of a function's source: the answers fit a short context

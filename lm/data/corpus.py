@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 EXCLUDED_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycache__'})
 

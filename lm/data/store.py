@@ -13,18 +13,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from lm import files, tokenizers
-from lm.config import ConfigError, DataConfig, TokenizerConfig
+from lm.errors import ConfigError
 from lm.data import corpus
 from lm.tokenizers import bpe
+
+if TYPE_CHECKING:
+  from lm.config import TokenizerConfig
+  from lm.tasks import DataConfig
 
 SPLITS = ('train', 'val')
 
@@ -74,7 +76,7 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
     train_docs = (doc for f in files for split, doc in corpus.split_documents(f, cfg.val_fraction)
                   if split == 'train')
     tokenizer = bpe.train(train_docs, tcfg.vocab_size, field='tokenizer.vocab_size')
-    _publish(directory, tokenizer.save)
+    files.publish_directory(directory, tokenizer.save)
   return tokenizers.load(directory)
 
 
@@ -148,7 +150,7 @@ def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory
         np.save(tmp / f'{name}.documents.npy', starts(document_sizes[name]))
     meta.update(counts)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
-  _publish(directory, write)
+  files.publish_directory(directory, write)
 
 
 def _write_documents(docs: list[str], tokenizer, layout: str, dtype, out, counts: dict[str, int],
@@ -169,22 +171,6 @@ def _write_documents(docs: list[str], tokenizer, layout: str, dtype, out, counts
   for ids in units:
     out.write(np.asarray(ids, dtype).tobytes())
     counts['num_tokens'] += len(ids)
-
-
-def _publish(directory: Path, write: Callable[[Path], None]) -> None:
-  """write(tmp) fills a temporary directory beside `directory`, then it is renamed into place:
-  an interrupted build leaves nothing half-written, and a concurrent one the first result."""
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix='.building-'))
-  try:
-    write(tmp)
-    try:
-      os.replace(tmp, directory)
-    except OSError:  # another process built the same directory first
-      if not directory.is_dir():
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_splits(splits: dict[str, Split], cfg: DataConfig, layout: str) -> None:

@@ -31,8 +31,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lm import models
-from lm.files import write_atomic
+from lm import files, models
 from lm.errors import ConfigError
 from lm.models import ModelConfig
 from lm.hf import bert, convert, gpt2, llama, mamba, mamba2, t5
@@ -72,9 +71,9 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
   state = convert.write(module.rules(cfg), models.plain_layout(cfg, params))
   directory = Path(path)
   directory.mkdir(parents=True, exist_ok=True)
-  save_file(state, str(directory / (WEIGHTS + '.tmp')), metadata={'format': 'pt'})
-  os.replace(directory / (WEIGHTS + '.tmp'), directory / WEIGHTS)
-  write_atomic(directory / 'config.json', json.dumps(config_to_hf(cfg), indent=2))
+  files.write_atomic(directory / WEIGHTS,
+                     lambda tmp: save_file(state, str(tmp), metadata={'format': 'pt'}))
+  files.write_atomic(directory / 'config.json', json.dumps(config_to_hf(cfg), indent=2))
 
 
 def architecture_of(cfg: ModelConfig) -> str:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lm.errors import ConfigError
 from lm.models import decoder, encdec, encoder
-from lm.models.base import ModelConfig, validate_common
+from lm.models.base import RUN_CHOICES, ModelConfig, TokenCounts, validate_common
 from lm.models.decoder import DecoderConfig
 from lm.models.encdec import EncDecConfig
 from lm.models.encoder import EncoderConfig
@@ -62,7 +62,7 @@ class Decoding(Protocol):
 class Family:
   config: type[ModelConfig]  # its frozen config dataclass: ModelConfig's keys plus its own
   build: Callable[[ModelConfig], nn.Module]
-  train_flops_per_token: Callable[..., float]  # (cfg, seq_len, mask_rate, target_len)
+  train_flops_per_token: Callable[[ModelConfig, TokenCounts], float]
   tasks: tuple[str, ...]  # the data.task values it trains on (lm.tasks)
   validate: Callable[[ModelConfig, int | None], None]  # its own keys' checks, and (with
                                                       # data.seq_len) its sequences' (ConfigError)
@@ -71,21 +71,24 @@ class Family:
   layout_for: Callable[[ModelConfig, dict], dict] = lambda cfg, params: params
   encoding: Callable[[ModelConfig], Any] | None = None  # mlm_logits, hidden (encoder.Encoding);
                                                        # None: no fill_mask or embed
+  run_choices: tuple[str, ...] = RUN_CHOICES  # model keys a run keeps from its config when it
+                                              # starts from a pretrained model
 
+
+DEFAULT_FAMILY = 'decoder'  # a model section without model.family
 
 FAMILIES = {
     'decoder': Family(DecoderConfig, decoder.Decoder,
-                      lambda cfg, seq_len, mask_rate, target_len: decoder.train_flops_per_token(
-                          cfg, seq_len),
+                      lambda cfg, c: decoder.train_flops_per_token(cfg, c.seq_len),
                       ('clm', 'sft'), decoder.validate, decoder.Decoding,
-                      decoder.plain_layout, decoder.layout_for),
+                      decoder.plain_layout, decoder.layout_for,
+                      run_choices=RUN_CHOICES + ('scan_layers', 'moe_aux_coef')),
     'encoder': Family(EncoderConfig, encoder.Encoder,
-                      lambda cfg, seq_len, mask_rate, target_len: encoder.train_flops_per_token(
-                          cfg, seq_len, mask_rate),
+                      lambda cfg, c: encoder.train_flops_per_token(cfg, c.seq_len, c.predicted),
                       ('mlm_nsp',), encoder.validate, encoding=encoder.Encoding),
     'encdec': Family(EncDecConfig, encdec.EncDec,
-                     lambda cfg, seq_len, mask_rate, target_len: encdec.train_flops_per_token(
-                         cfg, seq_len, target_len=target_len),
+                     lambda cfg, c: encdec.train_flops_per_token(cfg, c.seq_len,
+                                                                 target_len=c.target_len),
                      ('span', 'seq2seq'), encdec.validate, encdec.Decoding),
 }
 
@@ -115,6 +118,14 @@ def validate(cfg: ModelConfig, seq_len: int | None = None) -> None:
   fam.validate(cfg, seq_len)
 
 
+def pretrained(read: ModelConfig, configured: ModelConfig) -> ModelConfig:
+  """The model of a run that starts from a pretrained `read` (train.init_from): its
+  architecture, with the run's choices (its family's `run_choices`: dtype, remat, ...) taken
+  from the run's `configured` model where that is of the same family (else the common ones)."""
+  keys = family(read).run_choices if read.family == configured.family else RUN_CHOICES
+  return dataclasses.replace(read, **{k: getattr(configured, k) for k in keys})
+
+
 def build(cfg: ModelConfig) -> nn.Module:
   return family(cfg).build(cfg)
 
@@ -140,13 +151,13 @@ def encoding(cfg: ModelConfig):
   return make(cfg)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 1.0,
-                          target_len: int | None = None) -> float:
-  """Training FLOPs per token of data.seq_len; an encoder's vocabulary projection runs on the
-  share `mask_rate` of the tokens (the masked ones); an encoder-decoder's step also runs
-  target_len decoder tokens a row, their FLOPs spread over the seq_len encoder tokens
-  (encdec.encoder_flops_per_token and decoder_flops_per_token count them apart)."""
-  return family(cfg).train_flops_per_token(cfg, seq_len, mask_rate, target_len)
+def train_flops_per_token(cfg: ModelConfig, counts: TokenCounts) -> float:
+  """Training FLOPs per input token of a step whose rows hold `counts` (the task's
+  token_counts): an encoder's vocabulary projection runs on the share `predicted` of the
+  tokens; an encoder-decoder's step also runs target_len decoder tokens a row, their FLOPs
+  spread over the seq_len encoder tokens (encdec.encoder_flops_per_token and
+  decoder_flops_per_token count them apart)."""
+  return family(cfg).train_flops_per_token(cfg, counts)
 
 
 def plain_layout(cfg: ModelConfig, params: dict) -> dict:

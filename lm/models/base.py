@@ -12,6 +12,8 @@ POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'gelu_exact', 'relu', 'swiglu', 'geglu')
 REMATS = ('none', 'full', 'dots')
+RUN_CHOICES = ('dtype', 'remat')  # keys of how a model runs, not what it is: a run starting from
+                                  # a pretrained model keeps its own (Family.run_choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,17 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCounts:
+  """What one row of a training step holds, as its task counts it (Task.token_counts), for a
+  family's FLOP count: `seq_len` input tokens; of them the share `predicted` whose output
+  projection runs (an encoder's masked tokens; 1 for a causal model); `target_len` decoder
+  tokens beside them (an encoder-decoder's targets; None for the others)."""
+  seq_len: int
+  predicted: float = 1.0
+  target_len: int | None = None
 
 
 def validate_common(m: ModelConfig) -> None:

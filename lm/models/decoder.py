@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import backend
 from lm.errors import require
 from lm.models.base import ModelConfig
 from lm.models.layers import common, mlp
@@ -299,7 +300,7 @@ def decoding_params(cfg: DecoderConfig, params, rows: int) -> tuple[DecoderConfi
     [D, F] (`mlp.Mlp` reads either): XLA:CPU's matrix-vector product streams a kernel of
     more rows than columns faster that way, where at 2 to 8 rows it is slower so.
   (The measurements: experiments/README.md, Sampling.)"""
-  if jax.default_backend() != 'cpu':
+  if not backend.is_cpu():
     return cfg, params
   if cfg.tie_embeddings:
     cfg = dataclasses.replace(cfg, tie_embeddings=False)

@@ -11,9 +11,10 @@ corruption), `prepare(rng, batch) -> batch`. Causal batches carry `inputs`, `tar
 from __future__ import annotations
 
 import abc
+import dataclasses
 import gzip
 import lzma
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import grain
@@ -21,8 +22,22 @@ import jax
 import numpy as np
 
 from lm import models
-from lm.config import Config
 from lm.data import store
+from lm.models import TokenCounts
+
+if TYPE_CHECKING:
+  from lm.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The data keys of every task (data.*). Each task's own frozen config adds its keys to these
+  (its `data_config`), so a config lists only its task's keys."""
+  paths: tuple[str, ...] = ()  # globs of text or JSONL files; empty: the Python stdlib sources
+  seq_len: int = 256
+  val_fraction: float = 0.02
+  cache_dir: str = ''  # empty: ~/.cache/lm/tokens
+  task: str = 'clm'  # the task (lm.tasks.TASKS): clm | sft | mlm_nsp | span | seq2seq
 
 
 def shuffled_indices(count: int, seed: int) -> grain.MapDataset:
@@ -71,8 +86,11 @@ def compressed_bits_per_byte(text: bytes, context: bytes | None = None) -> dict[
 
 class Task(abc.ABC):
   """The interface; see the module docstring. A subclass sets `name`, `loss_fn`, `eval_fn`,
-  and either `layout` (the token store it reads) or its own `load`."""
+  and either `layout` (the token store it reads) or its own `load`; and, beside them, its data
+  keys (`data_config`), their checks (`validate`) and the tokens a step trains on
+  (`token_counts`)."""
   name: str
+  data_config: ClassVar[type[DataConfig]] = DataConfig  # the common keys plus its own
   layout: str  # lm.data.store's layout: 'documents' or 'lines'
   loss_fn: Any
   eval_fn: Any
@@ -87,10 +105,19 @@ class Task(abc.ABC):
   def __init__(self, cfg: Config, model: nn.Module, tokenizer, splits: dict[str, store.Split]):
     self.cfg, self.model, self.tokenizer, self.splits = cfg, model, tokenizer, splits
 
+  @staticmethod
+  def validate(data: DataConfig) -> None:
+    """Its own data keys' checks (ConfigError naming field, value, fix); the common keys are
+    lm.config's."""
+
+  @staticmethod
+  def token_counts(data: DataConfig) -> TokenCounts:
+    """What one row of a step trains on, for the FLOP count: data.seq_len tokens."""
+    return TokenCounts(data.seq_len)
+
   def train_flops_per_token(self) -> float:
     """Training FLOPs per token of data.seq_len (lm.models.train_flops_per_token)."""
-    return models.train_flops_per_token(self.cfg.model, self.cfg.data.seq_len,
-                                        self.cfg.data.mask_rate)
+    return models.train_flops_per_token(self.cfg.model, self.token_counts(self.cfg.data))
 
   @abc.abstractmethod
   def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:

@@ -10,6 +10,7 @@ fill-in-the-middle (lm.data.fim); evaluation windows stay left to right.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -20,7 +21,8 @@ import numpy as np
 
 from lm import objectives, parallel, sampling
 from lm.data import fim, store
-from lm.tasks.base import (Task, batched, compressed_bits_per_byte, shuffled_indices, spread,
+from lm.errors import require
+from lm.tasks.base import (DataConfig, Task, batched, compressed_bits_per_byte, shuffled_indices, spread,
                            stacked)
 
 SAMPLE_PROMPTS = ('import ', 'def ', 'class ')
@@ -69,9 +71,23 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: i
   return stacked([window(tokens, int(i), seq_len) for i in indices], batch_size, filler)
 
 
+@dataclasses.dataclass(frozen=True)
+class CausalData(DataConfig):
+  """clm's data keys: the common ones and fill-in-the-middle's."""
+  fim_rate: float = 0.0  # share of documents laid out for fill-in-the-middle (lm.data.fim)
+  fim_spm_rate: float = 0.5  # share of those laid out SPM (suffix first) rather than PSM
+
+
 class CausalLM(Task):
   name = 'clm'
   layout = 'documents'
+  data_config = CausalData
+
+  @staticmethod
+  def validate(data: CausalData) -> None:
+    for key in ('fim_rate', 'fim_spm_rate'):
+      require(0.0 <= getattr(data, key) <= 1.0, f'data.{key}', getattr(data, key),
+              'a probability: give a number in [0, 1] (fim_rate 0 turns fill-in-the-middle off)')
 
   def __init__(self, *args):
     super().__init__(*args)

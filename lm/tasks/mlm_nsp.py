@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import objectives
-from lm.config import ConfigError
+from lm.errors import ConfigError, require
+from lm.models import TokenCounts
 from lm.data.store import Split
 from lm.encoding import fill_mask
-from lm.tasks.base import Task, batched, shuffled_indices, spread, stacked
+from lm.tasks.base import DataConfig, Task, batched, shuffled_indices, spread, stacked
 
 FILL_EXAMPLES = ('for i in ra[MASK]ge(n):', 'def __init__(se[MASK]f):', 'import o[MASK]')
 IS_NEXT, RANDOM = 0, 1
@@ -149,9 +150,29 @@ def most_frequent_token(split: Split) -> int:
   return int(np.argmax(np.bincount(np.asarray(split.tokens))))
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskedData(DataConfig):
+  """mlm_nsp's data keys: the common ones and the share of tokens chosen for prediction."""
+  mask_rate: float = 0.15  # share of a sequence's tokens chosen for prediction
+
+
 class MaskedLM(Task):
   name = 'mlm_nsp'
   layout = 'lines'
+  data_config = MaskedData
+
+  @staticmethod
+  def validate(data: MaskedData) -> None:
+    require(0.0 < data.mask_rate < 1.0, 'data.mask_rate', data.mask_rate,
+            'the share of tokens chosen for prediction must be in (0, 1), e.g. 0.15')
+    require(data.seq_len >= 5, 'data.seq_len', data.seq_len,
+            '[CLS] A [SEP] B [SEP] needs at least 5 tokens (one each for A and B); '
+            'give data.seq_len >= 5, e.g. 128')
+
+  @staticmethod
+  def token_counts(data: MaskedData) -> TokenCounts:
+    """The vocabulary projection runs on the masked share of the tokens."""
+    return TokenCounts(data.seq_len, predicted=data.mask_rate)
 
   def __init__(self, *args):
     super().__init__(*args)

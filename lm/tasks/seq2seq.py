@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import models, objectives, parallel, sampling
-from lm.config import Config, ConfigError
+from lm import objectives, parallel, sampling
+from lm.errors import ConfigError, require
+from lm.models import TokenCounts
 from lm.data import conversations, corpus
-from lm.tasks.base import Task, batched, shuffled_indices, spread, stacked
+from lm.tasks.base import DataConfig, Task, batched, shuffled_indices, spread, stacked
+
+if TYPE_CHECKING:
+  from lm.config import Config
 
 KEYS = ('inputs', 'input_mask', 'targets', 'loss_mask')
 
@@ -101,10 +106,26 @@ def most_frequent_target(rows: dict[str, np.ndarray]) -> int:
   return int(np.argmax(np.bincount(rows['targets'][rows['loss_mask']])))
 
 
+@dataclasses.dataclass(frozen=True)
+class PairsData(DataConfig):
+  """seq2seq's data keys: the common ones (data.seq_len: the input's tokens) and the target's."""
+  target_len: int = 64  # target tokens a row, EOS included
+
+
 class Seq2Seq(Task):
   """The seq2seq task; also the base of span corruption, which sets `val_rows` (every
   validation row, ready for the loss) and `train_dataset` its own way."""
   name = 'seq2seq'
+  data_config = PairsData
+
+  @staticmethod
+  def validate(data: PairsData) -> None:
+    require(data.target_len > 0, 'data.target_len', data.target_len, 'must be positive')
+
+  @staticmethod
+  def token_counts(data: PairsData) -> TokenCounts:
+    """seq_len input tokens and target_len target tokens a row."""
+    return TokenCounts(data.seq_len, target_len=data.target_len)
 
   @classmethod
   def load(cls, cfg: Config, tokenizer) -> dict[str, Pairs]:
@@ -131,9 +152,6 @@ class Seq2Seq(Task):
   def target_len(self) -> int:
     return self.cfg.data.target_len
 
-  def train_flops_per_token(self) -> float:
-    return models.train_flops_per_token(self.cfg.model, self.cfg.data.seq_len,
-                                        target_len=self.target_len)
 
   def batch_shapes(self):
     b, s, t = self.cfg.train.batch_size, self.cfg.data.seq_len, self.target_len

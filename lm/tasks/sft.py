@@ -1,5 +1,5 @@
 """Instruction tuning (`sft`, decoders): conversations (lm.data.conversations) rendered by
-lm.chat.render, packed into rows, trained with the one causal loss on assistant tokens only.
+lm.data.chat_template.render, packed into rows, trained with the one causal loss on assistant tokens only.
 
 Packing: the conversations of a split, in a fixed order (shuffled once by train.seed), fill rows
 of data.seq_len + 1 tokens one after another; one that does not fit in what is left of a row
@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import chat, objectives, parallel, sampling
-from lm.config import Config
-from lm.data import conversations
+from lm import objectives, parallel, sampling
+from lm.data import chat_template, conversations
 from lm.tasks.base import Task, batched, shuffled_indices, spread, stacked
+
+if TYPE_CHECKING:
+  from lm.config import Config
 
 KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
 EOT_PROMPTS = 64  # held-out prompts the end-of-turn rate is measured on (the first that fit)
@@ -90,14 +93,14 @@ def load(cfg: Config, tokenizer) -> dict[str, Packed]:
   found = {'train': [], 'val': []}
   for split, where, messages in conversations.split_conversations(cfg.data.paths,
                                                                     cfg.data.val_fraction):
-    chat.check(messages, where)
+    chat_template.check(messages, where)
     found[split].append(messages)
   out = {}
   for split, convs in found.items():
     kept = [m for m in convs if any(x['role'] == 'assistant' for x in m)]
     if split == 'train':
       kept = [kept[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(kept))]
-    rendered = [chat.render(tokenizer, m) for m in kept]
+    rendered = [chat_template.render(tokenizer, m) for m in kept]
     *arrays, cut = pack(rendered, cfg.data.seq_len + 1, tokenizer.pad_id)
     out[split] = Packed(*arrays, kept, cut, len(convs) - len(kept))
   return out
@@ -149,7 +152,7 @@ class InstructionTuning(Task):
     out, room = [], self.cfg.model.max_len - max(1, self.cfg.train.sample_len)
     for messages in self.splits['val'].conversations:
       first = next(i for i, m in enumerate(messages) if m['role'] == 'assistant')
-      ids, _ = chat.render(self.tokenizer, messages[:first], add_generation_prompt=True)
+      ids, _ = chat_template.render(self.tokenizer, messages[:first], add_generation_prompt=True)
       if first and len(ids) <= room:
         out.append((messages[:first], ids))
     return out[:EOT_PROMPTS]

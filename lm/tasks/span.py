@@ -12,15 +12,17 @@ the most frequent target token, and a few corrupted inputs with the model's fill
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import ConfigError, require
+from lm.models import TokenCounts
 from lm.data import span
-from lm.tasks.base import batched, shuffled_indices
+from lm.tasks.base import DataConfig, batched, shuffled_indices
 from lm.tasks.seq2seq import Seq2Seq
 
 
@@ -40,9 +42,40 @@ def rows(tokens: np.ndarray, raw_len: int) -> np.ndarray:
   return np.asarray(tokens[:count * raw_len], np.int32).reshape(count, raw_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class SpanData(DataConfig):
+  """span's data keys: the common ones (data.seq_len: the corrupted input's tokens, from which
+  the targets' length follows) and the noise's."""
+  noise_density: float = 0.15  # share of a row's raw tokens that are noise
+  mean_noise_span: float = 3.0  # mean length of a noise span
+
+
 class SpanCorruption(Seq2Seq):
   name = 'span'
   layout = 'documents'
+  data_config = SpanData
+
+  @staticmethod
+  def validate(d: SpanData) -> None:
+    """The noise settings, and that data.seq_len holds a corrupted row."""
+    require(0.0 < d.noise_density < 1.0, 'data.noise_density', d.noise_density,
+            'the share of noise tokens must be in (0, 1), e.g. 0.15 (T5)')
+    require(d.mean_noise_span >= 1.0, 'data.mean_noise_span', d.mean_noise_span,
+            'a noise span holds at least one token: give >= 1, e.g. 3 (T5)')
+    n = span.lengths(d.seq_len, d.noise_density, d.mean_noise_span)
+    require(n is not None, 'data.seq_len', d.seq_len,
+            'too short for one noise span: a corrupted row needs a kept token, a sentinel and '
+            'EOS; give >= 3, e.g. 256')
+    require(n.raw - n.noise >= n.spans, 'data.noise_density', d.noise_density,
+            f'with data.mean_noise_span={d.mean_noise_span}, a row of {n.raw} tokens has '
+            f'{n.spans} noise spans but only {n.raw - n.noise} other tokens to separate them; '
+            'lower the density or raise the mean span')
+
+  @staticmethod
+  def token_counts(d: SpanData) -> TokenCounts:
+    """seq_len corrupted input tokens and the targets' tokens a row."""
+    return TokenCounts(d.seq_len, target_len=span.lengths(d.seq_len, d.noise_density,
+                                                          d.mean_noise_span).targets)
 
   @classmethod
   def load(cls, cfg, tokenizer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from lm import files
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.tokenizers import bpe
 from lm.tokenizers.tokenizer import (BYTES_FIRST_SPECIAL, CL100K_FIRST_SPECIAL, FORMAT, GPT4_PATTERN,
                                      SENTINELS, SPECIAL_TOKENS, StreamDecoder, Tokenizer,

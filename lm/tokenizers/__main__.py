@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lm import tokenizers
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.data import corpus
 from lm.tokenizers import bpe
 

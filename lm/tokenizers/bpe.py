@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import regex
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.tokenizers.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer, bpe_tokenizer
 
 Pair = tuple[int, int]

@@ -28,7 +28,7 @@ import numpy as np
 import tiktoken
 
 from lm import files
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 # The GPT-4 (cl100k) split: contractions, letters with one leading non-letter (the space goes
 # with the next word), numbers of 1-3 digits, punctuation runs, newlines, other whitespace.

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import backend
 from lm.models.layers.common import (DenseParams, INIT_STD, fused_projection, normal, rope,
                                      visible, zeros)
 from lm.models.layers.kv_cache import KVCache, cached_attention, write_kv_cache
@@ -27,7 +28,7 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
   see."""
   kwargs = dict(causal=causal, window=window, key_valid_BxS=key_valid_BxS,
                 segment_ids_BxT=segment_ids_BxT, bias_HxTxS=bias_HxTxS, scaled=scaled)
-  if jax.default_backend() in ('gpu', 'tpu'):
+  if backend.fused_attention():
     return fused_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, **kwargs)
   return blocked_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, **kwargs, block=block)
 

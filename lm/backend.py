@@ -1,0 +1,66 @@
+"""What lm does differently by backend, in one place; most of it is for XLA:CPU:
+
+- `import lm` sets XLA_FLAGS so that XLA:CPU runs float32 matmuls with Eigen, not YNNPACK
+  (jaxlib 0.10-0.11's default): Eigen's run the train step faster on the CPUs measured
+  (experiments/README.md, Train step). The flag only touches the CPU backend and takes effect
+  if set before JAX starts one; a value of the user's own in XLA_FLAGS wins.
+- `decoding_jit`: the decoding loops compile with YNNPACK's matmuls on CPU (a decode step
+  multiplies a few rows by each weight matrix, which YNNPACK does faster: experiments/README.md,
+  Sampling).
+- `is_cpu()`: the decoder lays out its weights for the CPU's decode loops
+  (lm.models.decoder.decoding_params: an untied head copy, transposed MLP down kernels).
+- `fused_attention()`: on GPU and TPU attention runs through jax.nn.dot_product_attention (cuDNN
+  where it applies); on CPU, lm's blocked attention.
+
+This module imports jax only inside its functions: `import lm` runs it before JAX starts.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+CPU_MATMUL_FLAG = '--xla_cpu_experimental_ynn_fusion_type='
+_SET_BY_LM = 'LM_XLA_FLAGS'  # the XLA_FLAGS lm set, so that a child process (a test worker)
+# that inherits them does not take lm's choice for the user's
+USER_CHOSE_CPU_MATMULS = (CPU_MATMUL_FLAG.split('=')[0] in os.environ.get('XLA_FLAGS', '')
+                          and os.environ.get('XLA_FLAGS') != os.environ.get(_SET_BY_LM))
+YNN_MATMULS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def set_cpu_matmul_flags() -> None:
+  """Eigen's matmuls for XLA:CPU, unless the user's XLA_FLAGS chose (run by `import lm`)."""
+  if not USER_CHOSE_CPU_MATMULS and CPU_MATMUL_FLAG not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MATMUL_FLAG}".strip()
+    os.environ[_SET_BY_LM] = os.environ['XLA_FLAGS']
+
+
+def is_cpu() -> bool:
+  import jax
+  return jax.default_backend() == 'cpu'
+
+
+def fused_attention() -> bool:
+  """Whether attention runs through jax.nn.dot_product_attention (GPU, TPU)."""
+  import jax
+  return jax.default_backend() in ('gpu', 'tpu')
+
+
+def decoding_jit(**jit_kwargs):
+  """jax.jit for a decoding loop: on CPU compiled with YNNPACK's matmuls, not the Eigen ones
+  `import lm` picks for training, unless the user's XLA_FLAGS chose; other backends compile as
+  jax.jit would."""
+  import jax
+
+  def wrap(fn):
+    plain = jax.jit(fn, **jit_kwargs)
+    ynn = jax.jit(fn, **jit_kwargs, compiler_options=YNN_MATMULS)
+
+    def jitted():
+      return ynn if is_cpu() and not USER_CHOSE_CPU_MATMULS else plain
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      return jitted()(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
+    return call
+  return wrap
