@@ -222,6 +222,7 @@ def parse(config: ml_collections.ConfigDict | dict[str, Any], *,
   tokenizer = _section('tokenizer', TokenizerConfig, dict(raw.get('tokenizer', {})), {})
   model = _model_section(dict(raw.get('model', {})),
                          vocab_size(tokenizer) if callable(vocab_size) else vocab_size)
+  _trains_on(model, raw.get('data', {}).get('task', DataConfig.task))  # before the task's keys
   cfg = Config(model=model, tokenizer=tokenizer, data=_data_section(dict(raw.get('data', {}))),
                **{name: _section(name, cls, dict(raw.get(name, {})), {})
                   for name, cls in SECTIONS.items()
@@ -263,13 +264,16 @@ def _positive(section: Any, prefix: str, names: Sequence[str]) -> None:
     require(value > 0, f'{prefix}.{name}', value, 'must be positive')
 
 
+def _trains_on(m: ModelConfig, task: str) -> None:
+  trains_on = models.family(m).tasks
+  require(task in trains_on, 'data.task', task, f'a model.family={m.family!r} trains on {trains_on}')
+
+
 def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
   _positive(d, 'data', ['seq_len'])
   models.validate(m, d.seq_len)
-  trains_on = models.family(m).tasks
-  require(d.task in trains_on, 'data.task', d.task,
-          f'a model.family={m.family!r} trains on {trains_on}')
+  _trains_on(m, d.task)
   tasks.validate(d)
   require(0.0 < d.val_fraction < 1.0, 'data.val_fraction', d.val_fraction,
           'must be in (0, 1)')

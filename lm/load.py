@@ -29,6 +29,11 @@ def is_hugging_face(directory: Path) -> bool:
   return path.is_file() and 'model_type' in json.loads(path.read_text())
 
 
+def is_lm_workdir(path: Path) -> bool:
+  """A run directory of lm.main (its config.json), not a Hugging Face directory."""
+  return (Path(path) / 'config.json').is_file() and not is_hugging_face(path)
+
+
 def _check(path: Path) -> None:
   if not (path / 'config.json').is_file():
     raise ConfigError(f'--workdir={str(path)!r}: no config.json; give a run directory of '
@@ -65,6 +70,7 @@ def model(path: Path, tokenizer_name: str | None = None):
   """(ModelConfig, params in the config's layout, tokenizer) of an lm workdir or a Hugging Face
   directory."""
   _check(Path(path))
-  tok = tokenizer(path, tokenizer_name)
+  if is_hugging_face(path):  # its tokenizer named before its weights are read
+    tokenizer(path, tokenizer_name)
   cfg, plain = params(path)
-  return cfg, models.layout_for(cfg, plain), tok
+  return cfg, models.layout_for(cfg, plain), tokenizer(path, tokenizer_name)

@@ -291,7 +291,7 @@ def pretrained_params(cfg: Config) -> Any:
 def pretrained_tokenizer(cfg: Config) -> tokenizers.Tokenizer | None:
   """The tokenizer of an lm workdir in train.init_from, which must be the config's kind."""
   path = Path(cfg.train.init_from)
-  if not cfg.train.init_from or load.is_hugging_face(path):
+  if not cfg.train.init_from or not load.is_lm_workdir(path):
     return None
   tokenizer = tokenizers.load(path / 'tokenizer')
   t = cfg.tokenizer

@@ -47,12 +47,12 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'lm' / 'tokens'
 
 
-def fingerprint(files: list[corpus.SourceFile], what: str, val_fraction: float) -> str:
+def fingerprint(sources: list[corpus.SourceFile], what: str, val_fraction: float) -> str:
   """Names what is built (`what`) from these files, as they are now, split so."""
   h = hashlib.sha256()
   # format 2: the documents of a JSONL file split one by one (format 1: by file)
   h.update(json.dumps({'tokenizer': what, 'val_fraction': val_fraction, 'format': 2}).encode())
-  for f in files:
+  for f in sources:
     st = f.path.stat()
     h.update(f'{f.key}\0{f.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()[:20]
@@ -67,13 +67,14 @@ def load_or_train_tokenizer(tcfg: TokenizerConfig, cfg: DataConfig) -> tokenizer
   cached under a fingerprint of that split and the vocabulary size."""
   if tcfg.kind != 'bpe':
     return tokenizers.load(tcfg.kind)
-  files = corpus.list_files(cfg.paths)
+  sources = corpus.list_files(cfg.paths)
   what = f'bpe-{tcfg.vocab_size}-{tokenizers.GPT4_PATTERN}-format{tokenizers.FORMAT}'
-  directory = cache_dir(cfg) / f'bpe-{fingerprint(files, what, cfg.val_fraction)}'
+  directory = cache_dir(cfg) / f'bpe-{fingerprint(sources, what, cfg.val_fraction)}'
   if not (directory / 'tokenizer.json').is_file():
     print(f'training a byte-level BPE of {tcfg.vocab_size} ids on the train split '
-          f'(of {len(files)} files)', flush=True)
-    train_docs = (doc for f in files for split, doc in corpus.split_documents(f, cfg.val_fraction)
+          f'(of {len(sources)} files)', flush=True)
+    train_docs = (doc for f in sources
+                  for split, doc in corpus.split_documents(f, cfg.val_fraction)
                   if split == 'train')
     tokenizer = bpe.train(train_docs, tcfg.vocab_size, field='tokenizer.vocab_size')
     files.publish_directory(directory, tokenizer.save)
@@ -100,10 +101,10 @@ def cached_json(directory: Path, name: str, compute: Callable[[], dict]) -> dict
 
 def load_or_build(cfg: DataConfig, tokenizer: tokenizers.Tokenizer,
                   layout: str = 'documents') -> dict[str, Split]:
-  files = corpus.list_files(cfg.paths)
+  sources = corpus.list_files(cfg.paths)
   directory = directory_of(cfg, tokenizer, layout)
   if not (directory / 'meta.json').is_file():
-    _build(files, tokenizer, cfg, directory, layout)
+    _build(sources, tokenizer, cfg, directory, layout)
   splits = _load(directory)
   _check_splits(splits, cfg, layout)
   return splits
@@ -123,18 +124,18 @@ def _load(directory: Path) -> dict[str, Split]:
           for name in SPLITS}
 
 
-def _build(files: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory: Path,
+def _build(sources: list[corpus.SourceFile], tokenizer, cfg: DataConfig, directory: Path,
            layout: str) -> None:
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
   def write(tmp: Path) -> None:
-    meta = {'dtype': np.dtype(dtype).name, 'files': len(files), 'layout': layout}
+    meta = {'dtype': np.dtype(dtype).name, 'files': len(sources), 'layout': layout}
     counts = {name: {'num_tokens': 0, 'num_bytes': 0, 'num_files': 0, 'num_documents': 0}
               for name in SPLITS}
     outs = {name: open(tmp / f'{name}.bin', 'wb') for name in SPLITS}
     line_lengths = {name: [] for name in SPLITS}  # `lines` layout
     document_sizes = {name: [] for name in SPLITS}  # lines per document
-    for f in tqdm(files, desc='tokenizing corpus', unit='file', leave=False):
+    for f in tqdm(sources, desc='tokenizing corpus', unit='file', leave=False):
       docs = {name: [] for name in SPLITS}
       for name, doc in corpus.split_documents(f, cfg.val_fraction):
         docs[name].append(doc)
