@@ -4,9 +4,9 @@ pre-trained with T5's span corruption (15% noise in spans of mean length 3) on t
 sources, with a byte-level BPE of 2048 ids (100 of them sentinels) trained on them at the start
 (cached). Inputs of 256 tokens; targets of the length T5's arithmetic gives them.
 
-About 7.5 minutes on 2 CPU cores (7m34s measured); the final report gives the target loss,
-the per-token accuracy beside the most frequent target token's, and a few corrupted inputs with
-the model's fills.
+Sized to a few minutes on 2 CPU cores (its time: experiments/README.md, Encoder-decoder); the
+final report gives the target loss, the per-token accuracy beside the most frequent target
+token's, and a few corrupted inputs with the model's fills.
 
   python -m lm.main --config=configs/encdec.py [--config.model.mlp=relu ...]
   # the original transformer instead of T5:

@@ -1,8 +1,8 @@
 """The CPU-sized Mamba: the decoder default's data (with the byte tokenizer and batch 32 of
-128, as measured) and every layer a Mamba-1 selective SSM mixer (no attention, no MLP, no positions): 6 layers of d_model 128, inner width
-256, 8 states, about the decoder default's parameters (0.70M against 0.77M). A Mamba step
-costs more than the decoder's on CPU (the scan), so it takes 750 steps to the decoder's 1000,
-about the same 10 minutes on 2 cores. Its bits per byte beside the decoder default's: README.
+128) and every layer a Mamba-1 selective SSM mixer (no attention, no MLP, no positions): 6
+layers of d_model 128, inner width 256, 8 states, about the parameters of the byte-level
+decoder it was sized against. A Mamba step costs more than the decoder's on CPU (the scan), so
+it takes 750 steps, sized to about 10 minutes on 2 cores. Its figures: experiments/README.md.
 
   python -m lm.main --config=configs/mamba.py [--config.model.scan=chunked ...]
 """

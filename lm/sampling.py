@@ -72,7 +72,7 @@ class TopK:
     if self.k >= logits_BxV.shape[-1]:
       return logits_BxV
     # The least of the top k, not its last column: XLA:CPU turns a top_k whose output is
-    # sliced into a full sort (8 x 8192, k = 50: 10.7 against 0.2 ms).
+    # sliced into a full sort (measured: experiments/README.md, Sampling).
     kth_Bx1 = jnp.min(jax.lax.top_k(logits_BxV, self.k)[0], axis=-1, keepdims=True)
     return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
 
@@ -311,8 +311,8 @@ def first_argmax(x_BxV: jax.Array) -> jax.Array:
 
 def draw(logits_BxV: jax.Array, key: jax.Array) -> jax.Array:
   """A token per row from softmax(logits) by inverse CDF: one uniform number per row, where
-  jax.random.categorical draws Gumbel noise for every logit (at batch 8 x 8192 on CPU: 0.65
-  against 1.7 ms). A token of probability 0 (a -inf logit) is never drawn."""
+  jax.random.categorical draws Gumbel noise for every logit (faster on CPU: experiments/README.md,
+  Sampling). A token of probability 0 (a -inf logit) is never drawn."""
   probs_BxV = _probs(logits_BxV)
   cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
   u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]

@@ -1,4 +1,6 @@
-"""The seams the code is built on: the layer kinds are a registry that nothing else branches on."""
+"""The seams the code is built on: layer kinds, tasks and families are registries nothing else
+branches on; lm/ has no import cycle (inside functions too); the decoding interfaces and
+per-layer states satisfy their protocols; a data key of another task names its owner."""
 import ast
 from pathlib import Path
 
