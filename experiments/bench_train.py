@@ -54,8 +54,7 @@ SEQ_LEN, BATCH = 256, 16
 def lm_step_fn(cfg: DecoderConfig, t: TrainConfig):
   """A compiled lm train step on a mesh of every device, and its initial state."""
   model = models.build(cfg)
-  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply,
-                              aux_coef=cfg.moe_aux_coef if cfg.num_experts else 0.0)
+  loss_fn = functools.partial(objectives.clm_loss, apply_fn=model.apply)  # with moe_aux
   return compiled_steps(model, loss_fn, t, SEQ_LEN, random_batch())
 
 

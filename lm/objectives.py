@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm.models.layers import mlp
 
 ApplyFn = Callable[..., jax.Array]
 
@@ -30,34 +29,26 @@ def _packing(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: batch[k] for k in PACKING if k in batch}
 
 
-def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,
-             aux_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true; with `aux_coef`,
-  plus that times the mixture-of-experts load-balancing loss (metrics: `nll`, `moe_aux`, and
-  `loss_tokens`, the count of targets the mean is over).
+def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *,
+             apply_fn: ApplyFn) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true, plus each auxiliary
+  loss the model returns (`with_aux=True`: name -> (value, weight); a mixture of experts'
+  `moe_aux`) times its weight (metrics: `loss`, with auxiliary losses also `nll` and each of
+  them, and `loss_tokens`, the count of targets the mean is over).
   A batch of packed rows also carries `segment_ids` and `positions` [B, T]: no token attends
   across (or carries a scan state across) two segments, and positions restart in each."""
   del rng  # the decoder has no dropout
-  packing = _packing(batch)
-  if aux_coef:
-    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], mutable=['intermediates'],
-                                   **packing)
-  else:
-    logits_BxTxV, state = apply_fn({'params': params}, batch['inputs'], **packing), {}
+  logits_BxTxV, aux = apply_fn({'params': params}, batch['inputs'], with_aux=True,
+                               **_packing(batch))
   nll_BxT = token_nll(logits_BxTxV, batch['targets'])
   mask_BxT = batch['loss_mask']
   tokens = jnp.sum(mask_BxT)
   nll = jnp.sum(nll_BxT * mask_BxT) / jnp.maximum(tokens, 1)
-  if not aux_coef:
+  if not aux:
     return nll, {'loss': nll, 'loss_tokens': tokens}
-  aux = mlp.load_balancing_loss(_sown(state, 'router_probs'), _sown(state, 'expert_mask'))
-  loss = nll + aux_coef * aux
-  return loss, {'loss': loss, 'nll': nll, 'moe_aux': aux, 'loss_tokens': tokens}
-
-
-def _sown(state: dict, name: str) -> list[jax.Array]:
-  return [x for path, x in jax.tree_util.tree_leaves_with_path(state)
-          if name in jax.tree_util.keystr(path)]
+  loss = nll + sum(weight * value for value, weight in aux.values())
+  return loss, {'loss': loss, 'nll': nll, **{k: value for k, (value, _) in aux.items()},
+                'loss_tokens': tokens}
 
 
 def clm_eval_sums(params, batch: dict[str, jax.Array], rng: jax.Array, *, apply_fn: ApplyFn,

@@ -27,8 +27,8 @@ from tests.sharded_check import causal_batches, small_config
 V_DECODER, V_ENCDEC = 264, 376  # divisible by a tensor axis of 8
 
 
-def clm(model, aux_coef=0.0):
-  return functools.partial(objectives.clm_loss, apply_fn=model.apply, aux_coef=aux_coef)
+def clm(model):  # with a mixture of experts, its load-balancing loss at moe_aux_coef
+  return functools.partial(objectives.clm_loss, apply_fn=model.apply)
 
 
 def families(rng):
@@ -58,7 +58,7 @@ def families(rng):
   return {
       'gpt2': (gpt2, clm, causal, V_DECODER, mlp_kernel, None),
       'llama_gqa': (llama, clm, causal, V_DECODER, ('block_0', 'attn', 'key', 'kernel'), None),
-      'moe': (moe, lambda m: clm(m, 0.01), causal, V_DECODER,
+      'moe': (moe, clm, causal, V_DECODER,
               ('block_0', 'moe', 'up'), None),
       'mamba': (mamba, clm, causal, V_DECODER, ('block_0', 'mamba', 'in_proj', 'kernel'), None),
       'hybrid': (hybrid, clm, causal, V_DECODER, ('block_0', 'mamba', 'in_proj', 'kernel'), None),

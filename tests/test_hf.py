@@ -80,8 +80,9 @@ def test_mixtral_auxiliary_loss_and_its_older_checkpoint_layout(tmp_path):
   theirs.save_pretrained(tmp_path / 'hf')
   cfg, params = hf.load(tmp_path / 'hf')
   model = models.build(cfg)
+  weighted = models.build(dataclasses.replace(cfg, moe_aux_coef=0.5))  # the loss's weight
   batch = {'inputs': TOKENS, 'targets': TOKENS, 'loss_mask': np.ones(TOKENS.shape, bool)}
-  loss, metrics = objectives.clm_loss(params, batch, None, apply_fn=model.apply, aux_coef=0.5)
+  loss, metrics = objectives.clm_loss(params, batch, None, apply_fn=weighted.apply)
   np.testing.assert_allclose(float(metrics['moe_aux']), expected, rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(metrics['nll']) + 0.5 * expected, rtol=1e-5)
   # transformers writes each expert's w1 (gate), w3 (up), w2 (down) under block_sparse_moe;

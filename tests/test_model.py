@@ -249,7 +249,7 @@ def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
   moe = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
   p = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x)['params'])
-  out = np.asarray(moe.apply({'params': p}, x)).reshape(-1, cfg.d_model)
+  out = np.asarray(moe.apply({'params': p}, x)[0]).reshape(-1, cfg.d_model)  # (y, stats)
   silu = lambda z: z / (1 + np.exp(-z))
   for n, token in enumerate(np.asarray(x).reshape(-1, cfg.d_model)):
     probs = np.exp(token @ p['router'])
@@ -309,12 +309,10 @@ def test_remat_and_scan_give_the_plain_models_outputs_and_gradients(variant):
   tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 16), 0, 256)
 
   def loss(cfg, params):
-    logits, state = models.build(cfg).apply({'params': params}, tokens[:, :-1],
-                                            mutable=['intermediates'])
+    logits, aux_losses = models.build(cfg).apply({'params': params}, tokens[:, :-1],
+                                                 with_aux=True)
     nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-    probs = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'router' in str(p)]
-    masks = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if 'mask' in str(p)]
-    aux = mlp.load_balancing_loss(probs, masks) if probs else 0.0
+    aux = aux_losses['moe_aux'][0] if aux_losses else 0.0  # the experts' load balancing
     return nll + 0.01 * aux, logits
 
   (want, want_logits), want_grads = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(

@@ -20,7 +20,7 @@ def test_clm_loss_equals_numpy_cross_entropy_without_padding():
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
   targets = rng.integers(0, 6, (2, 5))
   targets[1, 3:] = 6  # padding
-  apply_fn = lambda variables, inputs: jnp.asarray(logits)
+  apply_fn = lambda variables, inputs, with_aux: (jnp.asarray(logits), {})  # no aux losses
   batch = {'inputs': targets, 'targets': targets, 'loss_mask': targets != 6}
   loss, metrics = objectives.clm_loss({}, batch, None, apply_fn=apply_fn)
   nll = numpy_nll(logits.astype(np.float64), targets)

@@ -96,7 +96,9 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
 
 class Block(nn.Module):
   """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
-  `cache` is this layer's decoding state (LayerKind.init_state), None in training."""
+  `cache` is this layer's decoding state (LayerKind.init_state), None in training. Returns
+  (x_BxTxD, cache, router_stats): a mixture of experts' (mean router probabilities_E, share
+  of assignments_E) over the tokens (mlp.MoeMlp), else ()."""
   cfg: DecoderConfig
   kind: str  # a letter of LAYER_KINDS
 
@@ -112,16 +114,16 @@ class Block(nn.Module):
                                                positions_BxT=positions_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
     if not cfg.mlp_dim:
-      return x_BxTxD if cache is None else (x_BxTxD, cache)
+      return x_BxTxD, cache, ()
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
     if cfg.num_experts:
-      ffn = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype, out_std,
-                       name='moe')
+      h_BxTxD, stats = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype,
+                                  out_std, name='moe')(h_BxTxD)
     else:
-      ffn = mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std, name='mlp')
-    x_BxTxD = x_BxTxD + ffn(h_BxTxD)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
-    return x_BxTxD if cache is None else (x_BxTxD, cache)
+      h_BxTxD, stats = mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
+                               name='mlp')(h_BxTxD), ()
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
+    return x_BxTxD, cache, stats
 
 
 def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
@@ -134,16 +136,16 @@ def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
 
 def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B,
                segment_ids_BxT=None, positions_BxT=None):
-  """The blocks in order; with caches (one per block), also their updated caches."""
-  if caches is None:
-    for block in blocks:
-      x_BxTxD = block(x_BxTxD, None, 0, None, segment_ids_BxT, positions_BxT)
-    return x_BxTxD, None
-  new_caches = []
-  for block, cache in zip(blocks, caches):
-    x_BxTxD, cache = block(x_BxTxD, cache, index, start_B)
+  """The blocks in order: x, their updated caches (None in training) and each block's router
+  statistics (Block)."""
+  new_caches, stats = [], []
+  for i, block in enumerate(blocks):
+    cache = None if caches is None else caches[i]
+    x_BxTxD, cache, block_stats = block(x_BxTxD, cache, index, start_B, segment_ids_BxT,
+                                        positions_BxT)
     new_caches.append(cache)
-  return x_BxTxD, new_caches
+    stats.append(block_stats)
+  return x_BxTxD, None if caches is None else new_caches, stats
 
 
 class Period(nn.Module):
@@ -158,14 +160,17 @@ class Period(nn.Module):
     cls = block_class(self.cfg, decoding=caches is not None)
     blocks = [cls(self.cfg, kind, name=f'block_{j}')
               for j, kind in enumerate(self.cfg.layer_kinds[:self.cfg.period])]
-    x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids_BxT,
-                                 positions_BxT)
-    return x_BxTxD, (None if caches is None else tuple(caches))
+    x_BxTxD, caches, stats = run_blocks(blocks, x_BxTxD, caches, index, start_B,
+                                        segment_ids_BxT, positions_BxT)
+    return x_BxTxD, (None if caches is None else tuple(caches), tuple(stats))
 
 
 class Decoder(nn.Module):
   """tokens_BxT (int) -> logits_BxTxV (float32); with a cache (see `prefill`), also the cache,
   whose rows may be left-padded (cache['start']: the column each row's tokens begin at).
+  With `with_aux` (training), also the model's auxiliary losses, name -> (value, weight in the
+  objective): a mixture of experts' load-balancing loss `moe_aux` (weight moe_aux_coef; left
+  out at weight 0); {} for a model without one.
   Packed training rows pass `segment_ids` and `positions` [B, T]: a token attends to (and a
   scan layer carries its state within) its own segment only, at its position in it.
   Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
@@ -175,7 +180,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, cache: dict | None = None,
-               segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               with_aux: bool = False):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     index = 0 if cache is None else cache['index']
     start_B = None if cache is None else cache['start']
@@ -193,18 +199,18 @@ class Decoder(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
     caches = None if cache is None else cache['layers']
     if cfg.scan_layers:
-      stack = nn.scan(Period, variable_axes={'params': 0, 'intermediates': 0},
+      stack = nn.scan(Period, variable_axes={'params': 0},
                       split_rngs={'params': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.num_layers // cfg.period,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxD, caches = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B, segment_ids,
-                                                  positions)
+      x_BxTxD, (caches, stats) = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B,
+                                                           segment_ids, positions)
     else:
       cls = block_class(cfg, decoding=cache is not None)
       blocks = [cls(cfg, kind, name=f'block_{i}') for i, kind in enumerate(cfg.layer_kinds)]
-      x_BxTxD, caches = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids,
-                                   positions)
+      x_BxTxD, caches, stats = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids,
+                                          positions)
     x_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
@@ -213,10 +219,17 @@ class Decoder(nn.Module):
                               kernel_init=common.normal(('embed', 'vocab')))(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32),
                                               ('batch', 'length', 'vocab'))
-    if cache is None:
+    if cache is not None:
+      return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'start': start_B,
+                            'layers': caches}
+    if not with_aux:
       return logits_BxTxV
-    return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'start': start_B,
-                          'layers': caches}
+    moe = [s for s in stats if s]  # each (probs_E, shares_E), stacked [R, E] when scanned
+    if not moe or not cfg.moe_aux_coef:
+      return logits_BxTxV, {}
+    return logits_BxTxV, {'moe_aux': (mlp.load_balancing_loss([p for p, _ in moe],
+                                                              [f for _, f in moe]),
+                                      cfg.moe_aux_coef)}
 
 
 def layout_for(cfg: DecoderConfig, params: dict) -> dict:

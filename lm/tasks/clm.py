@@ -92,10 +92,7 @@ class CausalLM(Task):
   def __init__(self, *args):
     super().__init__(*args)
     tok = self.tokenizer
-    self.loss_fn = functools.partial(
-        objectives.clm_loss, apply_fn=self.model.apply,
-        aux_coef=getattr(self.cfg.model, 'moe_aux_coef', 0.0)
-        if getattr(self.cfg.model, 'num_experts', 0) else 0.0)  # experts' load balancing
+    self.loss_fn = functools.partial(objectives.clm_loss, apply_fn=self.model.apply)
     self.eval_fn = functools.partial(objectives.clm_eval_sums, apply_fn=self.model.apply,
                                      token_bytes_V=jnp.asarray(tok.token_bytes()))
 

@@ -81,7 +81,8 @@ class MoeMlp(nn.Module):
   `experts_per_token` experts, their weights renormalised to sum to 1; no token is dropped.
   The assignments are sorted by expert and each expert multiplies only its own tokens
   (`grouped_matmul`), so compute follows the active, not the total, parameters.
-  Sows `router_probs` and `expert_mask` ([N, E]) for `load_balancing_loss`."""
+  Returns y_BxTxD and its router statistics over the N tokens for `load_balancing_loss`: the
+  mean router probability of each expert and the share of assignments to it (float32 [E])."""
   num_experts: int
   experts_per_token: int
   mlp_dim: int
@@ -89,7 +90,7 @@ class MoeMlp(nn.Module):
   out_std: float = INIT_STD
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     batch, length, d_model = x_BxTxD.shape
     e, k, f = self.num_experts, self.experts_per_token, self.mlp_dim
     x_NxD = x_BxTxD.reshape(-1, d_model)
@@ -97,8 +98,7 @@ class MoeMlp(nn.Module):
     probs_NxE = jax.nn.softmax(x_NxD.astype(jnp.float32) @ router_DxE, axis=-1)
     weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
     weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
-    self.sow('intermediates', 'router_probs', probs_NxE)
-    self.sow('intermediates', 'expert_mask', jax.nn.one_hot(experts_NxK, e).sum(axis=1))
+    stats = (jnp.mean(probs_NxE, 0), jnp.mean(jax.nn.one_hot(experts_NxK, e).sum(axis=1), 0))
     gate_ExDxF = self.param('gate', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
     up_ExDxF = self.param('up', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
     down_ExFxD = self.param('down', normal(('experts', 'mlp', 'embed'), self.out_std),
@@ -113,13 +113,15 @@ class MoeMlp(nn.Module):
     ys_MxD = grouped_matmul(h_MxF, cast(down_ExFxD), group_sizes_E)
     y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
     y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
-    return y_NxD.reshape(batch, length, d_model)
+    return y_NxD.reshape(batch, length, d_model), stats
 
 
-def load_balancing_loss(router_probs: list[jax.Array], expert_masks: list[jax.Array]):
-  """Switch/Mixtral auxiliary loss over all MoE layers' tokens together:
+def load_balancing_loss(probs: list[jax.Array], shares: list[jax.Array]) -> jax.Array:
+  """Switch/Mixtral auxiliary loss over all MoE layers' tokens together from each layer's
+  MoeMlp statistics ([E], or [R, E] stacked by nn.scan; every layer sees the same tokens, so
+  the mean over layers is the mean over all their tokens):
   E * sum_e (share of assignments to e) * (mean router probability of e); 1 * k when balanced.
   """
-  flat = lambda xs: jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])  # scan: [L, N, E]
-  probs_NxE, mask_NxE = flat(router_probs), flat(expert_masks)
-  return probs_NxE.shape[-1] * jnp.sum(jnp.mean(mask_NxE, 0) * jnp.mean(probs_NxE, 0))
+  flat = lambda xs: jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])  # [L, E]
+  probs_LxE, shares_LxE = flat(probs), flat(shares)
+  return probs_LxE.shape[-1] * jnp.sum(jnp.mean(shares_LxE, 0) * jnp.mean(probs_LxE, 0))
