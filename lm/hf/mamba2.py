@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from lm.errors import ConfigError
-from lm.hf.convert import Rule, depthwise_conv, linear, same
+from lm.hf import mamba
+from lm.hf.convert import Rule, same
 from lm.models import DecoderConfig
 
 MODEL_TYPES = {'mamba2': 'Mamba2ForCausalLM'}
@@ -51,38 +52,15 @@ def _number(value) -> float:
 
 
 def config_to_hf(cfg: DecoderConfig) -> dict:
-  return {'tie_word_embeddings': cfg.tie_embeddings,
-          'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
-          'state_size': cfg.state_size, 'expand': cfg.expand, 'head_dim': cfg.ssm_head_dim,
+  return {**mamba.backbone_config_to_hf(cfg), 'head_dim': cfg.ssm_head_dim,
           'num_heads': cfg.inner // cfg.ssm_head_dim, 'n_groups': cfg.ngroups,
-          'conv_kernel': cfg.d_conv, 'use_bias': cfg.use_bias, 'use_conv_bias': cfg.conv_bias,
-          'hidden_act': 'silu', 'layer_norm_epsilon': cfg.norm_eps,
-          'time_step_min': cfg.dt_min, 'time_step_max': cfg.dt_max,
-          'chunk_size': cfg.scan_chunk, 'residual_in_fp32': True}
+          'chunk_size': cfg.scan_chunk}
 
 
-def normalize(tensors: dict, cfg) -> dict:
-  """Older checkpoints name the embedding `backbone.embedding`."""
-  return {k.replace('backbone.embedding.', 'backbone.embeddings.'): v for k, v in tensors.items()}
+normalize = mamba.normalize  # older checkpoints name the embedding `backbone.embedding`
 
 
 def rules(cfg: DecoderConfig) -> list[Rule]:
-  out = [same('embed/embedding', 'backbone.embeddings.weight'),
-         same('final_norm/scale', 'backbone.norm_f.weight')]
-  if not cfg.tie_embeddings:
-    out.append(linear('head/kernel', 'lm_head.weight'))
-  for i in range(cfg.num_layers):
-    b, h = f'block_{i}/', f'backbone.layers.{i}.'
-    m, x = b + 'mamba2/', h + 'mixer.'
-    out += [same(b + 'mixer_norm/scale', h + 'norm.weight'),
-            linear(m + 'in_proj/kernel', x + 'in_proj.weight'),
-            depthwise_conv(m + 'conv_kernel', x + 'conv1d.weight'),
-            same(m + 'dt_bias', x + 'dt_bias'), same(m + 'A_log', x + 'A_log'),
-            same(m + 'D', x + 'D'), same(m + 'norm_scale', x + 'norm.weight'),
-            linear(m + 'out_proj/kernel', x + 'out_proj.weight')]
-    if cfg.conv_bias:
-      out.append(same(m + 'conv_bias', x + 'conv1d.bias'))
-    if cfg.use_bias:
-      out += [same(m + 'in_proj/bias', x + 'in_proj.bias'),
-              same(m + 'out_proj/bias', x + 'out_proj.bias')]
-  return out
+  return mamba.backbone_rules(cfg, 'mamba2', lambda m, x: [
+      same(m + 'dt_bias', x + 'dt_bias'), same(m + 'A_log', x + 'A_log'), same(m + 'D', x + 'D'),
+      same(m + 'norm_scale', x + 'norm.weight')])
