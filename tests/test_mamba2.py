@@ -96,28 +96,11 @@ def test_mamba2_matches_transformers_logits_save_and_greedy_generate(tied, bias,
   assert sampling.generate(cfg, params, [TOKENS[0, :5]], max_new_tokens=12).tokens[0] == want
 
 
-def tiny2(pattern: str, **kw):
-  return tiny(pattern, ssm_head_dim=16, ngroups=2, **kw)
-
-
-@pytest.mark.parametrize('pattern,scanned', [('D', False), ('DG', True)])
-def test_prefill_and_decode_steps_equal_the_full_forward(pattern, scanned):
-  cfg = tiny2(pattern, scan_layers=scanned, mlp_dim=0 if pattern == 'D' else 48)
-  params = init(cfg)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 0, 61)
-  full = jax.jit(models.build(cfg).apply)({'params': params}, tokens)
-  d = models.decoding(cfg)
-  logits, state = jax.jit(d.prefill, static_argnums=3)(params, tokens[:, :6], None, 16)
-  step = jax.jit(d.decode_step)
-  steps = [logits]
-  for t in range(6, 13):
-    logits, state = step(params, tokens[:, t], state)
-    steps.append(logits)
-  np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:13], atol=1e-4, rtol=1e-4)
+# Prefill and decode steps against the full forward: tests/test_ssm.py, patterns D and DG.
 
 
 def test_left_padded_prompts_and_beams_on_a_mamba2_hybrid():
-  cfg = tiny2('DG')
+  cfg = tiny('DG')
   params = init(cfg)
   prompts = [[5, 9, 2, 7, 1, 3, 8], [4], [11, 12, 13]]
   batch = sampling.generate(cfg, params, prompts, max_new_tokens=6).tokens
@@ -127,7 +110,7 @@ def test_left_padded_prompts_and_beams_on_a_mamba2_hybrid():
 
 
 def test_packed_rows_equal_each_segment_run_alone():
-  cfg = tiny2('DG', positions='rope', num_layers=2, scan_chunk=4)
+  cfg = tiny('DG', positions='rope', num_layers=2, scan_chunk=4)
   params = init(cfg)
   apply = jax.jit(models.build(cfg).apply)
   lengths = [5, 1, 6]
@@ -144,7 +127,7 @@ def test_packed_rows_equal_each_segment_run_alone():
 
 
 def test_flops_no_decay_tags_and_state_size():
-  cfg = tiny2('D', num_layers=1, d_model=32, state_size=4, vocab_size=61, scan_chunk=8, mlp_dim=0)
+  cfg = tiny('D', num_layers=1, d_model=32, state_size=4, vocab_size=61, scan_chunk=8)
   inner, heads, conv_dim = 64, 4, 64 + 2 * 2 * 4
   matmul = 32 * (2 * inner + 2 * 2 * 4 + heads) + inner * 32
   scan = 3 * (2 * 4 * conv_dim + heads * (2 * 8 * (4 + 16) + 4 * 16 * 4))

@@ -168,12 +168,15 @@ def test_a_mamba_directory_with_missing_or_extra_tensors(tmp_path):
 # --- decoding through the interface ----------------------------------------------------------
 
 def tiny(pattern: str, **kw) -> DecoderConfig:
+  """A small decoder of `pattern`'s layers (no MLP for a pure Mamba or Mamba-2 model); Mamba-2
+  layers get heads of 16 channels in 2 groups."""
   attention = any(k in 'GL' for k in pattern)
   base = dict(vocab_size=61, num_layers=len(pattern) * 2 if len(pattern) < 3 else len(pattern),
-              d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=0 if pattern == 'M' else 48,
-              max_len=64, positions='rope' if attention else 'none', norm='rmsnorm',
-              mlp='swiglu', use_bias=False, layer_pattern=pattern, window=3, state_size=4,
-              scan_chunk=4)
+              d_model=32, num_heads=4, num_kv_heads=2,
+              mlp_dim=0 if pattern in ('M', 'D') else 48, max_len=64,
+              positions='rope' if attention else 'none', norm='rmsnorm', mlp='swiglu',
+              use_bias=False, layer_pattern=pattern, window=3, state_size=4, scan_chunk=4,
+              ssm_head_dim=16, ngroups=2)
   return DecoderConfig(**{**base, **kw})
 
 
@@ -183,7 +186,8 @@ def init(cfg: DecoderConfig, seed: int = 0):
   return jax.tree.map(lambda x: x * 1.5, params['params'])
 
 
-@pytest.mark.parametrize('pattern,scanned', [('M', False), ('MSLG', False), ('MG', True)])
+@pytest.mark.parametrize('pattern,scanned', [('M', False), ('MSLG', False), ('MG', True),
+                                             ('D', False), ('DG', True)])  # D: Mamba-2
 def test_prefill_and_decode_steps_equal_the_full_forward(pattern, scanned):
   cfg = tiny(pattern, scan_layers=scanned)
   params = init(cfg)
