@@ -70,7 +70,8 @@ def model(path: Path, tokenizer_name: str | None = None):
   """(ModelConfig, params in the config's layout, tokenizer) of an lm workdir or a Hugging Face
   directory."""
   _check(Path(path))
-  if is_hugging_face(path):  # its tokenizer named before its weights are read
-    tokenizer(path, tokenizer_name)
+  # a Hugging Face directory's tokenizer is named before its weights are read; an lm run's
+  # checkpoint is read first (a run without one says so, whatever its tokenizer)
+  tok = tokenizer(path, tokenizer_name) if is_hugging_face(path) else None
   cfg, plain = params(path)
-  return cfg, models.layout_for(cfg, plain), tokenizer(path, tokenizer_name)
+  return cfg, models.layout_for(cfg, plain), tok or tokenizer(path, tokenizer_name)

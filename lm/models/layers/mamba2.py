@@ -148,7 +148,7 @@ class Mamba2Mixer(nn.Module):
                       bias_init=zeros((None,)))(x_BxTxD)
     z_BxTxI, xbc_BxTxC, dt_BxTxH = jnp.split(zxbcdt, [inner, inner + conv_dim], axis=-1)
     kernel_KxC = self.param('conv_kernel', nn.with_logical_partitioning(
-        _uniform(1 / math.sqrt(self.d_conv)), ('conv', None)), (self.d_conv, conv_dim))
+        ssm.uniform(1 / math.sqrt(self.d_conv)), ('conv', None)), (self.d_conv, conv_dim))
     xbc_BxTxC, window = ssm.causal_conv(ssm.mask_padding(xbc_BxTxC, valid_BxT),
                                         kernel_KxC.astype(self.dtype),
                                         None if state is None else state.conv, segment_ids_BxT)
@@ -157,12 +157,9 @@ class Mamba2Mixer(nn.Module):
           self.dtype)
     xbc_BxTxC = ssm.mask_padding(nn.silu(xbc_BxTxC), valid_BxT)
     u_BxTxI, B_BxTxGN, C_BxTxGN = jnp.split(xbc_BxTxC, [inner, inner + g * n], axis=-1)
-    dt_bias = self.param('dt_bias', no_decay(
-        lambda key, shape: ssm.inverse_softplus(ssm.log_uniform_dt(self.dt_min, self.dt_max)(
-            key, shape)), (None,)), (heads,))
-    A_log = self.param('A_log', no_decay(
-        lambda key, shape: jnp.log(jnp.arange(1, shape[0] + 1, dtype=jnp.float32)), (None,)),
-        (heads,))
+    dt_bias = self.param('dt_bias', no_decay(ssm.dt_bias_init(self.dt_min, self.dt_max), (None,)),
+                         (heads,))
+    A_log = self.param('A_log', no_decay(ssm.s4d_real_log_a, (None,)), (heads,))  # log(1..H)
     D = self.param('D', no_decay(nn.initializers.ones_init(), (None,)), (heads,))
     dt_BxTxH = jax.nn.softplus(dt_BxTxH.astype(jnp.float32) + dt_bias)
     A_H = -jnp.exp(A_log)
@@ -192,10 +189,6 @@ class Mamba2Mixer(nn.Module):
     if state is None:
       return y_BxTxD, None
     return y_BxTxD, ssm.ScanState(h.reshape(batch, inner, n), window)
-
-
-def _uniform(bound: float):
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 # --- what the layer-kind registry asks (lm.models.layers.kinds) ----------------------------

@@ -257,6 +257,12 @@ def log_uniform_dt(dt_min: float, dt_max: float, floor: float = 1e-4):
   return init
 
 
+def dt_bias_init(dt_min: float, dt_max: float):
+  """Initialiser of a time step's bias: the inverse softplus of a log-uniform dt in
+  [dt_min, dt_max] (Mamba's), so that softplus(bias) is that dt."""
+  return lambda key, shape: inverse_softplus(log_uniform_dt(dt_min, dt_max)(key, shape))
+
+
 def s4d_real_log_a(key, shape, dtype=jnp.float32):
   """A_log with A = -exp(A_log) = -(1, 2, ..., N) in every channel (S4D-Real)."""
   del key
@@ -324,7 +330,7 @@ class MambaMixer(nn.Module):
     z_BxTxI = xz_BxTx2I[..., inner:]
     bound = 1 / math.sqrt(self.d_conv)  # PyTorch's Conv1d default: fan-in d_conv
     kernel_KxI = self.param('conv_kernel', nn.with_logical_partitioning(
-        _uniform(bound), ('conv', 'inner')), (self.d_conv, inner))
+        uniform(bound), ('conv', 'inner')), (self.d_conv, inner))
     u_BxTxI, window = causal_conv(u_BxTxI, kernel_KxI.astype(self.dtype),
                                   None if state is None else state.conv, segment_ids_BxT)
     if self.conv_bias:
@@ -334,10 +340,9 @@ class MambaMixer(nn.Module):
     dbc_BxTxRN2 = dense(rank + 2 * n, ('inner', None), 'x_proj', False)(u_BxTxI)
     dt_BxTxR, B_BxTxN, C_BxTxN = jnp.split(dbc_BxTxRN2, [rank, rank + n], axis=-1)
     dt_kernel = self.param('dt_kernel', nn.with_logical_partitioning(
-        _uniform(rank ** -0.5), ('dt_rank', 'inner')), (rank, inner))
-    dt_bias = self.param('dt_bias', no_decay(
-        lambda key, shape: inverse_softplus(log_uniform_dt(self.dt_min, self.dt_max)(key, shape)),
-        ('inner',)), (inner,))
+        uniform(rank ** -0.5), ('dt_rank', 'inner')), (rank, inner))
+    dt_bias = self.param('dt_bias', no_decay(dt_bias_init(self.dt_min, self.dt_max), ('inner',)),
+                         (inner,))
     dt_BxTxI = jax.nn.softplus(
         jnp.einsum('btr,ri->bti', dt_BxTxR.astype(jnp.float32), dt_kernel) + dt_bias)
     A_log = self.param('A_log', no_decay(s4d_real_log_a, ('inner', 'state')), (inner, n))
@@ -352,7 +357,8 @@ class MambaMixer(nn.Module):
     return y_BxTxD, None if state is None else ScanState(h_BxIxN, window)
 
 
-def _uniform(bound: float):
+def uniform(bound: float):
+  """Initialiser uniform in [-bound, bound]."""
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
