@@ -16,6 +16,13 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lm-tests-jax-cache-{_RUN}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# The tests' models are tiny and run a few steps: compiling is most of their time. XLA:CPU's
+# older fusion code generator and LLVM at -O0 halve it (jaxlib 0.10.2: a file of scanned and
+# rematerialised models took 23 s against 50 s). Both change the machine code XLA emits for
+# fused elementwise loops, not the computation (the HLO) nor the matmul libraries it calls.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):  # once: workers inherit it
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import ml_collections
 import pytest

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib, models, parallel
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_XLA_FLAGS
 from tests.sharded_check import small_config
 
 VARIANTS = {
@@ -75,7 +75,7 @@ def test_every_logical_axis_name_has_a_rule(variant):
 
 
 def run_8_devices(which: str) -> list[dict]:
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}',
          'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_families.py'), which],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

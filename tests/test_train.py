@@ -17,7 +17,7 @@ import pytest
 
 from lm import checkpoint, load, tokenizers, train
 from lm.config import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_XLA_FLAGS
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -138,7 +138,7 @@ def test_unwritable_workdir(config, tmp_path):
 
 @pytest.mark.slow
 def test_train_step_on_8_devices_gives_the_loss_of_1_device(corpus, tmp_path):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}',
          'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
   proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py'),
                          str(tmp_path / 'run'), str(corpus)], cwd=ROOT,
