@@ -3,9 +3,8 @@ attention) on the Python stdlib sources, with a byte-level BPE of 2048 ids train
 the start (cached) and a context of 256 tokens (about 850 characters of code: room for a
 question and a function, which configs/sft.py tunes it on).
 
-About 9 minutes on 2 CPU cores; it ends near 1.4 bits per byte on held-out stdlib files,
-below gzip -9 (2.1) and xz -9 (1.9). Sized by measurement: at this budget a small, fast model
-and a high learning rate learn the most, and the BPE's tokens carry about 3.5 bytes each.
+Sized to at most 10 minutes on 2 CPU cores, BPE training included. What it ends with: README.md,
+Quick start; how it was sized: experiments/README.md, The default run.
 
   python -m lm.main --config=configs/decoder.py [--config.model.num_layers=2 ...]
 """

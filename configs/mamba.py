@@ -15,8 +15,7 @@ from lm.config import from_file
 
 def get_config() -> ml_collections.ConfigDict:
   c = from_file(Path(__file__).with_name('decoder.py'))
-  # the byte-level data and batch its figures were measured with (the decoder default's until
-  # it moved to a BPE of 2048 ids and a context of 256)
+  # byte-level data in batches of 32 x 128, which its step count is sized for
   c.tokenizer.update(kind='bytes')
   c.data.update(seq_len=128)
   c.model.update(max_len=128)
