@@ -4,7 +4,7 @@ of 8 devices equals 1 device, and greedy generation with a tensor axis of 2 give
 alone (the batches are drawn for all, so each family's check is the same either way).
 
 Families: GPT-2 (learned positions, LayerNorm, GELU), Llama with grouped-query attention,
-Mixtral-style MoE, Mamba, a hybrid (Mamba, S4D, local and global attention), BERT, T5. Meshes:
+Mixtral-style MoE, Mamba, Mamba-2, a hybrid (Mamba, S4D, local and global attention), BERT, T5. Meshes:
 (1, 1, 8) where the heads (and key/value heads) divide 8, else (1, 2, 4); (2, 2, 2); (8, 1, 1).
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ def families(rng):
                      mlp='swiglu', use_bias=False, num_experts=4, experts_per_token=2)
   mamba = small_config(num_heads=8, num_kv_heads=0, layer_pattern='MM', mlp_dim=0, positions='none',
                        state_size=8, scan_chunk=8)
+  mamba2 = small_config(num_heads=8, num_kv_heads=0, layer_pattern='DD', mlp_dim=0,
+                        positions='none', state_size=8, scan_chunk=8, ssm_head_dim=16, ngroups=2)
   hybrid = small_config(num_heads=8, num_kv_heads=0, num_layers=4, layer_pattern='MSLG', window=8,
                         state_size=8, scan_chunk=8)
   bert = small_config('encoder', num_heads=8)
@@ -61,6 +63,8 @@ def families(rng):
       'moe': (moe, clm, causal, V_DECODER,
               ('block_0', 'moe', 'up'), None),
       'mamba': (mamba, clm, causal, V_DECODER, ('block_0', 'mamba', 'in_proj', 'kernel'), None),
+      'mamba2': (mamba2, clm, causal, V_DECODER, ('block_0', 'mamba2', 'out_proj', 'kernel'),
+                 None),
       'hybrid': (hybrid, clm, causal, V_DECODER, ('block_0', 'mamba', 'in_proj', 'kernel'), None),
       'bert': (bert, bert_loss, bert_batches, V_DECODER, mlp_kernel, None),
       't5': (t5, t5_loss, t5_batches, V_ENCDEC, ('encoder', 'block_0', 'mlp', 'up', 'kernel'),

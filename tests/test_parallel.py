@@ -83,7 +83,7 @@ def run_8_devices(which: str) -> list[dict]:
   return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
 
 
-FAMILY_HALVES = (('gpt2', 'llama_gqa', 'moe', 'bert'), ('mamba', 'hybrid', 't5'))  # two
+FAMILY_HALVES = (('gpt2', 'llama_gqa', 'moe', 'bert'), ('mamba', 'mamba2', 'hybrid', 't5'))  # two
 # processes, which the two test workers run side by side
 
 
@@ -91,7 +91,7 @@ FAMILY_HALVES = (('gpt2', 'llama_gqa', 'moe', 'bert'), ('mamba', 'hybrid', 't5')
 @pytest.mark.parametrize('half', FAMILY_HALVES, ids=('attention', 'scan_and_t5'))
 def test_every_family_train_step_on_8_devices_equals_1_device(half):
   assert set(FAMILY_HALVES[0]) | set(FAMILY_HALVES[1]) == {
-      'gpt2', 'llama_gqa', 'moe', 'mamba', 'hybrid', 'bert', 't5'}
+      'gpt2', 'llama_gqa', 'moe', 'mamba', 'mamba2', 'hybrid', 'bert', 't5'}
   results = run_8_devices('train:' + ','.join(half))
   assert {r['family'] for r in results} == set(half)
   assert len(results) == 3 * len(half)  # three meshes each
