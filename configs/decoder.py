@@ -19,16 +19,21 @@ def get_config() -> ml_collections.ConfigDict:
                  norm_eps=1e-5, mlp='swiglu', use_bias=False,
                  window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
-                 remat='none', scan_layers=False)
+                 remat='none', scan_layers=False, qk_norm=False, logit_softcap=0.0,
+                 zero_init_out=False)
   c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='')  # task clm; FIM:
                                                                          # configs/fim.py
   c.tokenizer = dict(kind='bpe', vocab_size=2048)
   c.train = dict(steps=1000, init_from='', batch_size=16, learning_rate=5e-3, warmup_steps=50,
-                 min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
+                 min_lr_ratio=0.1, schedule='cosine', decay_fraction=0.2,
+                 optimizer='adamw', muon_learning_rate=0.02, muon_momentum=0.95,
+                 muon_momentum_warmup=0,
+                 weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
                  log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,
                  keep_checkpoints=3, grad_accum_steps=1, async_checkpoints=True,
                  skip_nonfinite_steps=0, peak_flops=0.0, num_samples=3, sample_len=200,
                  wandb_project='', wandb_group='')
+  c.eval = dict(stride=64)  # a second held-out figure: each token with 192 or more before it
   c.mesh = dict(shape=(-1, 1, 1))
   c.distributed = dict(coordinator_address='', num_processes=0, process_id=-1,
                        local_device_ids=(), initialization_timeout=300)

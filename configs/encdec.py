@@ -29,7 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
                 noise_density=0.15, mean_noise_span=3.0)
   c.tokenizer = dict(kind='bpe', vocab_size=2048)
   c.train = dict(steps=1000, init_from='', batch_size=16, learning_rate=5e-3, warmup_steps=50,
-                 min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
+                 min_lr_ratio=0.1, schedule='cosine', decay_fraction=0.2,
+                 optimizer='adamw', muon_learning_rate=0.02, muon_momentum=0.95,
+                 muon_momentum_warmup=0,
+                 weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
                  log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,
                  keep_checkpoints=3, grad_accum_steps=1, async_checkpoints=True,
                  skip_nonfinite_steps=0, peak_flops=0.0, num_samples=3, sample_len=0,

@@ -17,7 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
                 mask_rate=0.15)
   c.tokenizer = dict(kind='bytes', vocab_size=8192)  # vocab_size: for kind=bpe only
   c.train = dict(steps=1000, init_from='', batch_size=32, learning_rate=1e-3, warmup_steps=100,
-                 min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0, seed=0,
+                 min_lr_ratio=0.1, schedule='cosine', decay_fraction=0.2,
+                 optimizer='adamw', muon_learning_rate=0.02, muon_momentum=0.95,
+                 muon_momentum_warmup=0,
+                 weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0, seed=0,
                  log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,
                  keep_checkpoints=3, grad_accum_steps=1, async_checkpoints=True,
                  skip_nonfinite_steps=0, peak_flops=0.0, num_samples=0, sample_len=0,

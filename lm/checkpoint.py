@@ -45,7 +45,7 @@ RESUMABLE_CHANGES = frozenset({
     'train.async_checkpoints', 'train.grad_accum_steps', 'data.cache_dir', 'mesh.shape',
     'distributed.coordinator_address', 'distributed.num_processes', 'distributed.process_id',
     'distributed.local_device_ids', 'distributed.initialization_timeout',
-    'train.wandb_project', 'train.wandb_group'})
+    'train.wandb_project', 'train.wandb_group', 'eval.stride'})
 UNREADABLE = 'unreadable'  # checkpoints/unreadable/<step>: checkpoints that could not be read
 
 

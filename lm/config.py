@@ -26,6 +26,10 @@ class TokenizerConfig:
   vocab_size: int = 8192  # bpe only: ids in all, special tokens included
 
 
+SCHEDULES = ('cosine', 'wsd')
+OPTIMIZERS = ('adamw', 'muon')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 1000
@@ -34,6 +38,12 @@ class TrainConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 100
   min_lr_ratio: float = 0.1
+  schedule: str = 'cosine'  # after the warmup: 'cosine' decay, or 'wsd' (stable, then decay)
+  decay_fraction: float = 0.2  # 'wsd': the last share of the steps, decayed linearly
+  optimizer: str = 'adamw'  # 'adamw', or 'muon' for the hidden matrices (AdamW for the rest)
+  muon_learning_rate: float = 0.02  # 'muon': the matrices' peak rate (the same schedule)
+  muon_momentum: float = 0.95  # 'muon': its momentum, reached after muon_momentum_warmup steps
+  muon_momentum_warmup: int = 0  # 'muon': steps from a momentum of 0.85 up to muon_momentum
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.95
@@ -53,6 +63,15 @@ class TrainConfig:
   wandb_project: str = ''  # Weights & Biases project to log metrics and config to; '': none
   wandb_group: str = ''  # its run group (experiments/ablate.py: the plan); the run's name is
                          # its workdir's
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The final evaluation's second figure (causal tasks): held-out bits per byte over windows
+  that overlap, each token scored with at least data.seq_len - stride tokens before it (the
+  context a compressor has); 0, or data.seq_len or more (windows that would not overlap): none.
+  The plain figure, non-overlapping windows, stays."""
+  stride: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +97,7 @@ class Config:
   train: TrainConfig
   mesh: MeshConfig
   distributed: DistributedConfig = DistributedConfig()
+  eval: EvalConfig = EvalConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -88,7 +108,7 @@ class Config:
 
 SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'tokenizer': TokenizerConfig,
             'train': TrainConfig, 'mesh': MeshConfig,
-            'distributed': DistributedConfig}  # model: the family's class; data: the task's
+            'distributed': DistributedConfig, 'eval': EvalConfig}  # model: the family's class; data: the task's
 DERIVED = {('model', 'vocab_size')}  # filled in by the boundary, never by the user
 
 
@@ -283,7 +303,23 @@ def validate(cfg: Config, device_count: int, process_count: int = 1) -> None:
   require(0 <= t.warmup_steps < t.steps, 'train.warmup_steps', t.warmup_steps,
           f'must be in [0, train.steps={t.steps})')
   require(0.0 <= t.min_lr_ratio <= 1.0, 'train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
+  require(t.schedule in SCHEDULES, 'train.schedule', t.schedule, f'choose one of {SCHEDULES}')
+  require(0.0 < t.decay_fraction <= 1.0, 'train.decay_fraction', t.decay_fraction,
+          'must be in (0, 1]: the share of train.steps the wsd schedule decays over')
+  decay_start = t.steps - round(t.decay_fraction * t.steps)
+  require(t.schedule != 'wsd' or t.warmup_steps <= decay_start, 'train.warmup_steps',
+          t.warmup_steps, f'must end by the wsd decay\'s first step, {decay_start} (train.steps '
+          f'{t.steps} x (1 - train.decay_fraction {t.decay_fraction}))')
+  require(t.optimizer in OPTIMIZERS, 'train.optimizer', t.optimizer, f'choose one of {OPTIMIZERS}')
+  require(t.muon_learning_rate > 0, 'train.muon_learning_rate', t.muon_learning_rate,
+          'must be positive')
+  require(0.0 <= t.muon_momentum < 1.0, 'train.muon_momentum', t.muon_momentum,
+          'must be in [0, 1)')
+  require(t.muon_momentum_warmup >= 0, 'train.muon_momentum_warmup', t.muon_momentum_warmup,
+          'give 0 (none) or more steps')
   require(t.peak_flops >= 0, 'train.peak_flops', t.peak_flops, 'use 0 to measure it')
+  require(cfg.eval.stride >= 0, 'eval.stride', cfg.eval.stride,
+          'give 0 (no strided figure) or a step in tokens, under data.seq_len')
   require(t.skip_nonfinite_steps >= 0, 'train.skip_nonfinite_steps', t.skip_nonfinite_steps,
           'how many non-finite steps to skip before stopping: give 0 (stop at the first) or more')
   require(t.num_samples >= 0 and t.sample_len >= 0, 'train.num_samples/sample_len',

@@ -41,22 +41,56 @@ class TrainState(train_state.TrainState):
   rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
 
 
-def make_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine decay to min_lr_ratio of it at train.steps."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
+def make_schedule(t: config_lib.TrainConfig, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to the peak (train.learning_rate, or `peak`), then down to
+  min_lr_ratio of it at train.steps: `cosine` all the way, or `wsd` (warmup-stable-decay) flat
+  until the last decay_fraction of the steps and linear from there."""
+  peak = t.learning_rate if peak is None else peak
+  end = peak * t.min_lr_ratio
+  if t.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak,
+                                              warmup_steps=t.warmup_steps, decay_steps=t.steps,
+                                              end_value=end)
+  decay_steps = round(t.decay_fraction * t.steps)
+  stable_steps = t.steps - decay_steps - t.warmup_steps
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, peak, t.warmup_steps),
+      optax.constant_schedule(peak),
+      optax.linear_schedule(peak, end, decay_steps)],
+      boundaries=[t.warmup_steps, t.warmup_steps + stable_steps])
+
+
+def muon_momentum(t: config_lib.TrainConfig) -> optax.Schedule:
+  """Muon's momentum: linear from 0.85 to train.muon_momentum over muon_momentum_warmup steps."""
+  start = min(0.85, t.muon_momentum)
+  return optax.linear_schedule(start, t.muon_momentum, max(t.muon_momentum_warmup, 1))
 
 
 def make_optimizer(t: config_lib.TrainConfig, model: nn.Module) -> optax.GradientTransformation:
-  """AdamW after global-norm gradient clipping; weight decay on the parameters that `model`
-  declares (every parameter but those whose init is tagged common.NoDecay: biases, norms)."""
-  decay_by_name = common.decays(models.abstract_params(model))
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: decay_by_name[common.param_name(path)], params)
-  adamw = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                      mask=decay_mask)
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+  """After global-norm gradient clipping: AdamW, or with train.optimizer='muon' Muon for the
+  hidden matrices (the parameters the model boxes as common.Matrix, orthogonalised over the
+  axes the box names, at train.muon_learning_rate) and AdamW for the rest (embeddings, head,
+  norms, biases, routers, a scan's own parameters; at train.learning_rate); both on the same
+  schedule. Weight decay on the parameters that `model` declares (every parameter but those
+  whose init is tagged common.NoDecay: biases, norms)."""
+  boxed = models.abstract_params(model)
+  decay_by_name = common.decays(boxed)
+  by_name = lambda table: (lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: table[common.param_name(path)], params))
+  if t.optimizer == 'adamw':
+    opt = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                      mask=by_name(decay_by_name))
+  else:
+    dims = {name: None if axes is None else optax.contrib.MuonDimensionNumbers(*axes)
+            for name, axes in common.matrix_axes(boxed).items()}
+    opt = optax.inject_hyperparams(optax.contrib.muon, static_args=(
+        'nesterov', 'muon_weight_dimension_numbers', 'weight_decay_mask', 'ns_steps'))(
+        learning_rate=make_schedule(t, t.muon_learning_rate), beta=muon_momentum(t),
+        weight_decay=t.weight_decay, weight_decay_mask=by_name(decay_by_name),
+        adam_b1=t.b1, adam_b2=t.b2, adam_weight_decay=t.weight_decay,
+        adam_learning_rate=make_schedule(t), nesterov=True,
+        muon_weight_dimension_numbers=by_name(dims))
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip > 0 else opt
 
 
 def make_train_step(loss_fn: Callable, schedule: optax.Schedule, accum_steps: int = 1,
@@ -131,9 +165,13 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))['params']
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
-  boxed = jax.eval_shape(init, jax.random.PRNGKey(seed))
-  shardings = parallel.logical_shardings(boxed, mesh)
   is_boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  # an optimizer state that leaves a parameter out (optax's masked and partitioned states:
+  # Muon's Adam half) keeps that parameter's box around an empty node: no array, no sharding
+  empty_unboxed = lambda x: x.value if is_boxed(x) and not jax.tree.leaves(x.value) else x
+  boxed = jax.tree.map(empty_unboxed, jax.eval_shape(init, jax.random.PRNGKey(seed)),
+                       is_leaf=is_boxed)
+  shardings = parallel.logical_shardings(boxed, mesh)
   values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_boxed(x) else x, boxed,
                         is_leaf=is_boxed)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -551,6 +589,8 @@ def _finish(r: Run, state: TrainState, evaluate: Callable, log,
   starting model of train.init_from, `pretrained`), samples."""
   batches = r.task.eval_batches(FINAL_EVAL_BATCHES)
   val = evaluate(state.params, batches)
+  for name, more in r.task.final_evals().items():
+    val.update({f'{name}_{k}': v for k, v in evaluate(state.params, more).items()})
   base = None if pretrained is None else (pretrained, evaluate(pretrained, batches))
   extra, lines = r.task.report(state.params, val, r.mesh, base)
   step = int(state.step)

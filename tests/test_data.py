@@ -165,3 +165,33 @@ def test_eval_batches_cover_the_split_and_pad():
   assert (targets[100:] == 0).all()
   spread = clm.eval_batches(tokens, seq_len=10, batch_size=2, pad_id=0, max_batches=1)
   assert [r[0] for r in spread[0]['inputs']] == [1, 91]
+
+
+@pytest.mark.parametrize('num_tokens,seq_len,stride', [(101, 8, 3), (101, 8, 8), (33, 8, 1),
+                                                       (97, 16, 5)])
+def test_strided_windows_score_the_plain_targets_once_each_with_the_context_promised(
+    num_tokens, seq_len, stride):
+  tokens = np.arange(num_tokens)
+  batches = clm.strided_eval_batches(tokens, seq_len=seq_len, stride=stride, batch_size=4,
+                                     pad_id=-1)
+  scored, context = [], []
+  for batch in batches:
+    for inputs, targets, mask in zip(batch['inputs'], batch['targets'], batch['loss_mask']):
+      np.testing.assert_array_equal(targets[:-1], inputs[1:])  # shifted, as in training
+      for position in np.flatnonzero(mask):
+        scored.append(int(targets[position]))
+        context.append((int(targets[position]), position + 1))  # tokens before it in the window
+  plain = [int(t) for b in clm.eval_batches(tokens, seq_len=seq_len, batch_size=4, pad_id=-1)
+           for t in b['targets'][b['loss_mask']]]
+  assert sorted(scored) == plain  # the same targets as the plain windows, each once
+  assert all(before >= seq_len - stride for target, before in context if target > seq_len)
+  if stride == seq_len:  # no overlap: the plain windows themselves
+    assert scored == plain
+
+
+def test_eval_stride_out_of_range_is_refused():
+  c = load_config()
+  c.eval.stride = -1
+  with pytest.raises(ConfigError, match=r'eval.stride=-1: give 0 \(no strided figure\) or a '
+                                        r'step in tokens, under data.seq_len'):
+    config_lib.parse(c, vocab_size=2048, device_count=1)

@@ -192,6 +192,7 @@ VARIANTS = {
     'local-global': dict(LLAMA, num_layers=3, window=3, layer_pattern='LLG'),
     'scanned-local-global': dict(LLAMA, num_layers=4, window=3, layer_pattern='GL',
                                  scan_layers=True),
+    'options': dict(LLAMA, mlp='relu2', qk_norm=True, logit_softcap=3.0),  # issue 30's keys
 }
 
 

@@ -313,3 +313,14 @@ def test_sample_cli_on_a_run_and_its_mistakes(trained, tmp_path, capsys):
   shutil.rmtree(workdir / 'checkpoints')
   code, _, err = sample_in_process(capsys, f'--workdir={workdir}')
   assert code == 2 and 'holds no checkpoint yet' in err
+
+
+def test_eval_stride_adds_a_second_held_out_figure_to_a_finished_run(trained, capsys):
+  config, workdir = trained  # finished: running it again only evaluates (eval.stride may change)
+  config.eval.stride = config.data.seq_len  # windows that would not overlap: no second figure
+  assert 'val/strided_bpb' not in train.run(config, workdir)
+  config.eval.stride = 8
+  capsys.readouterr()
+  result = train.run(config, workdir)
+  assert 'model, strided' in capsys.readouterr().out
+  assert np.isfinite(result['val/strided_bpb']) and result['val/strided_bpb'] != result['val/bpb']

@@ -16,7 +16,8 @@ def fits(cfg: DecoderConfig) -> str | None:
   ok = (all(kind.attends for kind in cfg.kinds), cfg.positions, cfg.norm, cfg.mlp,
         cfg.use_bias, cfg.window, cfg.num_experts) == (
       True, 'learned', 'layernorm', 'gelu', True, None, 0)
-  return 'gpt2' if ok and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim else None
+  return ('gpt2' if ok and cfg.kv_heads == cfg.num_heads and cfg.mlp_dim
+          and not cfg.unmapped_options else None)
 
 
 def config_from_hf(hf: dict, where: str) -> DecoderConfig:

@@ -17,7 +17,8 @@ IGNORED = ()
 
 
 def fits(cfg: DecoderConfig) -> str | None:
-  if not cfg.mlp_dim or not all(kind.attends for kind in cfg.kinds) or len(set(cfg.kinds)) > 1:
+  if (not cfg.mlp_dim or not all(kind.attends for kind in cfg.kinds) or len(set(cfg.kinds)) > 1
+      or cfg.unmapped_options):
     return None
   if (cfg.positions, cfg.norm, cfg.mlp) != ('rope', 'rmsnorm', 'swiglu') or (
       cfg.num_experts and cfg.use_bias):

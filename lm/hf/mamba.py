@@ -15,7 +15,7 @@ IGNORED = ()
 def fits(cfg: DecoderConfig) -> str | None:
   ok = ({kind.name for kind in cfg.kinds}, cfg.mlp_dim, cfg.positions, cfg.norm) == (
       {'mamba'}, 0, 'none', 'rmsnorm')
-  return 'mamba' if ok else None
+  return 'mamba' if ok and not cfg.unmapped_options else None
 
 def config_from_hf(hf: dict, where: str) -> DecoderConfig:
   if hf.get('hidden_act', 'silu') != 'silu':

@@ -19,7 +19,7 @@ IGNORED = ()
 def fits(cfg: DecoderConfig) -> str | None:
   ok = ({kind.name for kind in cfg.kinds}, cfg.mlp_dim, cfg.positions, cfg.norm) == (
       {'mamba2'}, 0, 'none', 'rmsnorm')
-  return 'mamba2' if ok else None
+  return 'mamba2' if ok and not cfg.unmapped_options else None
 
 
 def config_from_hf(hf: dict, where: str) -> DecoderConfig:

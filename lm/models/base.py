@@ -10,7 +10,7 @@ from lm.errors import require
 DTYPES = ('float32', 'bfloat16')
 POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'gelu_exact', 'relu', 'swiglu', 'geglu')
+MLPS = ('gelu', 'gelu_exact', 'relu', 'relu2', 'swiglu', 'geglu')
 REMATS = ('none', 'full', 'dots')
 RUN_CHOICES = ('dtype', 'remat')  # keys of how a model runs, not what it is: a run starting from
                                   # a pretrained model keeps its own (Family.run_choices)

@@ -37,6 +37,14 @@ class DecoderConfig(*reversed(config_keys()), ModelConfig):
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
   scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
+  qk_norm: bool = False  # attention: RMS-normalised queries and keys, each head's
+  logit_softcap: float = 0.0  # logits c tanh(logits / c) (Gemma 2); 0: none
+  zero_init_out: bool = False  # every block's output projections start at zero
+
+  @property
+  def unmapped_options(self) -> tuple[str, ...]:
+    """The options set that no Hugging Face architecture of lm.hf has (it refuses them)."""
+    return tuple(name for name in ('qk_norm', 'logit_softcap') if getattr(self, name))
 
   @property
   def period(self) -> int:
@@ -85,6 +93,8 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
             'model.experts_per_token', m.experts_per_token,
             f'must be in [1, model.num_experts={m.num_experts}]')
     require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
+  require(m.logit_softcap >= 0, 'model.logit_softcap', m.logit_softcap,
+          'give a cap above 0 (e.g. 30), or 0 for none')
   require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
           (m.num_experts, m.moe_aux_coef), 'must be >= 0')
   if seq_len is None:
@@ -107,7 +117,8 @@ class Block(nn.Module):
                start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
                positions_BxT: jax.Array | None = None):
     cfg, dtype, kind = self.cfg, jnp.dtype(self.cfg.dtype), LAYER_KINDS[self.kind]
-    out_std = common.INIT_STD / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
+    out_std = (0.0 if cfg.zero_init_out  # GPT-2's residual scaling, or none at all
+               else common.INIT_STD / math.sqrt(2 * cfg.num_layers))
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, kind.norm)(x_BxTxD)
     h_BxTxD, cache = kind.mixer(cfg, out_std)(h_BxTxD, cache, index=index, start_B=start_B,
                                                segment_ids_BxT=segment_ids_BxT,
@@ -219,6 +230,8 @@ class Decoder(nn.Module):
                               kernel_init=common.normal(('embed', 'vocab')))(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32),
                                               ('batch', 'length', 'vocab'))
+    if cfg.logit_softcap:
+      logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
     if cache is not None:
       return logits_BxTxV, {'index': index + tokens_BxT.shape[1], 'start': start_B,
                             'layers': caches}

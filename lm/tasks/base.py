@@ -135,6 +135,11 @@ class Task(abc.ABC):
   def eval_batches(self, max_batches: int | None) -> list[dict[str, np.ndarray]]:
     """Fixed validation batches (all of the split for None)."""
 
+  def final_evals(self) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Further evaluations of the final report, by name; their metrics join the plain
+    evaluation's as NAME_METRIC (clm with eval.stride: 'strided'). None by default."""
+    return {}
+
   @abc.abstractmethod
   def metrics(self, sums: dict[str, float]) -> dict[str, float]:
     """Sums of eval_fn over a split -> its metrics."""

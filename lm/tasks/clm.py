@@ -38,6 +38,31 @@ def window(tokens: np.ndarray, index: int, seq_len: int) -> dict[str, np.ndarray
   return {'inputs': chunk[:-1], 'targets': chunk[1:], 'loss_mask': np.ones(seq_len, bool)}
 
 
+def strided_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+  """(first input token, first scored target) of windows of seq_len that score each target the
+  plain evaluation scores (tokens 1 .. num_windows x seq_len) once: the first window all of
+  its targets, each next one `stride` tokens on (the last one flush with the end) those not
+  scored yet, each with at least seq_len - stride tokens before it."""
+  covered = num_windows(num_tokens, seq_len) * seq_len
+  out, scored = [], 0  # targets 1 .. scored are done
+  while scored < covered:
+    start = min(scored + stride - seq_len, covered - seq_len) if scored else 0
+    out.append((start, scored + 1))
+    scored = start + seq_len
+  return out
+
+
+def strided_eval_batches(tokens: np.ndarray, *, seq_len: int, stride: int, batch_size: int,
+                         pad_id: int) -> list[dict[str, np.ndarray]]:
+  """The windows of strided_windows in batches, each masked to the targets it scores."""
+  windows = []
+  for start, first in strided_windows(len(tokens), seq_len, stride):
+    chunk = np.asarray(tokens[start:start + seq_len + 1], np.int32)
+    windows.append({'inputs': chunk[:-1], 'targets': chunk[1:],
+                    'loss_mask': np.arange(start + 1, start + seq_len + 1) >= first})
+  return stacked(windows, batch_size, filler(seq_len, pad_id))
+
+
 def fim_window(example: dict[str, np.ndarray], rng: np.random.Generator, tokenizer,
                fim_rate: float, spm_rate: float) -> dict[str, np.ndarray]:
   """A window with its document fragments rearranged for fill-in-the-middle (lm.data.fim)."""
@@ -66,9 +91,14 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, pad_id: i
   The last batch is filled with windows of `pad_id` whose `loss_mask` is all False.
   """
   indices = spread(num_windows(len(tokens), seq_len), batch_size, max_batches)
-  filler = {'inputs': np.full(seq_len, pad_id, np.int32),
-            'targets': np.full(seq_len, pad_id, np.int32), 'loss_mask': np.zeros(seq_len, bool)}
-  return stacked([window(tokens, int(i), seq_len) for i in indices], batch_size, filler)
+  return stacked([window(tokens, int(i), seq_len) for i in indices], batch_size,
+                 filler(seq_len, pad_id))
+
+
+def filler(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """A window of padding that no loss reads: what fills an evaluation's last batch."""
+  return {'inputs': np.full(seq_len, pad_id, np.int32),
+          'targets': np.full(seq_len, pad_id, np.int32), 'loss_mask': np.zeros(seq_len, bool)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +145,13 @@ class CausalLM(Task):
                         batch_size=self.cfg.train.batch_size, pad_id=self.tokenizer.pad_id,
                         max_batches=max_batches)
 
+  def final_evals(self):
+    if not 0 < self.cfg.eval.stride < self.cfg.data.seq_len:  # else the plain windows again
+      return {}
+    return {'strided': strided_eval_batches(
+        self.splits['val'].tokens, seq_len=self.cfg.data.seq_len, stride=self.cfg.eval.stride,
+        batch_size=self.cfg.train.batch_size, pad_id=self.tokenizer.pad_id)}
+
   def metrics(self, sums):
     return objectives.clm_eval_metrics(sums)
 
@@ -143,6 +180,11 @@ class CausalLM(Task):
       lines.append(f'  {"start":<18} loss {base[1]["loss"]:.4f} nats/token   '
                    f'{base[1]["bpb"]:.4f} bits/byte')
     lines.append(f'  {"model":<18} loss {val["loss"]:.4f} nats/token   {val["bpb"]:.4f} bits/byte')
+    if 'strided_bpb' in val:
+      context = self.cfg.data.seq_len - self.cfg.eval.stride
+      lines.append(f'  {"model, strided":<18} loss {val["strided_loss"]:.4f} nats/token   '
+                   f'{val["strided_bpb"]:.4f} bits/byte   (windows every {self.cfg.eval.stride} '
+                   f'tokens: each token after {context} or more)')
     lines += [f'  {name:<18} {"":27} {bpb:.4f} bits/byte' for name, bpb in baselines.items()]
     for i, sample in enumerate(self.samples(params, mesh)):
       lines.append(f'\n--- sample {i + 1} ---\n{sample}')

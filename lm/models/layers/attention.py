@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from lm import backend
-from lm.models.layers.common import (DenseParams, INIT_STD, fused_projection, normal, rope,
-                                     visible, zeros)
+from lm.models.layers.common import (DenseParams, INIT_STD, fused_projection, matrix, normal,
+                                     no_decay, rope, visible, zeros)
 from lm.models.layers.kv_cache import KVCache, cached_attention, write_kv_cache
 
 
@@ -123,6 +123,8 @@ class Attention(nn.Module):
   out_std: float = INIT_STD
   causal: bool = True
   scaled: bool = True  # False: no 1 / sqrt(Dh) on the logits (T5)
+  qk_norm: bool = False  # RMS-normalise each head's query and key (a learned scale a channel)
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None, *,
@@ -146,6 +148,12 @@ class Attention(nn.Module):
                     name=name)(d_model)
         for heads, name in ((h, 'query'), (k, 'key'), (k, 'value'))], self.dtype)
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = jnp.split(qkv_BxTxH2KxDh, [h, h + k], axis=2)
+    if self.qk_norm:  # before RoPE, as in OLMo 2 and Qwen 3
+      head_norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name,
+                                          scale_init=no_decay(nn.initializers.ones_init(),
+                                                              ('head_dim',)))
+      q_BxTxHxDh = head_norm('query_norm')(q_BxTxHxDh)
+      k_BxTxKxDh = head_norm('key_norm')(k_BxTxKxDh)
     columns_T = index + jnp.arange(length)
     if self.rope_theta:
       positions = columns_T if start_B is None else columns_T - start_B[:, None]
@@ -169,7 +177,7 @@ class Attention(nn.Module):
         cache = write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, columns_T)
     y_BxTxD = nn.Einsum((self.num_heads, self.head_dim, d_model), 'bthk,hkd->btd', name='out',
                         dtype=self.dtype, use_bias=self.use_bias,
-                        kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std),
+                        kernel_init=matrix(('heads', 'head_dim', 'embed'), self.out_std, inputs=2),
                         bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
     return y_BxTxD, cache
 
@@ -193,7 +201,7 @@ class CrossAttention(nn.Module):
     self.query, self.key, self.value = make('query'), make('key'), make('value')
     self.out = nn.Einsum((h, dh, self.d_model), 'bthk,hkd->btd', name='out', dtype=self.dtype,
                          use_bias=self.use_bias, bias_init=zeros(('embed',)),
-                         kernel_init=normal(('heads', 'head_dim', 'embed'), self.out_std))
+                         kernel_init=matrix(('heads', 'head_dim', 'embed'), self.out_std, inputs=2))
 
   def keys_values(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(k_BxSxHxDh, v_BxSxHxDh) of the memory, in one matmul."""

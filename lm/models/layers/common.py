@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +43,37 @@ class NoDecay(nn.LogicallyPartitioned):
 def no_decay(init, axes: tuple[str | None, ...]):
   """`init` whose parameter carries logical axes `axes` and the NoDecay tag."""
   return lambda *args: NoDecay(init(*args), axes)
+
+
+class Matrix(nn.LogicallyPartitioned):
+  """The box of a hidden weight matrix, which train.optimizer='muon' orthogonalises: the kernels
+  of attention's and the MLPs' projections and of the scan layers' input and output projections
+  (not embeddings, heads, routers, convolutions or a scan's own parameters, which AdamW keeps).
+  Its first `inputs` axes other than MATRIX_BATCH_AXES are the side it multiplies (the
+  reduction); the rest are its outputs."""
+  inputs: int = flax.struct.field(default=1, pytree_node=False)
+
+
+MATRIX_BATCH_AXES = ('layers', 'experts')  # stacked layers (nn.scan), experts: apart
+
+
+def matrix(axes: tuple[str | None, ...], std: float = INIT_STD, inputs: int = 1):
+  """normal(axes, std) for a hidden weight matrix: the same values, in a Matrix box."""
+  init = nn.initializers.normal(std)
+  return lambda *args: Matrix(init(*args), axes, inputs=inputs)
+
+
+def matrix_axes(boxed_params: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]] | None]:
+  """'path/to/param' -> (its input axes, its output axes) if it is a Matrix, else None."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  out = {}
+  for path, box in jax.tree_util.tree_leaves_with_path(boxed_params, is_leaf=is_box):
+    if isinstance(box, Matrix):
+      own = [i for i, name in enumerate(box.names) if name not in MATRIX_BATCH_AXES]
+      out[param_name(path)] = (tuple(own[:box.inputs]), tuple(own[box.inputs:]))
+    else:
+      out[param_name(path)] = None
+  return out
 
 
 def decays(boxed_params: Any) -> dict[str, bool]:
@@ -113,7 +145,7 @@ class DenseParams(nn.Module):
   @nn.compact
   def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    kernel = self.param('kernel', normal(self.axes), (in_features, *features))
+    kernel = self.param('kernel', matrix(self.axes), (in_features, *features))
     bias = self.param('bias', zeros(self.axes[1:]), features) if self.use_bias else None
     return kernel, bias
 

@@ -74,7 +74,7 @@ def _attention(window: bool) -> Callable[[Any, float], nn.Module]:
     return attention.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
         cfg.rope_theta if cfg.positions == 'rope' else 0.0, cfg.window if window else None,
-        jnp.dtype(cfg.dtype), out_std, name='attn')
+        jnp.dtype(cfg.dtype), out_std, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, name='attn')
   return make
 
 

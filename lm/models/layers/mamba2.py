@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lm.errors import require
 from lm.models.layers import ssm
-from lm.models.layers.common import INIT_STD, no_decay, normal, zeros
+from lm.models.layers.common import INIT_STD, matrix, no_decay, zeros
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Mamba2Mixer(nn.Module):
     heads, conv_dim = inner // p, inner + 2 * g * n
     valid_BxT = ssm.valid_columns(length, index, start_B)
     zxbcdt = nn.Dense(2 * inner + 2 * g * n + heads, use_bias=self.use_bias, dtype=self.dtype,
-                      name='in_proj', kernel_init=normal(('embed', None)),
+                      name='in_proj', kernel_init=matrix(('embed', None)),
                       bias_init=zeros((None,)))(x_BxTxD)
     z_BxTxI, xbc_BxTxC, dt_BxTxH = jnp.split(zxbcdt, [inner, inner + conv_dim], axis=-1)
     kernel_KxC = self.param('conv_kernel', nn.with_logical_partitioning(
@@ -184,7 +184,7 @@ class Mamba2Mixer(nn.Module):
     y_BxTxI = nn.with_logical_constraint(y_BxTxGxI.reshape(batch, length, inner) * scale_I,
                                          ('batch', 'length', 'inner'))
     y_BxTxD = nn.Dense(d_model, use_bias=self.use_bias, dtype=self.dtype, name='out_proj',
-                       kernel_init=normal(('inner', 'embed'), self.out_std),
+                       kernel_init=matrix(('inner', 'embed'), self.out_std),
                        bias_init=zeros(('embed',)))(y_BxTxI.astype(self.dtype))
     if state is None:
       return y_BxTxD, None

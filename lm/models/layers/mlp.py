@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models.layers.common import DenseParams, INIT_STD, fused_projection, normal, zeros
+from lm.models.layers.common import (DenseParams, INIT_STD, fused_projection, matrix, normal,
+                                     zeros)
 
 
 GATED = ('swiglu', 'geglu')  # MLP kinds of a gate and an up projection
@@ -15,10 +16,11 @@ GATED = ('swiglu', 'geglu')  # MLP kinds of a gate and an up projection
 def activation(mlp: str):
   """The nonlinearity of an MLP kind: GELU with the tanh approximation (`gelu`, GPT-2; and
   `geglu`'s gate, T5 v1.1), exact GELU (`gelu_exact`, BERT), ReLU (`relu`, the original
-  transformer and T5), or SiLU (`swiglu`'s gate)."""
+  transformer and T5), squared ReLU (`relu2`, Primer), or SiLU (`swiglu`'s gate)."""
   gelu = lambda x: jax.nn.gelu(x, approximate=True)
   return {'gelu': gelu, 'geglu': gelu, 'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
-          'relu': jax.nn.relu, 'swiglu': nn.silu}[mlp]
+          'relu': jax.nn.relu, 'relu2': lambda x: jnp.square(jax.nn.relu(x)),
+          'swiglu': nn.silu}[mlp]
 
 
 class Mlp(nn.Module):
@@ -36,7 +38,7 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     def dense(features: int, axes: tuple[str, str], name: str, std: float = INIT_STD):
       return nn.Dense(features, dtype=self.dtype, use_bias=self.use_bias, name=name,
-                      kernel_init=normal(axes, std), bias_init=zeros(axes[1:]))
+                      kernel_init=matrix(axes, std), bias_init=zeros(axes[1:]))
     if self.kind in GATED:
       d_model, f = x_BxTxD.shape[-1], self.mlp_dim
       h_BxTx2F = fused_projection(x_BxTxD, [
@@ -99,9 +101,9 @@ class MoeMlp(nn.Module):
     weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
     weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
     stats = (jnp.mean(probs_NxE, 0), jnp.mean(jax.nn.one_hot(experts_NxK, e).sum(axis=1), 0))
-    gate_ExDxF = self.param('gate', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
-    up_ExDxF = self.param('up', normal(('experts', 'embed', 'mlp')), (e, d_model, f))
-    down_ExFxD = self.param('down', normal(('experts', 'mlp', 'embed'), self.out_std),
+    gate_ExDxF = self.param('gate', matrix(('experts', 'embed', 'mlp')), (e, d_model, f))
+    up_ExDxF = self.param('up', matrix(('experts', 'embed', 'mlp')), (e, d_model, f))
+    down_ExFxD = self.param('down', matrix(('experts', 'mlp', 'embed'), self.out_std),
                             (e, f, d_model))
     order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
     group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.errors import require
-from lm.models.layers.common import INIT_STD, normal, no_decay, zeros
+from lm.models.layers.common import INIT_STD, matrix, normal, no_decay, zeros
 
 SCANS = ('sequential', 'parallel', 'chunked')
 
@@ -322,9 +322,10 @@ class MambaMixer(nn.Module):
     del positions_BxT  # the scan orders the tokens itself
     valid_BxT = valid_columns(x_BxTxD.shape[1], index, start_B)
     d_model, inner, n, rank = x_BxTxD.shape[-1], self.inner, self.state_size, self.dt_rank
-    def dense(features: int, axes: tuple, name: str, use_bias: bool, std: float = INIT_STD):
+    def dense(features: int, axes: tuple, name: str, use_bias: bool, std: float = INIT_STD,
+              init=matrix):  # x_proj, the time step's and B's and C's, is the scan's: normal
       return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name,
-                      kernel_init=normal(axes, std), bias_init=zeros(axes[1:]))
+                      kernel_init=init(axes, std), bias_init=zeros(axes[1:]))
     xz_BxTx2I = dense(2 * inner, ('embed', 'inner'), 'in_proj', self.use_bias)(x_BxTxD)
     u_BxTxI = mask_padding(xz_BxTx2I[..., :inner], valid_BxT)
     z_BxTxI = xz_BxTx2I[..., inner:]
@@ -337,7 +338,8 @@ class MambaMixer(nn.Module):
       u_BxTxI = u_BxTxI + self.param('conv_bias', zeros(('inner',)), (inner,)).astype(self.dtype)
     u_BxTxI = mask_padding(nn.silu(u_BxTxI), valid_BxT)
     u_BxTxI = nn.with_logical_constraint(u_BxTxI, ('batch', 'length', 'inner'))
-    dbc_BxTxRN2 = dense(rank + 2 * n, ('inner', None), 'x_proj', False)(u_BxTxI)
+    dbc_BxTxRN2 = dense(rank + 2 * n, ('inner', None), 'x_proj', False,
+                        init=normal)(u_BxTxI)
     dt_BxTxR, B_BxTxN, C_BxTxN = jnp.split(dbc_BxTxRN2, [rank, rank + n], axis=-1)
     dt_kernel = self.param('dt_kernel', nn.with_logical_partitioning(
         uniform(rank ** -0.5), ('dt_rank', 'inner')), (rank, inner))
@@ -423,7 +425,7 @@ class S4DMixer(nn.Module):
       state = None if state is None else ScanState(h_BxCxN)
     y_BxTxC = jax.nn.gelu(y_BxTxC + u_BxTxC * D)
     y_BxTxD = nn.Dense(channels, dtype=self.dtype, use_bias=self.use_bias, name='out_proj',
-                       kernel_init=normal(('inner', 'embed'), self.out_std),
+                       kernel_init=matrix(('inner', 'embed'), self.out_std),
                        bias_init=zeros(('embed',)))(y_BxTxC.astype(self.dtype))
     return y_BxTxD, state
 

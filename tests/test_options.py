@@ -1,0 +1,95 @@
+"""The decoder's recipe options against their definitions: squared-ReLU MLPs against numpy,
+QK-norm's invariance to the scale of the query and key projections, zero-initialised output
+projections (the blocks start as the identity), tanh logit soft-capping, their checks and
+their refusal by lm.hf. Decoding with them: test_model's prefill/decode test ('options')."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import config as config_lib, hf, models
+from lm.config import ConfigError
+from lm.models import DecoderConfig
+from lm.models.layers import common, mlp
+from tests.conftest import load_config
+
+CFG = DecoderConfig(vocab_size=259, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_len=16, positions='rope', norm='rmsnorm', mlp='swiglu',
+                    use_bias=False)
+TOKENS = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, 256)
+
+
+def init(cfg: DecoderConfig, seed: int = 0):
+  model = models.build(cfg)
+  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed),
+                                         jnp.zeros((1, 16), jnp.int32))['params'])
+
+
+def test_relu2_mlp_is_down_of_squared_relu_of_up():
+  layer = mlp.Mlp('relu2', 8, use_bias=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x)['params'])
+  up, down = params['up'], params['down']
+  h = np.maximum(np.asarray(x) @ np.asarray(up['kernel']) + np.asarray(up['bias']), 0) ** 2
+  np.testing.assert_allclose(layer.apply({'params': params}, x),
+                             h @ np.asarray(down['kernel']) + np.asarray(down['bias']),
+                             rtol=1e-5, atol=1e-6)
+
+
+def scaled_qk(params, factor: float):
+  out = jax.tree.map(lambda x: x, params)
+  for block in ('block_0', 'block_1'):
+    for name in ('query', 'key'):
+      out[block]['attn'][name]['kernel'] = factor * params[block]['attn'][name]['kernel']
+  return out
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+  model, params = init(dataclasses.replace(CFG, qk_norm=True, norm_eps=1e-12))  # exact
+  assert params['block_0']['attn']['query_norm']['scale'].shape == (8,)  # a head's width
+  logits = model.apply({'params': params}, TOKENS)
+  np.testing.assert_allclose(model.apply({'params': scaled_qk(params, 7.0)}, TOKENS), logits,
+                             atol=1e-4)
+  plain, plain_params = init(CFG)  # without it the scale changes the attention
+  assert not np.allclose(plain.apply({'params': scaled_qk(plain_params, 7.0)}, TOKENS),
+                         plain.apply({'params': plain_params}, TOKENS), atol=1e-3)
+  decays = common.decays(models.abstract_params(model))
+  assert not decays['block_0/attn/query_norm/scale'] and decays['block_0/attn/query/kernel']
+
+
+def test_zero_initialised_outputs_make_every_block_start_as_the_identity():
+  model, params = init(dataclasses.replace(CFG, zero_init_out=True))
+  for block in ('block_0', 'block_1'):
+    assert not np.any(params[block]['attn']['out']['kernel'])
+    assert not np.any(params[block]['mlp']['down']['kernel'])
+    assert np.any(params[block]['mlp']['up']['kernel'])  # the rest as before
+  embedding = np.asarray(params['embed']['embedding'])
+  x = embedding[np.asarray(TOKENS)]
+  x = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + 1e-5)  # the final RMS norm, scale 1
+  np.testing.assert_allclose(model.apply({'params': params}, TOKENS), x @ embedding.T,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_logit_softcap_is_c_tanh_of_the_logits_over_c():
+  plain, params = init(CFG)
+  capped = models.build(dataclasses.replace(CFG, logit_softcap=0.05))
+  logits = np.asarray(plain.apply({'params': params}, TOKENS))
+  out = np.asarray(capped.apply({'params': params}, TOKENS))
+  np.testing.assert_allclose(out, 0.05 * np.tanh(logits / 0.05), rtol=1e-5, atol=1e-7)
+  assert np.abs(out).max() < 0.05 and np.abs(logits).max() > 0.05  # it did cap
+
+
+def test_options_hf_does_not_have_are_refused_and_a_negative_cap_is_an_error(tmp_path):
+  for options in ({'qk_norm': True}, {'logit_softcap': 30.0}):
+    cfg = dataclasses.replace(CFG, **options)
+    with pytest.raises(ConfigError):
+      hf.save(cfg, init(cfg)[1], tmp_path / 'out')
+  c = load_config()
+  c.model.logit_softcap = -1.0
+  with pytest.raises(ConfigError, match=r'model.logit_softcap=-1.0: give a cap above 0'):
+    config_lib.parse(c, vocab_size=300, device_count=1)
