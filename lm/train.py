@@ -69,9 +69,9 @@ def muon_momentum(t: config_lib.TrainConfig) -> optax.Schedule:
 def make_optimizer(t: config_lib.TrainConfig, model: nn.Module) -> optax.GradientTransformation:
   """After global-norm gradient clipping: AdamW, or with train.optimizer='muon' Muon for the
   hidden matrices (the parameters the model boxes as common.Matrix, orthogonalised over the
-  axes the box names, at train.muon_learning_rate) and AdamW for the rest (embeddings, head,
-  norms, biases, routers, a scan's own parameters; at train.learning_rate); both on the same
-  schedule. Weight decay on the parameters that `model` declares (every parameter but those
+  axes the box names, at train.muon_learning_rate) and optax's Adam with Nesterov momentum for
+  the rest (embeddings, head, norms, biases, routers, a scan's own parameters; at
+  train.learning_rate, which the logged train/lr follows); both on the same schedule. Weight decay on the parameters that `model` declares (every parameter but those
   whose init is tagged common.NoDecay: biases, norms)."""
   boxed = models.abstract_params(model)
   decay_by_name = common.decays(boxed)
