@@ -192,7 +192,8 @@ VARIANTS = {
     'local-global': dict(LLAMA, num_layers=3, window=3, layer_pattern='LLG'),
     'scanned-local-global': dict(LLAMA, num_layers=4, window=3, layer_pattern='GL',
                                  scan_layers=True),
-    'options': dict(LLAMA, mlp='relu2', qk_norm=True, logit_softcap=3.0),  # issue 30's keys
+    'options': dict(LLAMA, mlp='relu2', qk_norm=True, logit_softcap=3.0,  # issue 30's keys
+                    embed_skip=True),
 }
 
 
@@ -293,6 +294,7 @@ REMAT_SCAN = {
     'scan': dict(scan_layers=True),
     'scan-remat-pattern': dict(scan_layers=True, remat='full', window=3, layer_pattern='LG'),
     'scan-moe': dict(scan_layers=True, num_experts=4, experts_per_token=2),
+    'scan-embed-skip': dict(scan_layers=True, embed_skip=True),
 }
 
 

@@ -1,6 +1,7 @@
 """The decoder's recipe options against their definitions: squared-ReLU MLPs against numpy,
 QK-norm's invariance to the scale of the query and key projections, zero-initialised output
-projections (the blocks start as the identity), tanh logit soft-capping, their checks and
+projections (the blocks start as the identity), tanh logit soft-capping, the learned skip from
+the embeddings to every block against the plain blocks composed by hand, their checks and
 their refusal by lm.hf. Decoding with them: test_model's prefill/decode test ('options')."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from lm import config as config_lib, hf, models
 from lm.config import ConfigError
-from lm.models import DecoderConfig
+from lm.models import DecoderConfig, decoder
 from lm.models.layers import common, mlp
 from tests.conftest import load_config
 
@@ -84,8 +85,33 @@ def test_logit_softcap_is_c_tanh_of_the_logits_over_c():
   assert np.abs(out).max() < 0.05 and np.abs(logits).max() > 0.05  # it did cap
 
 
+def test_embed_skip_feeds_each_block_a_x_plus_b_embeddings():
+  skip_cfg = dataclasses.replace(CFG, embed_skip=True)
+  model, params = init(skip_cfg)
+  plain, _ = init(CFG)
+  plain_params = {k: v for k, v in params.items()}
+  for block in ('block_0', 'block_1'):
+    np.testing.assert_array_equal(params[block]['embed_skip'], [1.0, 0.0])  # starts as plain
+    plain_params[block] = {k: v for k, v in params[block].items() if k != 'embed_skip'}
+  np.testing.assert_allclose(model.apply({'params': params}, TOKENS),
+                             plain.apply({'params': plain_params}, TOKENS), rtol=1e-5, atol=1e-6)
+  gates = {'block_0': (0.5, 2.0), 'block_1': (-1.5, 0.75)}
+  for block, (a, b) in gates.items():
+    params[block] = {**params[block], 'embed_skip': jnp.array([a, b])}
+  x0 = params['embed']['embedding'][TOKENS]  # the plain blocks, composed by hand
+  x = x0
+  for block, (a, b) in gates.items():
+    x = decoder.Block(CFG, 'L').apply({'params': plain_params[block]}, a * x + b * x0)[0]
+  x = x / jnp.sqrt(jnp.mean(x ** 2, -1, keepdims=True) + CFG.norm_eps)
+  np.testing.assert_allclose(model.apply({'params': params}, TOKENS),
+                             x @ params['embed']['embedding'].T, rtol=1e-4, atol=1e-5)
+  decays = common.decays(models.abstract_params(model))
+  assert not decays['block_0/embed_skip'] and decays['block_0/attn/query/kernel']
+  assert common.matrix_axes(models.abstract_params(model))['block_1/embed_skip'] is None  # Adam
+
+
 def test_options_hf_does_not_have_are_refused_and_a_negative_cap_is_an_error(tmp_path):
-  for options in ({'qk_norm': True}, {'logit_softcap': 30.0}):
+  for options in ({'qk_norm': True}, {'logit_softcap': 30.0}, {'embed_skip': True}):
     cfg = dataclasses.replace(CFG, **options)
     with pytest.raises(ConfigError):
       hf.save(cfg, init(cfg)[1], tmp_path / 'out')

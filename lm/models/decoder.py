@@ -40,11 +40,14 @@ class DecoderConfig(*reversed(config_keys()), ModelConfig):
   qk_norm: bool = False  # attention: RMS-normalised queries and keys, each head's
   logit_softcap: float = 0.0  # logits c tanh(logits / c) (Gemma 2); 0: none
   zero_init_out: bool = False  # every block's output projections start at zero
+  embed_skip: bool = False  # each block's input a x + b x0, x0 the embeddings; (a, b) learned
+                            # per block from (1, 0)
 
   @property
   def unmapped_options(self) -> tuple[str, ...]:
     """The options set that no Hugging Face architecture of lm.hf has (it refuses them)."""
-    return tuple(name for name in ('qk_norm', 'logit_softcap') if getattr(self, name))
+    return tuple(name for name in ('qk_norm', 'logit_softcap', 'embed_skip')
+                 if getattr(self, name))
 
   @property
   def period(self) -> int:
@@ -106,7 +109,9 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
 
 class Block(nn.Module):
   """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
-  `cache` is this layer's decoding state (LayerKind.init_state), None in training. Returns
+  `cache` is this layer's decoding state (LayerKind.init_state), None in training. With
+  cfg.embed_skip the block's input is a x + b x0_BxTxD (the embeddings), (a, b) its parameter
+  `embed_skip`, from (1, 0). Returns
   (x_BxTxD, cache, router_stats): a mixture of experts' (mean router probabilities_E, share
   of assignments_E) over the tokens (mlp.MoeMlp), else ()."""
   cfg: DecoderConfig
@@ -115,8 +120,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache=None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None):
+               positions_BxT: jax.Array | None = None, x0_BxTxD: jax.Array | None = None):
     cfg, dtype, kind = self.cfg, jnp.dtype(self.cfg.dtype), LAYER_KINDS[self.kind]
+    if cfg.embed_skip:
+      gates = self.param('embed_skip', common.no_decay(lambda *_: jnp.array([1.0, 0.0]), (None,)),
+                         (2,))
+      x_BxTxD = gates[0].astype(dtype) * x_BxTxD + gates[1].astype(dtype) * x0_BxTxD
     out_std = (0.0 if cfg.zero_init_out  # GPT-2's residual scaling, or none at all
                else common.INIT_STD / math.sqrt(2 * cfg.num_layers))
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, kind.norm)(x_BxTxD)
@@ -146,14 +155,14 @@ def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
 
 
 def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B,
-               segment_ids_BxT=None, positions_BxT=None):
+               segment_ids_BxT=None, positions_BxT=None, x0_BxTxD=None):
   """The blocks in order: x, their updated caches (None in training) and each block's router
-  statistics (Block)."""
+  statistics (Block); x0_BxTxD: the embeddings, for cfg.embed_skip."""
   new_caches, stats = [], []
   for i, block in enumerate(blocks):
     cache = None if caches is None else caches[i]
     x_BxTxD, cache, block_stats = block(x_BxTxD, cache, index, start_B, segment_ids_BxT,
-                                        positions_BxT)
+                                        positions_BxT, x0_BxTxD)
     new_caches.append(cache)
     stats.append(block_stats)
   return x_BxTxD, None if caches is None else new_caches, stats
@@ -167,12 +176,12 @@ class Period(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, caches: tuple | None, index: jax.Array | int,
                start_B: jax.Array | None, segment_ids_BxT: jax.Array | None,
-               positions_BxT: jax.Array | None):
+               positions_BxT: jax.Array | None, x0_BxTxD: jax.Array | None):
     cls = block_class(self.cfg, decoding=caches is not None)
     blocks = [cls(self.cfg, kind, name=f'block_{j}')
               for j, kind in enumerate(self.cfg.layer_kinds[:self.cfg.period])]
     x_BxTxD, caches, stats = run_blocks(blocks, x_BxTxD, caches, index, start_B,
-                                        segment_ids_BxT, positions_BxT)
+                                        segment_ids_BxT, positions_BxT, x0_BxTxD)
     return x_BxTxD, (None if caches is None else tuple(caches), tuple(stats))
 
 
@@ -208,20 +217,22 @@ class Decoder(nn.Module):
                      else jnp.maximum(columns_T - start_B[:, None], 0))  # padding: any position
       x_BxTxD = x_BxTxD + pos_embed(positions)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ACTIVATION)
+    x0_BxTxD = x_BxTxD if cfg.embed_skip else None
     caches = None if cache is None else cache['layers']
     if cfg.scan_layers:
       stack = nn.scan(Period, variable_axes={'params': 0},
                       split_rngs={'params': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                               nn.broadcast),
                       length=cfg.num_layers // cfg.period,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxTxD, (caches, stats) = stack(cfg, name='layers')(x_BxTxD, caches, index, start_B,
-                                                           segment_ids, positions)
+                                                           segment_ids, positions, x0_BxTxD)
     else:
       cls = block_class(cfg, decoding=cache is not None)
       blocks = [cls(cfg, kind, name=f'block_{i}') for i, kind in enumerate(cfg.layer_kinds)]
       x_BxTxD, caches, stats = run_blocks(blocks, x_BxTxD, caches, index, start_B, segment_ids,
-                                          positions)
+                                          positions, x0_BxTxD)
     x_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'final_norm')(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
