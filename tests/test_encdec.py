@@ -151,7 +151,9 @@ def test_padding_causality_and_decoding_steps(kind):
   full = np.asarray(model.apply({'params': params}, inputs, decoder, padding_mask=MASK))
   # the encoder reads only real tokens: row 1 alone, unpadded, gives the same logits
   alone = model.apply({'params': params}, inputs[1:2, :7], decoder[1:2])
-  np.testing.assert_allclose(full[1:2], alone, atol=1e-5)
+  # (logits up to about 80: float32 rounding of the padded and unpadded matmuls differs by
+  # up to 4e-5 on the AMD EPYC host; a padding leak moves them by order 1)
+  np.testing.assert_allclose(full[1:2], alone, atol=1e-4)
   # the decoder is causal: changing its input 4 leaves the logits before it
   changed = model.apply({'params': params}, inputs, decoder.at[:, 4].set(5), padding_mask=MASK)
   np.testing.assert_allclose(full[:, :4], changed[:, :4], atol=1e-6)
