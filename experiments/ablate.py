@@ -17,7 +17,8 @@ A plan is a Python file whose `get_plan()` returns a dict (experiments/plans/*.p
   budget          {'flops': F} training FLOPs a run (steps = F / (FLOPs a token x tokens a
                   step), FLOPs from the family's count), or {'seconds': S} of train steps on
                   this machine (steps = S / the median time of `timing_steps` compiled steps,
-                  measured once an arm)
+                  measured once an arm; arms that differ only in learning rates, weight
+                  decay, Adam's moments, the schedule's shape or the seed share one timing)
   lr_multipliers  the sweep, as multiples of each arm's train.learning_rate, e.g. (0.5, 1, 2)
   extend_edge     one more point, a grid step further, where the best sits at an edge
   seeds           (s0, s1, ...): the sweep runs at s0, then the best learning rate at the rest;
@@ -79,6 +80,12 @@ PLAN_KEYS = {'config': str, 'overrides': dict, 'arms': dict, 'baselines': dict, 
 DEFAULTS = {'overrides': {}, 'extend_edge': True, 'warmup_fraction': 0.05, 'evals_per_run': 8,
             'checkpoints_per_run': 4, 'timing_steps': 5}
 NOT_IN_KEY = ('train.peak_flops', 'train.wandb_project', 'train.wandb_group', 'data.cache_dir')
+# what a run learns but not what its step costs: arms that differ only in these (and in
+# NOT_IN_KEY) share one timing, so a seconds budget gives them the same steps
+NOT_IN_STEP_COST = NOT_IN_KEY + (
+    'train.steps', 'train.seed', 'train.learning_rate', 'train.muon_learning_rate',
+    'train.weight_decay', 'train.b1', 'train.b2', 'train.min_lr_ratio', 'train.warmup_steps',
+    'train.decay_fraction', 'train.muon_momentum', 'train.muon_momentum_warmup')
 PLOTS = ('heldout_vs_flops.png', 'heldout_vs_seconds.png', 'heldout_vs_lr.png',
          'paired_differences.png')
 
@@ -178,11 +185,16 @@ class Arm:
   def identity(self) -> str:
     return digest(self.config)
 
+  @property
+  def step_cost_identity(self) -> str:
+    return digest(self.config, NOT_IN_STEP_COST)
 
-def digest(config: dict) -> str:
-  """A hash of a config's keys and values, without the keys that do not change a result."""
+
+def digest(config: dict, leave_out: tuple[str, ...] = NOT_IN_KEY) -> str:
+  """A hash of a config's keys and values, without `leave_out` (by default the keys that do
+  not change a result)."""
   flat = {f'{s}.{k}': v for s, section in config.items() for k, v in section.items()}
-  kept = {k: v for k, v in flat.items() if k not in NOT_IN_KEY}
+  kept = {k: v for k, v in flat.items() if k not in leave_out}
   return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -695,13 +707,14 @@ def machine_of(out: Path) -> dict:
 
 
 def step_times(out: Path, plan: Plan, arms: dict[str, Arm]) -> dict[str, float | None]:
-  """Seconds a train step of each arm (for a seconds budget), timed once and kept."""
+  """Seconds a train step of each arm (for a seconds budget), timed once and kept; arms whose
+  steps cost the same (their configs differ only in NOT_IN_STEP_COST) share one timing."""
   def measure(arm):
     with contextlib.redirect_stdout(io.StringIO()):
       return {'seconds': train.seconds_per_step(ml_collections.ConfigDict(arm.config),
-                                                out / 'timing' / f'{arm.name}-{arm.identity}',
+                                                out / 'timing' / arm.step_cost_identity,
                                                 plan.timing_steps)}
-  return {n: store.cached_json(out / 'timing', f'{n}-{a.identity}.json',
+  return {n: store.cached_json(out / 'timing', f'{a.step_cost_identity}.json',
                                lambda a=a: measure(a))['seconds'] for n, a in arms.items()}
 
 

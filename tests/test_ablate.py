@@ -242,3 +242,23 @@ def test_a_seconds_budget_times_each_arm_once(tmp_path, monkeypatch):
     raise AssertionError('timed again')
   monkeypatch.setattr(ablate.train, 'seconds_per_step', timed_again)
   assert ablate.step_times(tmp_path / 'out', plan, arms) == times  # kept in OUT/timing
+
+
+def test_arms_whose_steps_cost_the_same_share_one_timing(tmp_path, monkeypatch):
+  sets = [s[len('--set='):] for s in data_sets(tmp_path)]
+  arms = {'llama': {}, 'low_lr': {'train.learning_rate': 1e-3, 'train.weight_decay': 0.0,
+                                  'train.seed': 3},
+          'deeper': {'model.num_layers': 3}}
+  plan = dataclasses.replace(ablate.load_plan(QUICK, sets), budget={'seconds': 1.0}, arms=arms)
+  made = {n: ablate.make_arm(plan, n) for n in arms}
+  assert made['llama'].identity != made['low_lr'].identity  # different runs, different keys
+  timed = []
+  def seconds_per_step(config, workdir, steps):
+    timed.append(config.model.num_layers)
+    return 0.1 * len(timed)  # a noisy clock: each timing differs
+  monkeypatch.setattr(ablate.train, 'seconds_per_step', seconds_per_step)
+  times = ablate.step_times(tmp_path / 'out', plan, made)
+  assert sorted(timed) == [2, 3]  # one timing for llama and low_lr, one for deeper
+  assert times['llama'] == times['low_lr'] != times['deeper']
+  assert (ablate.budget_steps(plan, made['llama'], times['llama'])
+          == ablate.budget_steps(plan, made['low_lr'], times['low_lr']))
