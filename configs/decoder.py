@@ -1,5 +1,6 @@
-"""The CPU-sized default: a small Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query
-attention) on the Python stdlib sources, with a byte-level BPE of 2048 ids trained on them at
+"""The CPU-sized default: a small Llama-style decoder (RoPE, RMSNorm, grouped-query attention,
+squared-ReLU MLPs) trained with Muon for its hidden matrices and a warmup-stable-decay schedule,
+on the Python stdlib sources, with a byte-level BPE of 2048 ids trained on them at
 the start (cached) and a context of 256 tokens (about 850 characters of code: room for a
 question and a function, which configs/sft.py tunes it on).
 
@@ -14,22 +15,22 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=352,
+  c.model = dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=528,
                  max_len=256, positions='rope', rope_theta=10000.0, norm='rmsnorm',
-                 norm_eps=1e-5, mlp='swiglu', use_bias=False,
+                 norm_eps=1e-5, mlp='relu2', use_bias=False,
                  window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
                  remat='none', scan_layers=False, qk_norm=False, logit_softcap=0.0,
-                 zero_init_out=False)
+                 zero_init_out=False, embed_skip=False)
   c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='')  # task clm; FIM:
                                                                          # configs/fim.py
   c.tokenizer = dict(kind='bpe', vocab_size=2048)
-  c.train = dict(steps=1000, init_from='', batch_size=16, learning_rate=5e-3, warmup_steps=50,
-                 min_lr_ratio=0.1, schedule='cosine', decay_fraction=0.2,
-                 optimizer='adamw', muon_learning_rate=0.02, muon_momentum=0.95,
-                 muon_momentum_warmup=0,
+  c.train = dict(steps=800, init_from='', batch_size=16, learning_rate=1e-2, warmup_steps=50,
+                 min_lr_ratio=0.1, schedule='wsd', decay_fraction=0.4,
+                 optimizer='muon', muon_learning_rate=0.02, muon_momentum=0.95,
+                 muon_momentum_warmup=50,
                  weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0,
-                 log_every=10, eval_every=250, eval_batches=8, checkpoint_every=250,
+                 log_every=10, eval_every=200, eval_batches=8, checkpoint_every=200,
                  keep_checkpoints=3, grad_accum_steps=1, async_checkpoints=True,
                  skip_nonfinite_steps=0, peak_flops=0.0, num_samples=3, sample_len=200,
                  wandb_project='', wandb_group='')

@@ -20,5 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer.update(kind='bpe', vocab_size=50257)
   c.data.seq_len = 1024
   c.train.update(steps=10000, batch_size=32, learning_rate=6e-4, warmup_steps=500,
+                 optimizer='adamw', schedule='cosine',
                  eval_every=500, checkpoint_every=1000)
   return c

@@ -14,8 +14,9 @@ from lm.config import from_file
 
 def get_config() -> ml_collections.ConfigDict:
   c = from_file(Path(__file__).with_name('mamba.py'))
-  decoder = from_file(Path(__file__).with_name('decoder.py')).model  # its blocks, as they are
-  c.model.update(num_layers=decoder.num_layers, mlp_dim=decoder.mlp_dim,
+  decoder = from_file(Path(__file__).with_name('decoder.py')).model
+  # the decoder's depth and positions, with the SwiGLU MLP it was measured with
+  c.model.update(num_layers=decoder.num_layers, mlp='swiglu', mlp_dim=352,
                  positions=decoder.positions, layer_pattern='MMMG')
   c.train.update(steps=850)
   return c

@@ -21,5 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.update(task='sft', paths='', val_fraction=0.1)
   c.train.update(init_from='runs/decoder', steps=400, batch_size=16, learning_rate=1e-3,
                  warmup_steps=20, weight_decay=0.0, eval_every=100, checkpoint_every=100,
-                 num_samples=3, sample_len=96)
+                 num_samples=3, sample_len=96, optimizer='adamw', schedule='cosine')
   return c

@@ -48,12 +48,14 @@ def write_corpus(directory: Path, num_files: int = 24) -> Path:
 def tiny_config(corpus: Path, cache_dir: Path, **train) -> ml_collections.ConfigDict:
   c = load_config()
   c.tokenizer.kind = 'bytes'
-  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32)
+  # the recipe these tests were written against (AdamW, cosine, SwiGLU); the default's Muon, wsd
+  # and squared ReLU have their own tests (test_optimizer.py, test_options.py)
+  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32, mlp='swiglu')
   c.data.update(paths=str(corpus / '*.py'), seq_len=32, val_fraction=0.25,
                 cache_dir=str(cache_dir))
   c.train.update(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=1,
                  eval_every=10, eval_batches=2, checkpoint_every=10, peak_flops=1e9,
-                 num_samples=0)
+                 num_samples=0, optimizer='adamw', schedule='cosine')
   c.train.update(train)
   return c
 

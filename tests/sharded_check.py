@@ -70,7 +70,7 @@ def small_config(name: str = 'decoder', **model):
   c = load_config(name)
   c.model.update({**dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=32), **model})
   c.data.update(seq_len=32)
-  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  c.train.update(batch_size=8, warmup_steps=1, steps=10, optimizer='adamw', schedule='cosine')
   return c
 
 

@@ -53,7 +53,8 @@ def test_schedule_warms_up_then_decays_to_the_floor():
   from tests.conftest import load_config
   from lm import config as config_lib
   c = load_config()
-  c.train.update(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+  c.train.update(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1,
+                 schedule='cosine')
   schedule = train.make_schedule(config_lib.parse(c, vocab_size=259, device_count=1).train)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(100)],
                              [0.0, 0.5, 1.0, 0.1], atol=1e-6)

@@ -8,7 +8,8 @@ so that the 7 arms x 5-6 runs fit in an hour on 2 CPU cores.
   python experiments/ablate.py --plan=experiments/plans/families.py --out=runs/ablate/families
 
 Arms (layer kinds: G global attention, L sliding window, M Mamba-1, S S4D):
-  llama    the default: RoPE, RMSNorm, SwiGLU 352, 4 heads sharing 2 key/value heads (G)
+  llama    the default before issue 30 (AdamW, cosine): RoPE, RMSNorm, SwiGLU 352, 4 heads
+           sharing 2 key/value heads (G)
   gpt2     learned positions, LayerNorm, GELU MLP 512, biases, 4 key/value heads
   swa      llama with a sliding window of 64 tokens in every layer (L), Mistral-style
   moe      llama with 8 SwiGLU experts of 176, 2 a token (Mixtral-style; the dense MLP's FLOPs)
@@ -21,13 +22,19 @@ LLAMA_FLOPS_PER_TOKEN = 7_569_408  # lm.models.train_flops_per_token of the llam
 BUDGET_STEPS = 130
 TOKENS_PER_STEP = 16 * 256
 
+# configs/decoder.py's recipe before issue 30 (AdamW, cosine, SwiGLU 352), which this plan's
+# figures were measured with
+BEFORE_30 = {'train.optimizer': 'adamw', 'train.schedule': 'cosine', 'train.decay_fraction': 0.2,
+             'train.muon_momentum_warmup': 0, 'model.mlp': 'swiglu', 'model.mlp_dim': 352,
+             'train.learning_rate': 5e-3}
+
 SCAN = {'model.positions': 'none', 'model.state_size': 8, 'model.scan': 'sequential'}
 
 
 def get_plan():
   return dict(
       config='configs/decoder.py',
-      overrides={'train.eval_batches': 8, 'train.log_every': 10},
+      overrides={**BEFORE_30, 'train.eval_batches': 8, 'train.log_every': 10},
       arms={
           'llama': {},
           'gpt2': {'model.positions': 'learned', 'model.norm': 'layernorm', 'model.mlp': 'gelu',

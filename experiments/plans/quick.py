@@ -7,7 +7,10 @@ rates, two seeds; six runs of a few seconds each. The tests run it on a small co
 TINY = {'tokenizer.kind': 'bytes', 'model.num_layers': 2, 'model.d_model': 32,
         'model.num_heads': 2, 'model.num_kv_heads': 1, 'model.mlp_dim': 64, 'model.max_len': 64,
         'data.seq_len': 64, 'train.batch_size': 8, 'train.eval_batches': 2, 'train.log_every': 5,
-        'train.async_checkpoints': False}
+        'train.async_checkpoints': False,
+        # the recipe before issue 30 (configs/decoder.py's is Muon, wsd, squared ReLU)
+        'train.optimizer': 'adamw', 'train.schedule': 'cosine', 'model.mlp': 'swiglu',
+        'train.learning_rate': 5e-3}
 
 
 def get_plan():
