@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
                  window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
                  remat='none', scan_layers=False, qk_norm=False, logit_softcap=0.0,
-                 zero_init_out=False, embed_skip=False)
+                 zero_init_out=False, embed_skip=False, value_residual=False)
   c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='')  # task clm; FIM:
                                                                          # configs/fim.py
   c.tokenizer = dict(kind='bpe', vocab_size=2048)

@@ -194,6 +194,8 @@ VARIANTS = {
                                  scan_layers=True),
     'options': dict(LLAMA, mlp='relu2', qk_norm=True, logit_softcap=3.0,  # issue 30's keys
                     embed_skip=True),
+    'value-residual': dict(LLAMA, num_layers=3, window=3, layer_pattern='LLG',
+                           value_residual=True),
 }
 
 

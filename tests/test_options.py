@@ -1,8 +1,8 @@
 """The decoder's recipe options against their definitions: squared-ReLU MLPs against numpy,
 QK-norm's invariance to the scale of the query and key projections, zero-initialised output
 projections (the blocks start as the identity), tanh logit soft-capping, the learned skip from
-the embeddings to every block against the plain blocks composed by hand, their checks and
-their refusal by lm.hf. Decoding with them: test_model's prefill/decode test ('options')."""
+the embeddings to every block against the plain blocks composed by hand, the value residual
+against a numpy forward pass, their checks and their refusal by lm.hf. Decoding with them: test_model's prefill/decode test ('options')."""
 from __future__ import annotations
 
 import dataclasses
@@ -111,7 +111,8 @@ def test_embed_skip_feeds_each_block_a_x_plus_b_embeddings():
 
 
 def test_options_hf_does_not_have_are_refused_and_a_negative_cap_is_an_error(tmp_path):
-  for options in ({'qk_norm': True}, {'logit_softcap': 30.0}, {'embed_skip': True}):
+  for options in ({'qk_norm': True}, {'logit_softcap': 30.0}, {'embed_skip': True},
+                  {'value_residual': True}):
     cfg = dataclasses.replace(CFG, **options)
     with pytest.raises(ConfigError):
       hf.save(cfg, init(cfg)[1], tmp_path / 'out')
@@ -119,3 +120,63 @@ def test_options_hf_does_not_have_are_refused_and_a_negative_cap_is_an_error(tmp
   c.model.logit_softcap = -1.0
   with pytest.raises(ConfigError, match=r'model.logit_softcap=-1.0: give a cap above 0'):
     config_lib.parse(c, vocab_size=300, device_count=1)
+
+
+def numpy_forward(cfg: DecoderConfig, params, tokens, value_gates: dict):
+  """numpy: a tied, learned-position, RMSNorm, ReLU-squared, bias-free decoder whose attention
+  layer l attends with a v_l + b v_0 ((a, b) = value_gates[l]; v_0 the first layer's values)."""
+  p = jax.tree.map(np.asarray, params)
+  rms = lambda x, scale: x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * scale
+  from tests.test_model import reference_attention
+  x = p['embed']['embedding'][np.asarray(tokens)] + p['pos_embed']['embedding'][:tokens.shape[1]]
+  first_v = None
+  for layer in range(cfg.num_layers):
+    block = p[f'block_{layer}']
+    h = rms(x, block['attn_norm']['scale'])
+    q, k, v = (np.einsum('btd,dhk->bthk', h, block['attn'][name]['kernel'])
+               for name in ('query', 'key', 'value'))
+    if first_v is None:
+      first_v = v
+    else:
+      a, b = value_gates[layer]
+      v = a * v + b * first_v
+    x = x + np.einsum('bthk,hkd->btd', reference_attention(q, k, v), block['attn']['out']['kernel'])
+    h = rms(x, block['mlp_norm']['scale'])
+    x = x + (np.maximum(h @ block['mlp']['up']['kernel'], 0) ** 2) @ block['mlp']['down']['kernel']
+  x = rms(x, p['final_norm']['scale'])
+  return x @ p['embed']['embedding'].T
+
+
+def test_value_residual_attends_with_a_v_plus_b_first_values_as_numpy_does():
+  cfg = dataclasses.replace(CFG, num_layers=3, positions='learned', mlp='relu2',
+                            value_residual=True)
+  model, params = init(cfg)
+  assert 'value_residual' not in params['block_0']['attn']  # the first layer's are its own
+  for block in ('block_1', 'block_2'):
+    np.testing.assert_array_equal(params[block]['attn']['value_residual'], [0.5, 0.5])
+  gates = {1: (0.5, 0.5), 2: (0.5, 0.5)}
+  np.testing.assert_allclose(model.apply({'params': params}, TOKENS),
+                             numpy_forward(cfg, params, TOKENS, gates), rtol=1e-4, atol=1e-4)
+  gates = {1: (1.5, -0.75), 2: (0.25, 2.0)}
+  for layer, gate in gates.items():
+    params[f'block_{layer}']['attn']['value_residual'] = jnp.array(gate)
+  logits = model.apply({'params': params}, TOKENS)
+  np.testing.assert_allclose(logits, numpy_forward(cfg, params, TOKENS, gates),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(logits, numpy_forward(cfg, params, TOKENS, {1: (1, 0), 2: (1, 0)}),
+                         atol=1e-2)  # the values did mix
+  decays = common.decays(models.abstract_params(model))
+  assert not decays['block_1/attn/value_residual'] and decays['block_1/attn/value/kernel']
+  assert common.matrix_axes(models.abstract_params(model))['block_2/attn/value_residual'] is None
+
+
+def test_value_residual_is_refused_with_scanned_layers_or_no_attention():
+  for options, message in (({'scan_layers': True}, r'model.value_residual=True: .*scan_layers'),
+                           ({'layer_pattern': 'S', 'positions': 'none'},
+                            r"model.value_residual=True: layer_pattern='S' has no attention")):
+    c = load_config()
+    c.model.value_residual = True
+    for key, value in options.items():
+      setattr(c.model, key, value)
+    with pytest.raises(ConfigError, match=message):
+      config_lib.parse(c, vocab_size=300, device_count=1)

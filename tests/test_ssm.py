@@ -186,10 +186,11 @@ def init(cfg: DecoderConfig, seed: int = 0):
   return jax.tree.map(lambda x: x * 1.5, params['params'])
 
 
-@pytest.mark.parametrize('pattern,scanned', [('M', False), ('MSLG', False), ('MG', True),
-                                             ('D', False), ('DG', True)])  # D: Mamba-2
-def test_prefill_and_decode_steps_equal_the_full_forward(pattern, scanned):
-  cfg = tiny(pattern, scan_layers=scanned)
+@pytest.mark.parametrize('pattern,scanned,shared_values', [
+    ('M', False, False), ('MSLG', False, False), ('MG', True, False), ('D', False, False),
+    ('DG', True, False), ('SLMG', False, True)])  # D: Mamba-2; shared: model.value_residual
+def test_prefill_and_decode_steps_equal_the_full_forward(pattern, scanned, shared_values):
+  cfg = tiny(pattern, scan_layers=scanned, value_residual=shared_values)
   params = init(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 0, 61)
   full = jax.jit(models.build(cfg).apply)({'params': params}, tokens)

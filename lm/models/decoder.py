@@ -42,11 +42,13 @@ class DecoderConfig(*reversed(config_keys()), ModelConfig):
   zero_init_out: bool = False  # every block's output projections start at zero
   embed_skip: bool = False  # each block's input a x + b x0, x0 the embeddings; (a, b) learned
                             # per block from (1, 0)
+  value_residual: bool = False  # every attention layer after the first attends with a v + b v1,
+                                # v1 the first's values; (a, b) learned per layer from (0.5, 0.5)
 
   @property
   def unmapped_options(self) -> tuple[str, ...]:
     """The options set that no Hugging Face architecture of lm.hf has (it refuses them)."""
-    return tuple(name for name in ('qk_norm', 'logit_softcap', 'embed_skip')
+    return tuple(name for name in ('qk_norm', 'logit_softcap', 'embed_skip', 'value_residual')
                  if getattr(self, name))
 
   @property
@@ -96,6 +98,12 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
             'model.experts_per_token', m.experts_per_token,
             f'must be in [1, model.num_experts={m.num_experts}]')
     require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
+  require(not (m.value_residual and m.scan_layers), 'model.value_residual', m.value_residual,
+          'the first layer\'s values must reach every later layer, which one scanned period '
+          'cannot carry: set model.scan_layers=False, or leave value_residual off')
+  require(not m.value_residual or m.has_attention, 'model.value_residual', m.value_residual,
+          f'layer_pattern={m.layer_pattern!r} has no attention layer whose values to share: '
+          'leave value_residual off')
   require(m.logit_softcap >= 0, 'model.logit_softcap', m.logit_softcap,
           'give a cap above 0 (e.g. 30), or 0 for none')
   require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
@@ -111,16 +119,19 @@ class Block(nn.Module):
   """norm, mixer, residual; then norm, MLP (or experts), residual, unless mlp_dim = 0.
   `cache` is this layer's decoding state (LayerKind.init_state), None in training. With
   cfg.embed_skip the block's input is a x + b x0_BxTxD (the embeddings), (a, b) its parameter
-  `embed_skip`, from (1, 0). Returns
-  (x_BxTxD, cache, router_stats): a mixture of experts' (mean router probabilities_E, share
-  of assignments_E) over the tokens (mlp.MoeMlp), else ()."""
+  `embed_skip`, from (1, 0). With cfg.value_residual an attention layer takes
+  first_values_BxTxKxDh, the first attention layer's values (None: this is the first). Returns
+  (x_BxTxD, cache, router_stats, first_values_BxTxKxDh): router_stats a mixture of experts'
+  (mean router probabilities_E, share of assignments_E) over the tokens (mlp.MoeMlp), else
+  (); first_values those to pass on (this layer's own if it is the first attention layer)."""
   cfg: DecoderConfig
   kind: str  # a letter of LAYER_KINDS
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache=None, index: jax.Array | int = 0,
                start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None, x0_BxTxD: jax.Array | None = None):
+               positions_BxT: jax.Array | None = None, x0_BxTxD: jax.Array | None = None,
+               first_values_BxTxKxDh: jax.Array | None = None):
     cfg, dtype, kind = self.cfg, jnp.dtype(self.cfg.dtype), LAYER_KINDS[self.kind]
     if cfg.embed_skip:
       gates = self.param('embed_skip', common.no_decay(lambda *_: jnp.array([1.0, 0.0]), (None,)),
@@ -129,12 +140,17 @@ class Block(nn.Module):
     out_std = (0.0 if cfg.zero_init_out  # GPT-2's residual scaling, or none at all
                else common.INIT_STD / math.sqrt(2 * cfg.num_layers))
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, kind.norm)(x_BxTxD)
-    h_BxTxD, cache = kind.mixer(cfg, out_std)(h_BxTxD, cache, index=index, start_B=start_B,
-                                               segment_ids_BxT=segment_ids_BxT,
-                                               positions_BxT=positions_BxT)
+    shares_values = cfg.value_residual and kind.attends
+    values = {'first_values_BxTxKxDh': first_values_BxTxKxDh} if shares_values else {}
+    out = kind.mixer(cfg, out_std)(h_BxTxD, cache, index=index, start_B=start_B,
+                                   segment_ids_BxT=segment_ids_BxT, positions_BxT=positions_BxT,
+                                   **values)
+    h_BxTxD, cache = out[:2]
+    if shares_values and first_values_BxTxKxDh is None:
+      first_values_BxTxKxDh = out[2]
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
     if not cfg.mlp_dim:
-      return x_BxTxD, cache, ()
+      return x_BxTxD, cache, (), first_values_BxTxKxDh
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
     if cfg.num_experts:
       h_BxTxD, stats = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype,
@@ -143,7 +159,7 @@ class Block(nn.Module):
       h_BxTxD, stats = mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
                                name='mlp')(h_BxTxD), ()
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + h_BxTxD, ACTIVATION)
-    return x_BxTxD, cache, stats
+    return x_BxTxD, cache, stats, first_values_BxTxKxDh
 
 
 def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
@@ -157,12 +173,14 @@ def block_class(cfg: DecoderConfig, decoding: bool) -> type[Block]:
 def run_blocks(blocks: list[Block], x_BxTxD: jax.Array, caches, index, start_B,
                segment_ids_BxT=None, positions_BxT=None, x0_BxTxD=None):
   """The blocks in order: x, their updated caches (None in training) and each block's router
-  statistics (Block); x0_BxTxD: the embeddings, for cfg.embed_skip."""
-  new_caches, stats = [], []
+  statistics (Block); x0_BxTxD: the embeddings, for cfg.embed_skip. The first attention
+  layer's values reach the later ones (cfg.value_residual)."""
+  new_caches, stats, first_values_BxTxKxDh = [], [], None
   for i, block in enumerate(blocks):
     cache = None if caches is None else caches[i]
-    x_BxTxD, cache, block_stats = block(x_BxTxD, cache, index, start_B, segment_ids_BxT,
-                                        positions_BxT, x0_BxTxD)
+    x_BxTxD, cache, block_stats, first_values_BxTxKxDh = block(
+        x_BxTxD, cache, index, start_B, segment_ids_BxT, positions_BxT, x0_BxTxD,
+        first_values_BxTxKxDh)
     new_caches.append(cache)
     stats.append(block_stats)
   return x_BxTxD, None if caches is None else new_caches, stats

@@ -125,13 +125,14 @@ class Attention(nn.Module):
   scaled: bool = True  # False: no 1 / sqrt(Dh) on the logits (T5)
   qk_norm: bool = False  # RMS-normalise each head's query and key (a learned scale a channel)
   norm_eps: float = 1e-5
+  value_residual: bool = False  # mix in the first attention layer's values (ResFormer)
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: KVCache | None = None, *,
                index: jax.Array | int = 0, start_B: jax.Array | None = None,
                segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
-               key_valid_BxT: jax.Array | None = None, bias_HxTxS: jax.Array | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+               key_valid_BxT: jax.Array | None = None, bias_HxTxS: jax.Array | None = None,
+               first_values_BxTxKxDh: jax.Array | None = None):
     """x_BxTxD -> (y_BxTxD, cache): a Mixer (lm.models.layers.kinds). Training (cache None):
     key_valid_BxT False marks padding. Decoding (with a `cache` from `init_kv_cache`): the T
     new columns start at column `index` of the rows; T > 1 is a prefill into an empty cache,
@@ -139,7 +140,11 @@ class Attention(nn.Module):
     from there and its padding is never attended. Packed rows (training): `segment_ids_BxT`
     keep attention within each segment and `positions_BxT` give RoPE each token's position in
     its segment. `bias_HxTxS` is added to the logits: over the T x T columns, or in a decode
-    step over the cache's slots (T = 1)."""
+    step over the cache's slots (T = 1).
+    With `value_residual` it returns (y_BxTxD, cache, values_BxTxKxDh), its own values before
+    any mixing; given `first_values_BxTxKxDh` (the first attention layer's), it attends with
+    a v + b first_values instead of v, (a, b) its parameter `value_residual`, learned from
+    (0.5, 0.5) (ResFormer); the cache keeps the mixed values."""
     d_model, length = x_BxTxD.shape[-1], x_BxTxD.shape[1]
 
     h, k = self.num_heads, self.num_kv_heads
@@ -148,6 +153,12 @@ class Attention(nn.Module):
                     name=name)(d_model)
         for heads, name in ((h, 'query'), (k, 'key'), (k, 'value'))], self.dtype)
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = jnp.split(qkv_BxTxH2KxDh, [h, h + k], axis=2)
+    own_values_BxTxKxDh = v_BxTxKxDh
+    if self.value_residual and first_values_BxTxKxDh is not None:
+      gates = self.param('value_residual',
+                         no_decay(lambda *_: jnp.array([0.5, 0.5]), (None,)), (2,))
+      v_BxTxKxDh = (gates[0].astype(self.dtype) * v_BxTxKxDh
+                    + gates[1].astype(self.dtype) * first_values_BxTxKxDh)
     if self.qk_norm:  # before RoPE, as in OLMo 2 and Qwen 3
       head_norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name,
                                           scale_init=no_decay(nn.initializers.ones_init(),
@@ -179,6 +190,8 @@ class Attention(nn.Module):
                         dtype=self.dtype, use_bias=self.use_bias,
                         kernel_init=matrix(('heads', 'head_dim', 'embed'), self.out_std, inputs=2),
                         bias_init=zeros(('embed',)))(out_BxTxHxDh.astype(self.dtype))
+    if self.value_residual:
+      return y_BxTxD, cache, own_values_BxTxKxDh
     return y_BxTxD, cache
 
 

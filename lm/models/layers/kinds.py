@@ -35,7 +35,8 @@ class Mixer(Protocol):
   state: the T new columns start at column `index`, row b's tokens begin at column start_B[b]
   (left padding before it is never seen), and it returns the state after them. Packed
   training rows pass `segment_ids_BxT` (nothing crosses a segment) and `positions_BxT` (each
-  token's position in its segment)."""
+  token's position in its segment). An attending kind's mixer with model.value_residual also
+  takes `first_values_BxTxKxDh` and returns its own values third (attention.Attention)."""
 
   def __call__(self, h_BxTxD: jax.Array, state: Any = None, *, index: jax.Array | int = 0,
                start_B: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None,
@@ -74,7 +75,8 @@ def _attention(window: bool) -> Callable[[Any, float], nn.Module]:
     return attention.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.use_bias,
         cfg.rope_theta if cfg.positions == 'rope' else 0.0, cfg.window if window else None,
-        jnp.dtype(cfg.dtype), out_std, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, name='attn')
+        jnp.dtype(cfg.dtype), out_std, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        value_residual=cfg.value_residual, name='attn')
   return make
 
 
