@@ -226,9 +226,10 @@ def override(config: ml_collections.ConfigDict, key: str, value, where: str) -> 
   config_lib.require(section in config and '.' not in name, f'{where}: {key}', value,
                      f'not a key of the config; its sections are {sorted(config.keys())}')
   node = config[section]
-  config_lib.require(name in section_keys(config, section) - {'vocab_size'}, f'{where}: {key}',
+  derived = {'vocab_size'} if section == 'model' else set()  # the tokenizer's, set by lm.config
+  config_lib.require(name in section_keys(config, section) - derived, f'{where}: {key}',
                      value, f'not a key of {section}; it has '
-                     f'{sorted(section_keys(config, section) - {"vocab_size"})}')
+                     f'{sorted(section_keys(config, section) - derived)}')
   if name not in node:
     with node.unlocked():
       node[name] = tuple(value) if isinstance(value, list) else value

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from lm.config import ConfigError
 from tests.conftest import ROOT, tiny_config, write_corpus
 
 sys.path.insert(0, str(ROOT / 'experiments'))
@@ -262,3 +263,11 @@ def test_arms_whose_steps_cost_the_same_share_one_timing(tmp_path, monkeypatch):
   assert times['llama'] == times['low_lr'] != times['deeper']
   assert (ablate.budget_steps(plan, made['llama'], times['llama'])
           == ablate.budget_steps(plan, made['low_lr'], times['low_lr']))
+
+
+def test_an_arm_sets_the_tokenizers_vocabulary_but_not_the_models():
+  config = ablate.base_config('configs/decoder.py')
+  ablate.override(config, 'tokenizer.vocab_size', 1024, "arm 'vocab_1024'")
+  assert config.tokenizer.vocab_size == 1024
+  with pytest.raises(ConfigError, match=r"arm 'v': model.vocab_size=7: not a key of model"):
+    ablate.override(config, 'model.vocab_size', 7, "arm 'v'")
