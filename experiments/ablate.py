@@ -27,7 +27,9 @@ A plan is a Python file whose `get_plan()` returns a dict (experiments/plans/*.p
   warmup_fraction train.warmup_steps as a share of each run's steps (default 0.05)
   evals_per_run   evaluations along a run, for the curves (default 8)
   checkpoints_per_run  checkpoints along a run, to resume from (default 4)
-  timing_steps    timed steps of a seconds budget (default 5)
+  timing_steps    timed steps of a seconds budget (default 5), an arm
+  timing_rounds   the arms' timings taken in turns, timing_steps / timing_rounds steps each
+                  turn (default 1): a machine whose speed drifts slows every arm alike
 
 Every run goes through lm.train.run, one at a time, in a workdir of its own under OUT/runs
 (named arm-lr-seed-key, the key a hash of its resolved config); its learning-rate schedule
@@ -76,9 +78,9 @@ from machine import cpu_model, describe  # noqa: E402  experiments/machine.py
 PLAN_KEYS = {'config': str, 'overrides': dict, 'arms': dict, 'baselines': dict, 'metric': dict,
              'budget': dict, 'lr_multipliers': tuple, 'extend_edge': bool, 'seeds': tuple,
              'warmup_fraction': float, 'evals_per_run': int, 'checkpoints_per_run': int,
-             'timing_steps': int}
+             'timing_steps': int, 'timing_rounds': int}
 DEFAULTS = {'overrides': {}, 'extend_edge': True, 'warmup_fraction': 0.05, 'evals_per_run': 8,
-            'checkpoints_per_run': 4, 'timing_steps': 5}
+            'checkpoints_per_run': 4, 'timing_steps': 5, 'timing_rounds': 1}
 NOT_IN_KEY = ('train.peak_flops', 'train.wandb_project', 'train.wandb_group', 'data.cache_dir')
 # what a run learns but not what its step costs: arms that differ only in these (and in
 # NOT_IN_KEY) share one timing, so a seconds budget gives them the same steps
@@ -108,6 +110,7 @@ class Plan:
   evals_per_run: int
   checkpoints_per_run: int
   timing_steps: int
+  timing_rounds: int
 
 
 def load_plan(path: str, sets: list[str]) -> Plan:
@@ -162,7 +165,7 @@ def check_plan(p: Plan) -> None:
                        f'name one of the arms {sorted(p.arms)}')
   config_lib.require(0 <= p.warmup_fraction < 1, 'plan.warmup_fraction', p.warmup_fraction,
                      'give a share of the steps in [0, 1)')
-  for key in ('evals_per_run', 'checkpoints_per_run', 'timing_steps'):
+  for key in ('evals_per_run', 'checkpoints_per_run', 'timing_steps', 'timing_rounds'):
     config_lib.require(getattr(p, key) >= 1, f'plan.{key}', getattr(p, key), 'give >= 1')
 
 
@@ -709,14 +712,26 @@ def machine_of(out: Path) -> dict:
 
 def step_times(out: Path, plan: Plan, arms: dict[str, Arm]) -> dict[str, float | None]:
   """Seconds a train step of each arm (for a seconds budget), timed once and kept; arms whose
-  steps cost the same (their configs differ only in NOT_IN_STEP_COST) share one timing."""
-  def measure(arm):
-    with contextlib.redirect_stdout(io.StringIO()):
-      return {'seconds': train.seconds_per_step(ml_collections.ConfigDict(arm.config),
-                                                out / 'timing' / arm.step_cost_identity,
-                                                plan.timing_steps)}
-  return {n: store.cached_json(out / 'timing', f'{a.step_cost_identity}.json',
-                               lambda a=a: measure(a))['seconds'] for n, a in arms.items()}
+  steps cost the same (their configs differ only in NOT_IN_STEP_COST) share one timing. The
+  arms not timed yet are compiled together, then timed in plan.timing_rounds turns of
+  timing_steps / timing_rounds steps each (an arm's time: the median of its steps), so that a
+  slow spell of a shared machine falls on all of them rather than on one."""
+  timing = out / 'timing'
+  todo = {a.step_cost_identity: a for a in arms.values()
+          if not (timing / f'{a.step_cost_identity}.json').is_file()}
+  with contextlib.redirect_stdout(io.StringIO()):
+    timers = {key: train.step_timer(ml_collections.ConfigDict(arm.config), timing / key)
+              for key, arm in todo.items()}
+  per_turn = max(1, plan.timing_steps // plan.timing_rounds)
+  times = {key: [] for key in timers}
+  for _ in range(plan.timing_rounds):
+    for key, timer in timers.items():
+      times[key] += timer(per_turn)
+  for key in timers:
+    store.cached_json(timing, f'{key}.json',
+                      lambda key=key: {'seconds': float(np.median(times[key]))})
+  return {n: json.loads((timing / f'{a.step_cost_identity}.json').read_text())['seconds']
+          for n, a in arms.items()}
 
 
 def merge(out: Path, other: Path) -> int:

@@ -425,11 +425,12 @@ def compiled_train_step(r: Run, batch_spec: dict[str, jax.ShapeDtypeStruct]):
   return step.lower(r.abstract, batch_spec).compile()
 
 
-def seconds_per_step(config: ml_collections.ConfigDict, workdir: str | Path,
-                     steps: int = 5) -> float:
-  """The median wall time of `steps` compiled train steps of `config` on real batches, after
-  one warm-up step: what a time budget is turned into steps with (experiments/ablate.py).
-  `workdir` gets the run's config and tokenizer, no checkpoint."""
+def step_timer(config: ml_collections.ConfigDict, workdir: str | Path
+               ) -> Callable[[int], list[float]]:
+  """A clock for `config`'s train step: compiles it, runs one warm-up step on a real batch, and
+  returns timer(n), the wall times of n more compiled steps (state and data carried on between
+  calls, so that several configs' timers can take turns; experiments/ablate.py). `workdir`
+  gets the run's config and tokenizer, no checkpoint."""
   r = setup(config, workdir)
   batch_spec = train_batch_spec(r)
   sharding = {k: s.sharding for k, s in batch_spec.items()}
@@ -437,16 +438,22 @@ def seconds_per_step(config: ml_collections.ConfigDict, workdir: str | Path,
   data_iter = iter(r.task.train_dataset(jax.process_index(), jax.process_count()))
   with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
     train_step = compiled_train_step(r, batch_spec)
-    state = r.init_fn()
+    held = {'state': r.init_fn()}
+
+  def timer(n: int) -> list[float]:
     times = []
-    for _ in range(steps + 1):
-      batch = parallel.global_batch({**next(data_iter), 'signal_B': np.zeros(rows, np.int32)},
-                                    sharding)
-      start = time.perf_counter()
-      state, metrics = train_step(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  return float(np.median(times[1:]))
+    with jax.set_mesh(r.mesh), nn.logical_axis_rules(parallel.RULES):
+      for _ in range(n):
+        batch = parallel.global_batch({**next(data_iter),
+                                       'signal_B': np.zeros(rows, np.int32)}, sharding)
+        start = time.perf_counter()
+        held['state'], metrics = train_step(held['state'], batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times
+
+  timer(1)  # the warm-up
+  return timer
 
 
 def _train(r: Run) -> dict[str, float]:

@@ -241,7 +241,7 @@ def test_a_seconds_budget_times_each_arm_once(tmp_path, monkeypatch):
     assert steps * times[name] <= 0.5 < (steps + 1) * times[name]
   def timed_again(*args):
     raise AssertionError('timed again')
-  monkeypatch.setattr(ablate.train, 'seconds_per_step', timed_again)
+  monkeypatch.setattr(ablate.train, 'step_timer', timed_again)
   assert ablate.step_times(tmp_path / 'out', plan, arms) == times  # kept in OUT/timing
 
 
@@ -254,15 +254,35 @@ def test_arms_whose_steps_cost_the_same_share_one_timing(tmp_path, monkeypatch):
   made = {n: ablate.make_arm(plan, n) for n in arms}
   assert made['llama'].identity != made['low_lr'].identity  # different runs, different keys
   timed = []
-  def seconds_per_step(config, workdir, steps):
+  def step_timer(config, workdir):
     timed.append(config.model.num_layers)
-    return 0.1 * len(timed)  # a noisy clock: each timing differs
-  monkeypatch.setattr(ablate.train, 'seconds_per_step', seconds_per_step)
+    return lambda n, t=0.1 * len(timed): [t] * n  # a noisy clock: each timing differs
+  monkeypatch.setattr(ablate.train, 'step_timer', step_timer)
   times = ablate.step_times(tmp_path / 'out', plan, made)
   assert sorted(timed) == [2, 3]  # one timing for llama and low_lr, one for deeper
   assert times['llama'] == times['low_lr'] != times['deeper']
   assert (ablate.budget_steps(plan, made['llama'], times['llama'])
           == ablate.budget_steps(plan, made['low_lr'], times['low_lr']))
+
+
+def test_arms_are_timed_in_turns_so_a_drifting_clock_slows_them_alike(tmp_path, monkeypatch):
+  sets = [s[len('--set='):] for s in data_sets(tmp_path)]
+  arms = {'llama': {}, 'deeper': {'model.num_layers': 3}}
+  clock = []  # a machine that slows down: each step takes 1 ms longer than the one before
+  def step_timer(config, workdir):
+    def timer(n):
+      clock.extend([0.1 + 0.001 * len(clock) for _ in range(n)])
+      return clock[-n:]
+    return timer
+  monkeypatch.setattr(ablate.train, 'step_timer', step_timer)
+  for rounds, spread in ((1, 0.04), (4, 0.01)):  # timed one after the other: 40 ms apart
+    plan = dataclasses.replace(ablate.load_plan(QUICK, sets), budget={'seconds': 1.0}, arms=arms,
+                               timing_steps=40, timing_rounds=rounds)
+    made = {n: ablate.make_arm(plan, n) for n in arms}
+    clock.clear()
+    times = ablate.step_times(tmp_path / f'out{rounds}', plan, made)
+    assert len(clock) == 80
+    assert times['deeper'] - times['llama'] == pytest.approx(spread)
 
 
 def test_an_arm_sets_the_tokenizers_vocabulary_but_not_the_models():

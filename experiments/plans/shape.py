@@ -37,5 +37,6 @@ def get_plan():
       extend_edge=False,
       seeds=(0, 1),
       evals_per_run=4,
-      timing_steps=20,  # the arms of one step cost share a timing (ablate.NOT_IN_STEP_COST)
+      timing_steps=40,  # the arms of one step cost share a timing (ablate.NOT_IN_STEP_COST)
+      timing_rounds=4,  # timed in turns: this shared host's speed drifts by 10% and more
   )
