@@ -14,5 +14,5 @@ from lm.config import from_file
 
 def get_config() -> ml_collections.ConfigDict:
   c = from_file(Path(__file__).with_name('decoder.py'))
-  c.data.update(fim_rate=0.5, fim_spm_rate=0.5)
+  c.data.update(fim_rate=0.5, fim_spm_rate=0.5, fim_unit='char')
   return c

@@ -63,6 +63,27 @@ def test_the_cut_points_are_two_sorted_uniform_draws():
   np.testing.assert_allclose(counts, 1 / (n + 1), atol=0.006)
 
 
+def test_line_cuts_fall_at_line_starts_each_equally_likely(config, tmp_path):
+  text = 'ab\ncd\n\nef'
+  assert fim.cut_points(text, 'line') == [0, 3, 6, 7, 9]
+  assert fim.cut_points('x\n', 'line') == [0, 2] and fim.cut_points('', 'line') == [0]
+  rng, draws = np.random.default_rng(0), 20000
+  cuts = [fim.cut(text, rng, 'line') for _ in range(draws)]
+  assert all(p + m + s == text for p, m, s in cuts)
+  ends = np.array([[len(p), len(p) + len(m)] for p, m, _ in cuts])
+  counts = np.array([np.sum(ends == point) for point in (0, 3, 6, 7, 9)]) / (2 * draws)
+  np.testing.assert_allclose(counts, 0.2, atol=0.01)  # 5 points, each as likely
+  window = np.array([TOK.bos_id, *b'ab\ncd\nef', TOK.eos_id] + [TOK.pad_id] * 3)
+  out, _ = fim.transform(window, np.random.default_rng(1), TOK, fim_rate=1.0, spm_rate=0.0,
+                         unit='line')
+  ids = out.tolist()
+  middle = TOK.decode(ids[ids.index(S['fim_middle']) + 1:ids.index(TOK.eos_id)])
+  assert middle in ('', 'ab\n', 'cd\n', 'ef', 'ab\ncd\n', 'cd\nef', 'ab\ncd\nef')
+  config.data.fim_unit = 'word'
+  with pytest.raises(ConfigError, match=r"data.fim_unit='word': use one of \('char', 'line'\)"):
+    train.setup(config, tmp_path / 'never')
+
+
 def test_the_fim_pipeline_is_deterministic_draws_afresh_each_epoch_and_resumes():
   tokens = np.array(([TOK.bos_id, *b'abcdefghij', TOK.eos_id]) * 8, np.int32)  # 96 tokens
   make = lambda: iter(clm.train_dataset(tokens, seq_len=11, batch_size=2, seed=3, tokenizer=TOK,

@@ -64,23 +64,25 @@ def strided_eval_batches(tokens: np.ndarray, *, seq_len: int, stride: int, batch
 
 
 def fim_window(example: dict[str, np.ndarray], rng: np.random.Generator, tokenizer,
-               fim_rate: float, spm_rate: float) -> dict[str, np.ndarray]:
+               fim_rate: float, spm_rate: float, unit: str = 'char') -> dict[str, np.ndarray]:
   """A window with its document fragments rearranged for fill-in-the-middle (lm.data.fim)."""
   chunk_R = np.concatenate([example['inputs'], example['targets'][-1:]])
-  chunk_R, valid_R = fim.transform(chunk_R, rng, tokenizer, fim_rate, spm_rate)
+  chunk_R, valid_R = fim.transform(chunk_R, rng, tokenizer, fim_rate, spm_rate, unit)
   return {'inputs': chunk_R[:-1], 'targets': chunk_R[1:], 'loss_mask': valid_R[1:]}
 
 
 def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, tokenizer=None,
-                  fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> grain.IterDataset:
+                  fim_rate: float = 0.0, fim_spm_rate: float = 0.5,
+                  fim_unit: str = 'char') -> grain.IterDataset:
   """Endless shuffled batches of this host's share (batch_size is the global batch); with
   fim_rate, fill-in-the-middle drawn afresh for each window of each epoch."""
   ds = shuffled_indices(num_windows(len(tokens), seq_len), seed)
   ds = ds.map(lambda i: window(tokens, i, seq_len))
   if fim_rate:
     ds = ds.random_map(functools.partial(fim_window, tokenizer=tokenizer, fim_rate=fim_rate,
-                                         spm_rate=fim_spm_rate), seed=seed)
+                                         spm_rate=fim_spm_rate, unit=fim_unit),
+                       seed=seed)
   return batched(ds, batch_size, process_index, process_count)
 
 
@@ -106,6 +108,7 @@ class CausalData(DataConfig):
   """clm's data keys: the common ones and fill-in-the-middle's."""
   fim_rate: float = 0.0  # share of documents laid out for fill-in-the-middle (lm.data.fim)
   fim_spm_rate: float = 0.5  # share of those laid out SPM (suffix first) rather than PSM
+  fim_unit: str = 'char'  # where a middle is cut: at any two characters, or two line starts
 
 
 class CausalLM(Task):
@@ -118,6 +121,8 @@ class CausalLM(Task):
     for key in ('fim_rate', 'fim_spm_rate'):
       require(0.0 <= getattr(data, key) <= 1.0, f'data.{key}', getattr(data, key),
               'a probability: give a number in [0, 1] (fim_rate 0 turns fill-in-the-middle off)')
+    require(data.fim_unit in fim.UNITS, 'data.fim_unit', data.fim_unit,
+            f'use one of {fim.UNITS}: cuts at any two characters, or at two line starts')
 
   def __init__(self, *args):
     super().__init__(*args)
@@ -138,7 +143,8 @@ class CausalLM(Task):
     return train_dataset(self.splits['train'].tokens, seq_len=d.seq_len,
                          batch_size=t.batch_size, seed=t.seed, process_index=process_index,
                          process_count=process_count, tokenizer=self.tokenizer,
-                         fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate)
+                         fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate,
+                         fim_unit=d.fim_unit)
 
   def eval_batches(self, max_batches):
     return eval_batches(self.splits['val'].tokens, seq_len=self.cfg.data.seq_len,
