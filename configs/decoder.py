@@ -1,8 +1,9 @@
-"""The CPU-sized default: a small Llama-style decoder (RoPE, RMSNorm, grouped-query attention,
-squared-ReLU MLPs) trained with Muon for its hidden matrices and a warmup-stable-decay schedule,
-on the Python stdlib sources, with a byte-level BPE of 2048 ids trained on them at
-the start (cached) and a context of 256 tokens (about 850 characters of code: room for a
-question and a function, which configs/sft.py tunes it on).
+"""The CPU-sized default: a small Llama-style decoder (RoPE, RMSNorm, grouped-query attention
+whose later layers share the first one's values, squared-ReLU MLPs) trained with Muon for its
+hidden matrices and a warmup-stable-decay schedule, on the Python stdlib sources, with a
+byte-level BPE of 4096 ids trained on them at the start (cached) and a context of 256 tokens
+(about 1,000 characters of code: room for a question and a function, which configs/sft.py
+tunes it on).
 
 Sized to at most 10 minutes on 2 CPU cores, BPE training included. What it ends with: README.md,
 Quick start; how it was sized: experiments/README.md, The default run.
@@ -21,11 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
                  window=config_dict.placeholder(int), layer_pattern='', num_experts=0,
                  experts_per_token=2, moe_aux_coef=0.01, tie_embeddings=True, dtype='float32',
                  remat='none', scan_layers=False, qk_norm=False, logit_softcap=0.0,
-                 zero_init_out=False, embed_skip=False, value_residual=False)
+                 zero_init_out=False, embed_skip=False, value_residual=True)
   c.data = dict(paths='', seq_len=256, val_fraction=0.02, cache_dir='')  # task clm; FIM:
                                                                          # configs/fim.py
-  c.tokenizer = dict(kind='bpe', vocab_size=2048)
-  c.train = dict(steps=800, init_from='', batch_size=16, learning_rate=1e-2, warmup_steps=50,
+  c.tokenizer = dict(kind='bpe', vocab_size=4096)
+  c.train = dict(steps=600, init_from='', batch_size=16, learning_rate=1e-2, warmup_steps=50,
                  min_lr_ratio=0.1, schedule='wsd', decay_fraction=0.4,
                  optimizer='muon', muon_learning_rate=0.02, muon_momentum=0.95,
                  muon_momentum_warmup=50,

@@ -82,6 +82,10 @@ PLAN_KEYS = {'config': str, 'overrides': dict, 'arms': dict, 'baselines': dict, 
 DEFAULTS = {'overrides': {}, 'extend_edge': True, 'warmup_fraction': 0.05, 'evals_per_run': 8,
             'checkpoints_per_run': 4, 'timing_steps': 5, 'timing_rounds': 1}
 NOT_IN_KEY = ('train.peak_flops', 'train.wandb_project', 'train.wandb_group', 'data.cache_dir')
+# what make_run sets for each run from the plan: an arm is the same arm whatever its base file
+# says of them (a default run's steps, say)
+SET_BY_RUN = ('train.steps', 'train.seed', 'train.warmup_steps', 'train.eval_every',
+              'train.checkpoint_every', 'train.keep_checkpoints', 'train.num_samples')
 # what a run learns but not what its step costs: arms that differ only in these (and in
 # NOT_IN_KEY) share one timing, so a seconds budget gives them the same steps
 NOT_IN_STEP_COST = NOT_IN_KEY + (
@@ -186,7 +190,7 @@ class Arm:
 
   @property
   def identity(self) -> str:
-    return digest(self.config)
+    return digest(self.config, NOT_IN_KEY + SET_BY_RUN)
 
   @property
   def step_cost_identity(self) -> str:

@@ -285,6 +285,17 @@ def test_arms_are_timed_in_turns_so_a_drifting_clock_slows_them_alike(tmp_path, 
     assert times['deeper'] - times['llama'] == pytest.approx(spread)
 
 
+def test_an_arms_identity_ignores_what_each_run_sets(tmp_path):
+  sets = [s[len('--set='):] for s in data_sets(tmp_path)]
+  plan = ablate.load_plan(QUICK, sets)
+  arm = ablate.make_arm(plan, 'llama')
+  for key, value in (('train.steps', 123), ('train.eval_every', 7), ('train.seed', 5)):
+    other = dataclasses.replace(plan, overrides={**plan.overrides, key: value})
+    assert ablate.make_arm(other, 'llama').identity == arm.identity
+  changed = dataclasses.replace(plan, overrides={**plan.overrides, 'train.weight_decay': 0.3})
+  assert ablate.make_arm(changed, 'llama').identity != arm.identity
+
+
 def test_an_arm_sets_the_tokenizers_vocabulary_but_not_the_models():
   config = ablate.base_config('configs/decoder.py')
   ablate.override(config, 'tokenizer.vocab_size', 1024, "arm 'vocab_1024'")

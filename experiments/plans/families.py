@@ -26,7 +26,8 @@ TOKENS_PER_STEP = 16 * 256
 # figures were measured with
 BEFORE_30 = {'train.optimizer': 'adamw', 'train.schedule': 'cosine', 'train.decay_fraction': 0.2,
              'train.muon_momentum_warmup': 0, 'model.mlp': 'swiglu', 'model.mlp_dim': 352,
-             'train.learning_rate': 5e-3}
+             'train.learning_rate': 5e-3, 'tokenizer.vocab_size': 2048,
+             'model.value_residual': False}
 
 SCAN = {'model.positions': 'none', 'model.state_size': 8, 'model.scan': 'sequential'}
 

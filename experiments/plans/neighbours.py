@@ -23,9 +23,11 @@ Arms:
 def get_plan():
   return dict(
       config='configs/decoder.py',
-      # train.learning_rate: the default's AdamW rate when this plan ran (1e-2 since, adam_hi)
+      # the default when this plan ran: AdamW at 5e-3 (1e-2 since, adam_hi), no value
+      # residual and a BPE of 2048 ids (since experiments/plans/shape.py)
       overrides={'train.eval_batches': 8, 'train.log_every': 10, 'train.num_samples': 0,
-                 'train.learning_rate': 5e-3},
+                 'train.learning_rate': 5e-3, 'model.value_residual': False,
+                 'tokenizer.vocab_size': 2048},
       arms={
           'base': {},
           'embed_skip': {'model.embed_skip': True},

@@ -18,7 +18,8 @@ Arms:
 # figures were measured with
 BEFORE_30 = {'train.optimizer': 'adamw', 'train.schedule': 'cosine', 'train.decay_fraction': 0.2,
              'train.muon_momentum_warmup': 0, 'model.mlp': 'swiglu', 'model.mlp_dim': 352,
-             'train.learning_rate': 5e-3}
+             'train.learning_rate': 5e-3, 'tokenizer.vocab_size': 2048,
+             'model.value_residual': False}
 WSD = {'train.schedule': 'wsd', 'train.decay_fraction': 0.4}
 MUON = {**WSD, 'train.optimizer': 'muon', 'train.muon_learning_rate': 0.02,
         'train.muon_momentum_warmup': 50}

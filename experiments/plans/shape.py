@@ -9,7 +9,7 @@ the default's plain figure would too).
   python experiments/ablate.py --plan=experiments/plans/shape.py --out=runs/ablate/shape
 
 Arms:
-  base            configs/decoder.py
+  base            configs/decoder.py as it was (no value residual, a BPE of 2048 ids)
   value_residual  attention layers 2-4 attend with a v + b v1 (v1 the first layer's values)
   seq_128         windows of 128 tokens, 32 a step (the same tokens a step)
   seq_512         windows of 512 tokens, 8 a step
@@ -21,7 +21,9 @@ Arms:
 def get_plan():
   return dict(
       config='configs/decoder.py',
-      overrides={'train.eval_batches': 8, 'train.log_every': 10, 'train.num_samples': 0},
+      # the default when this plan ran: no value residual, a BPE of 2048 ids (both kept since)
+      overrides={'train.eval_batches': 8, 'train.log_every': 10, 'train.num_samples': 0,
+                 'model.value_residual': False, 'tokenizer.vocab_size': 2048},
       arms={
           'base': {},
           'value_residual': {'model.value_residual': True},
