@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = from_file(Path(__file__).with_name('decoder.py'))
   c.model.update(num_layers=12, d_model=768, num_heads=12, num_kv_heads=0, mlp_dim=3072,
                  max_len=1024, positions='learned', norm='layernorm', norm_eps=1e-5,
-                 mlp='gelu', use_bias=True, tie_embeddings=True)
+                 mlp='gelu', use_bias=True, tie_embeddings=True,
+                 value_residual=False)
   c.tokenizer.update(kind='bpe', vocab_size=50257)
   c.data.seq_len = 1024
   c.train.update(steps=10000, batch_size=32, learning_rate=6e-4, warmup_steps=500,

@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = from_file(Path(__file__).with_name('decoder.py'))
   c.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=2, mlp_dim=1536,
                  max_len=1024, positions='rope', rope_theta=500000.0, norm='rmsnorm',
-                 norm_eps=1e-5, mlp='swiglu', use_bias=False, tie_embeddings=False)
+                 norm_eps=1e-5, mlp='swiglu', use_bias=False, tie_embeddings=False,
+                 value_residual=False)
   c.tokenizer.update(kind='bpe', vocab_size=32768)
   c.data.seq_len = 1024
   c.train.update(steps=10000, batch_size=32, learning_rate=1e-3, warmup_steps=500,

@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.update(max_len=128)
   c.train.update(batch_size=32)
   c.model.update(num_layers=6, d_model=128, mlp_dim=0, positions='none', norm='rmsnorm',
-                 use_bias=False, layer_pattern='M', state_size=8, d_conv=4, expand=2,
-                 dt_rank=0, dt_min=0.001, dt_max=0.1, conv_bias=True, scan='sequential',
+                 use_bias=False, layer_pattern='M', value_residual=False, state_size=8, d_conv=4,
+                 expand=2, dt_rank=0, dt_min=0.001, dt_max=0.1, conv_bias=True, scan='sequential',
                  scan_chunk=32)
   # sized and measured with AdamW at 5e-3, cosine decay and evaluations every 250 steps;
   # Muon, wsd, AdamW at 1e-2 and 800 steps are the attention decoder's
