@@ -6,10 +6,10 @@ For each of `--lines` non-blank lines (of at most 32 tokens) drawn with a fixed 
 held-out files of the runs' corpus (the split both runs were evaluated on), the FIM model gets
 the code before the line and the code after it (the prefix at most half of the context left
 after room for the line, the suffix the rest) and infills with the PSM prompt of
-`lm.sampling.infill` (greedy); the plain model gets the same code before the line and continues
+`lm.sampling.infill` (or, with --layout=spm, the SPM prompt: the suffix first; greedy); the plain model gets the same code before the line and continues
 it (greedy). A line counts when the first line of the output equals it exactly.
 
-  python experiments/bench_fim.py --fim=runs/fim --plain=runs/decoder [--lines=200]
+  python experiments/bench_fim.py --fim=runs/fim --plain=runs/decoder [--lines=200] [--layout=spm]
 
 Prints a table, then one JSON line with the figures.
 """
@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
 from lm import load, sampling
 from lm.config import upgrade_saved
 from lm.data import corpus
+from machine import describe  # noqa: E402  experiments/machine.py
 
 MAX_LINE = 32  # tokens of a hidden line at most; each model writes up to 2 more
 BATCH = 50
@@ -79,6 +80,8 @@ def main() -> None:
   p.add_argument('--context_chars', type=int, default=0,
                  help='characters of code on each side; 0: what fits the context')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--layout', choices=('psm', 'spm'), default='psm',
+                 help="the FIM model's prompt: prefix first (psm) or suffix first (spm)")
   args = p.parse_args()
   fim_dir, plain_dir = Path(args.fim), Path(args.plain)
   results, cases = {}, None
@@ -92,7 +95,7 @@ def main() -> None:
       prefix = fit(tok, before[-side:], room // 2, keep_end=True)
       if name == 'fim':
         suffix = fit(tok, after[:side], room - len(tok.encode(prefix)), keep_end=False)
-        prompts.append(sampling.infill_prompt(tok, prefix, suffix))
+        prompts.append(sampling.infill_prompt(tok, prefix, suffix, spm=args.layout == 'spm'))
       else:
         start = [tok.bos_id] if prefix == before else []  # BOS only at a file's start
         prompts.append([*start, *tok.encode(prefix)])
@@ -104,13 +107,13 @@ def main() -> None:
     hits = sum(first_line(g) == line for g, (_, line, _) in zip(got, cases))
     results[name] = {'exact_match': hits / len(cases), 'bpb': final_bpb(workdir)}
   print(f'single-line infilling on {len(cases)} held-out lines '
-        f'({platform.machine()}, {platform.processor() or "cpu"})')
+        f'({describe()})')
   print('| run | sees | exact match | left-to-right val/bpb |\n|---|---|---|---|')
-  print(f'| {fim_dir} (FIM) | code before and after | {results["fim"]["exact_match"]:.1%} | '
+  print(f'| {fim_dir} (FIM, {args.layout.upper()}) | code before and after | {results["fim"]["exact_match"]:.1%} | '
         f'{results["fim"]["bpb"]:.4f} |')
   print(f'| {plain_dir} (plain) | code before | {results["plain"]["exact_match"]:.1%} | '
         f'{results["plain"]["bpb"]:.4f} |')
-  print(json.dumps({'lines': len(cases), 'fim_exact_match': results['fim']['exact_match'],
+  print(json.dumps({'machine': describe(), 'lines': len(cases), 'layout': args.layout, 'fim_exact_match': results['fim']['exact_match'],
                     'plain_exact_match': results['plain']['exact_match'],
                     'fim_bpb': results['fim']['bpb'], 'plain_bpb': results['plain']['bpb']}))
 

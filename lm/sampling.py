@@ -364,10 +364,11 @@ def _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn):
   return token_1[0], logits_1xV, cache
 
 
-def infill_prompt(tokenizer, prefix: str, suffix: str) -> list[int]:
+def infill_prompt(tokenizer, prefix: str, suffix: str, spm: bool = False) -> list[int]:
   """BOS <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>: a document's PSM layout
-  (lm.data.fim.arrange) up to its middle."""
-  return [tokenizer.bos_id, *fim.arrange(tokenizer, prefix, '', suffix, spm=False)]
+  (lm.data.fim.arrange) up to its middle; with `spm`, the SPM layout BOS <|fim_suffix|> suffix
+  <|fim_prefix|> prefix <|fim_middle|>, where the middle continues the prefix directly."""
+  return [tokenizer.bos_id, *fim.arrange(tokenizer, prefix, '', suffix, spm=spm)]
 
 
 def infill(cfg: ModelConfig, params, tokenizer, prefix: str, suffix: str, *,

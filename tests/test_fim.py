@@ -33,6 +33,13 @@ def test_psm_and_spm_layouts_by_hand():
   assert out.tolist() == window.tolist() and valid.all()
 
 
+def test_infill_prompts_are_a_documents_layout_up_to_its_middle():
+  assert sampling.infill_prompt(TOK, 'ab', 'de') == [
+      TOK.bos_id, S['fim_prefix'], 97, 98, S['fim_suffix'], 100, 101, S['fim_middle']]
+  assert sampling.infill_prompt(TOK, 'ab', 'de', spm=True) == [
+      TOK.bos_id, S['fim_suffix'], 100, 101, S['fim_prefix'], 97, 98, S['fim_middle']]
+
+
 def test_a_rearranged_document_holds_its_text_and_ends_with_the_middle_then_eos():
   rng = np.random.default_rng(1)
   for _ in range(50):
