@@ -48,9 +48,11 @@ def write_corpus(directory: Path, num_files: int = 24) -> Path:
 def tiny_config(corpus: Path, cache_dir: Path, **train) -> ml_collections.ConfigDict:
   c = load_config()
   c.tokenizer.kind = 'bytes'
-  # the recipe these tests were written against (AdamW, cosine, SwiGLU); the default's Muon, wsd
-  # and squared ReLU have their own tests (test_optimizer.py, test_options.py)
-  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32, mlp='swiglu')
+  # the recipe these tests were written against (AdamW, cosine, SwiGLU, no value residual); the
+  # default's Muon, wsd, squared ReLU and value residual have their own tests
+  # (test_optimizer.py, test_options.py)
+  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=32, mlp='swiglu',
+                 value_residual=False)
   c.data.update(paths=str(corpus / '*.py'), seq_len=32, val_fraction=0.25,
                 cache_dir=str(cache_dir))
   c.train.update(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=1,

@@ -35,7 +35,7 @@ def test_the_wsd_schedule_warms_up_holds_and_decays_linearly_by_hand():
 def boxed(variant: dict):
   c = load_config()
   c.model.update({**dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                        max_len=16, mlp='swiglu'), **variant})
+                        max_len=16, mlp='swiglu', value_residual=False), **variant})
   c.data.seq_len = 16
   return models.abstract_params(models.build(config_lib.parse(c, vocab_size=300,
                                                               device_count=1).model))

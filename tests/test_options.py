@@ -170,13 +170,18 @@ def test_value_residual_attends_with_a_v_plus_b_first_values_as_numpy_does():
   assert common.matrix_axes(models.abstract_params(model))['block_2/attn/value_residual'] is None
 
 
-def test_value_residual_is_refused_with_scanned_layers_or_no_attention():
-  for options, message in (({'scan_layers': True}, r'model.value_residual=True: .*scan_layers'),
-                           ({'layer_pattern': 'S', 'positions': 'none'},
-                            r"model.value_residual=True: layer_pattern='S' has no attention")):
-    c = load_config()
-    c.model.value_residual = True
-    for key, value in options.items():
-      setattr(c.model, key, value)
-    with pytest.raises(ConfigError, match=message):
-      config_lib.parse(c, vocab_size=300, device_count=1)
+def test_value_residual_is_refused_with_scanned_attention_and_is_nothing_without_attention():
+  c = load_config()
+  c.model.update(value_residual=True, scan_layers=True)
+  with pytest.raises(ConfigError, match=r'model.value_residual=True: .*model.scan_layers=False'):
+    config_lib.parse(c, vocab_size=300, device_count=1)
+  scan_only = dataclasses.replace(CFG, layer_pattern='S', positions='none')
+  shared = dataclasses.replace(scan_only, value_residual=True)
+  _, params = init(scan_only)
+  _, shared_params = init(shared)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, shared_params)  # no gates
+  np.testing.assert_array_equal(models.build(shared).apply({'params': params}, TOKENS),
+                                models.build(scan_only).apply({'params': params}, TOKENS))
+  c = load_config()
+  c.model.update(value_residual=True, scan_layers=True, layer_pattern='M', positions='none')
+  config_lib.parse(c, vocab_size=300, device_count=1)  # scanned, but no attention: accepted

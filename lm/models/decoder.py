@@ -43,7 +43,8 @@ class DecoderConfig(*reversed(config_keys()), ModelConfig):
   embed_skip: bool = False  # each block's input a x + b x0, x0 the embeddings; (a, b) learned
                             # per block from (1, 0)
   value_residual: bool = False  # every attention layer after the first attends with a v + b v1,
-                                # v1 the first's values; (a, b) learned per layer from (0.5, 0.5)
+                                # v1 the first's values; (a, b) learned per layer from (0.5, 0.5);
+                                # nothing without attention layers
 
   @property
   def unmapped_options(self) -> tuple[str, ...]:
@@ -98,12 +99,10 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
             'model.experts_per_token', m.experts_per_token,
             f'must be in [1, model.num_experts={m.num_experts}]')
     require(m.mlp == 'swiglu', 'model.mlp', m.mlp, 'experts are SwiGLU MLPs: use swiglu')
-  require(not (m.value_residual and m.scan_layers), 'model.value_residual', m.value_residual,
-          'the first layer\'s values must reach every later layer, which one scanned period '
-          'cannot carry: set model.scan_layers=False, or leave value_residual off')
-  require(not m.value_residual or m.has_attention, 'model.value_residual', m.value_residual,
-          f'layer_pattern={m.layer_pattern!r} has no attention layer whose values to share: '
-          'leave value_residual off')
+  require(not (m.value_residual and m.scan_layers and m.has_attention), 'model.value_residual',
+          m.value_residual, 'the first attention layer\'s values must reach every later one, '
+          'which one scanned period cannot carry: set model.scan_layers=False, or '
+          'model.value_residual=False')
   require(m.logit_softcap >= 0, 'model.logit_softcap', m.logit_softcap,
           'give a cap above 0 (e.g. 30), or 0 for none')
   require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
