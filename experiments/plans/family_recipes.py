@@ -8,14 +8,16 @@ every schedule decayed to its own last step.
   python experiments/ablate.py --plan=experiments/plans/family_recipes.py --out=runs/ablate/family_recipes
 
 Arms:
-  mamba            configs/mamba.py as it is (6 Mamba-1 layers, bytes, AdamW 5e-3, cosine)
+  mamba            configs/mamba.py as it was (6 Mamba-1 layers, bytes, AdamW 5e-3, cosine)
   mamba_muon       the same model with issue 30's recipe, Muon at 0.02
   mamba_muon_lo    Muon at 0.01
   mamba_muon_hi    Muon at 0.04
-  hybrid           configs/hybrid.py as it is (MMMG, SwiGLU 352, AdamW 5e-3, cosine)
+  hybrid           configs/hybrid.py as it was (MMMG, SwiGLU 352, AdamW 5e-3, cosine)
   hybrid_muon      the same model with issue 30's recipe and its squared-ReLU MLP of 528
 """
 
+# the recipe the two configs had when this plan ran (issue 30's since)
+BEFORE = {'train.optimizer': 'adamw', 'train.learning_rate': 5e-3, 'train.schedule': 'cosine'}
 RECIPE_30 = {'train.optimizer': 'muon', 'train.learning_rate': 1e-2, 'train.schedule': 'wsd',
              'train.decay_fraction': 0.4, 'train.muon_learning_rate': 0.02,
              'train.muon_momentum_warmup': 50}
@@ -26,11 +28,12 @@ def get_plan():
       config='configs/mamba.py',
       overrides={'train.eval_batches': 8, 'train.log_every': 10, 'train.num_samples': 0},
       arms={
-          'mamba': {},
+          'mamba': BEFORE,
           'mamba_muon': RECIPE_30,
           'mamba_muon_lo': {**RECIPE_30, 'train.muon_learning_rate': 0.01},
           'mamba_muon_hi': {**RECIPE_30, 'train.muon_learning_rate': 0.04},
-          'hybrid': {'config': 'configs/hybrid.py'},
+          'hybrid': {'config': 'configs/hybrid.py', **BEFORE, 'model.mlp': 'swiglu',
+                     'model.mlp_dim': 352},
           'hybrid_muon': {'config': 'configs/hybrid.py', **RECIPE_30, 'model.mlp': 'relu2',
                           'model.mlp_dim': 528},
       },
