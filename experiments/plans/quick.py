@@ -10,7 +10,7 @@ TINY = {'tokenizer.kind': 'bytes', 'model.num_layers': 2, 'model.d_model': 32,
         'train.async_checkpoints': False,
         # the recipe before issue 30 (configs/decoder.py's is Muon, wsd, squared ReLU)
         'train.optimizer': 'adamw', 'train.schedule': 'cosine', 'model.mlp': 'swiglu',
-        'train.learning_rate': 5e-3, 'model.value_residual': False}
+        'train.learning_rate': 5e-3}
 
 
 def get_plan():
