@@ -35,9 +35,13 @@ def cut_points(text: str, unit: str) -> list[int]:
 
 
 def cut(text: str, rng: np.random.Generator, unit: str = 'char') -> tuple[str, str, str]:
-  """(prefix, middle, suffix) at two of cut_points(text, unit) drawn uniformly (sorted)."""
-  points = cut_points(text, unit)
-  i, j = sorted(points[k] for k in rng.integers(0, len(points), size=2))
+  """(prefix, middle, suffix) at two of cut_points(text, unit) drawn uniformly (sorted); a
+  character cut draws the positions themselves, without listing them."""
+  if unit == 'char':
+    i, j = sorted(rng.integers(0, len(text) + 1, size=2))
+  else:
+    points = cut_points(text, unit)
+    i, j = sorted(points[k] for k in rng.integers(0, len(points), size=2))
   return text[:i], text[i:j], text[j:]
 
 
