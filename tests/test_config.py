@@ -63,6 +63,8 @@ def test_seq_len_larger_than_max_len():
     (dict(mlp='swiglu', num_experts=4, experts_per_token=5),
      r'model\.experts_per_token=5: must be in \[1, model\.num_experts=4\]'),
     (dict(mlp='gelu', num_experts=4), r"model\.mlp='gelu': experts are SwiGLU MLPs"),
+    (dict(mlp='swiglu', num_experts=4, moe_capacity_factor=-1.0),
+     r'model\.moe_capacity_factor=-1\.0: give a factor above 0'),
 ])
 def test_bad_architecture_options(overrides, message):
   c = load_config()

@@ -265,6 +265,70 @@ def test_moe_equals_a_dense_loop_over_each_tokens_chosen_experts():
     np.testing.assert_allclose(out[n], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize('capacity_factor', [0.5, 1.0, 2.0])
+def test_moe_with_a_capacity_drops_assignments_past_it_first_choices_first_as_numpy_does(
+    capacity_factor):
+  """A numpy loop: each expert keeps the first ceil(c N k / E) of its assignments, every
+  token's first choice before any second choice, earlier tokens first; a dropped assignment adds
+  nothing, and the dropped share is reported. At c = E / k no assignment can be dropped."""
+  cfg = dataclasses.replace(CFG, **{**VARIANTS['mixtral-window']})
+  e, k = cfg.num_experts, cfg.experts_per_token
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, cfg.d_model))
+  moe = mlp.MoeMlp(e, k, cfg.mlp_dim, capacity_factor=capacity_factor)
+  p = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x)['params'])
+  y, (_, _, dropped) = moe.apply({'params': p}, x)
+  tokens = np.asarray(x).reshape(-1, cfg.d_model)
+  capacity = min(len(tokens), int(np.ceil(capacity_factor * len(tokens) * k / e)))
+  silu = lambda z: z / (1 + np.exp(-z))
+  probs = np.exp(tokens @ p['router'])
+  probs /= probs.sum(-1, keepdims=True)
+  top_NxK = np.argsort(-probs, axis=-1)[:, :k]
+  taken, expected, kept = np.zeros(e, int), np.zeros_like(tokens), 0
+  for choice in range(k):
+    for n, token in enumerate(tokens):
+      expert = top_NxK[n, choice]
+      if taken[expert] < capacity:
+        taken[expert] += 1
+        kept += 1
+        weight = probs[n, expert] / probs[n, top_NxK[n]].sum()
+        expected[n] += weight * (silu(token @ p['gate'][expert]) * (token @ p['up'][expert])
+                                 ) @ p['down'][expert]
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), expected, atol=1e-5)
+  np.testing.assert_allclose(float(dropped), 1 - kept / (len(tokens) * k), atol=1e-6)
+  if capacity_factor == 2.0:  # E / k: each expert may take every token
+    assert float(dropped) == 0
+    no_drop = mlp.MoeMlp(e, k, cfg.mlp_dim).apply({'params': p}, x)[0]
+    np.testing.assert_allclose(y, no_drop, atol=1e-5)
+  else:
+    assert float(dropped) > 0
+
+
+def test_a_capacity_logs_the_dropped_share_over_the_layers_and_is_for_training_only():
+  from lm import objectives
+  cfg = dataclasses.replace(CFG, **{**LLAMA, 'num_layers': 2, 'num_experts': 4,
+                                   'experts_per_token': 2, 'moe_capacity_factor': 0.5})
+  _, boxed = init(cfg)
+  params = nn.meta.unbox(boxed)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(6), (2, 16), 0, 256))
+  batch = {'inputs': tokens, 'targets': tokens, 'loss_mask': np.ones(tokens.shape, bool)}
+  model = models.build(cfg)
+  loss, metrics = objectives.clm_loss(params, batch, None, apply_fn=model.apply)
+  _, state = model.apply({'params': params}, tokens, with_aux=True, mutable='intermediates',
+                         capture_intermediates=lambda m, _: isinstance(m, mlp.MoeMlp))
+  layers = [state['intermediates'][f'block_{i}']['moe']['__call__'][0][1][2] for i in range(2)]
+  np.testing.assert_allclose(float(metrics['moe_dropped']), np.mean(layers), atol=1e-6)
+  assert 0 < float(metrics['moe_dropped']) < 1
+  np.testing.assert_allclose(float(loss), float(metrics['nll']) + 0.01 * float(metrics['moe_aux']),
+                             rtol=1e-6)
+  _, no_capacity = objectives.clm_loss(params, batch, None, apply_fn=models.build(
+      dataclasses.replace(cfg, moe_capacity_factor=0.0)).apply)
+  assert 'moe_dropped' not in no_capacity
+  # evaluation and decoding (no with_aux) drop nothing: the model without a capacity
+  dropless = models.build(dataclasses.replace(cfg, moe_capacity_factor=0.0))
+  np.testing.assert_array_equal(model.apply({'params': params}, tokens),
+                                dropless.apply({'params': params}, tokens))
+
+
 def test_moe_counts_active_parameters():
   dense = DecoderConfig(vocab_size=100, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
                       positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False)

@@ -36,6 +36,9 @@ class DecoderConfig(*reversed(config_keys()), ModelConfig):
   num_experts: int = 0  # mixture of SwiGLU experts in every block; 0: a dense MLP
   experts_per_token: int = 2
   moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the objective
+  moe_capacity_factor: float = 0.0  # training: each expert takes at most ceil(c N k / E) of a
+                                    # batch's N tokens' assignments, the rest dropped (logged:
+                                    # moe_dropped); evaluation and decoding drop none; 0: none
   scan_layers: bool = False  # nn.scan over the layers (one compiled period): fast compiles of deep models
   qk_norm: bool = False  # attention: RMS-normalised queries and keys, each head's
   logit_softcap: float = 0.0  # logits c tanh(logits / c) (Gemma 2); 0: none
@@ -107,6 +110,9 @@ def validate(m: DecoderConfig, seq_len: int | None) -> None:
           'give a cap above 0 (e.g. 30), or 0 for none')
   require(m.num_experts >= 0 and m.moe_aux_coef >= 0, 'model.num_experts/moe_aux_coef',
           (m.num_experts, m.moe_aux_coef), 'must be >= 0')
+  require(m.moe_capacity_factor >= 0, 'model.moe_capacity_factor', m.moe_capacity_factor,
+          'give a factor above 0 (e.g. 1.25: each expert takes 1.25x its even share of the '
+          'tokens), or 0 to drop no token')
   if seq_len is None:
     return
   require(seq_len <= m.max_len or not m.has_attention and m.positions != 'learned',
@@ -153,7 +159,7 @@ class Block(nn.Module):
     h_BxTxD = common.norm(cfg.norm, cfg.norm_eps, dtype, 'mlp_norm')(x_BxTxD)
     if cfg.num_experts:
       h_BxTxD, stats = mlp.MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, dtype,
-                                  out_std, name='moe')(h_BxTxD)
+                                  out_std, cfg.moe_capacity_factor, name='moe')(h_BxTxD)
     else:
       h_BxTxD, stats = mlp.Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, dtype, out_std,
                                name='mlp')(h_BxTxD), ()
@@ -207,7 +213,8 @@ class Decoder(nn.Module):
   whose rows may be left-padded (cache['start']: the column each row's tokens begin at).
   With `with_aux` (training), also the model's auxiliary losses, name -> (value, weight in the
   objective): a mixture of experts' load-balancing loss `moe_aux` (weight moe_aux_coef; left
-  out at weight 0); {} for a model without one.
+  out at weight 0) and, with a capacity, the share of assignments dropped `moe_dropped` (weight
+  0: logged, not trained on); {} for a model without them.
   Packed training rows pass `segment_ids` and `positions` [B, T]: a token attends to (and a
   scan layer carries its state within) its own segment only, at its position in it.
   Parameters: embed, pos_embed (learned positions), block_0 .. block_{L-1} (or, with
@@ -220,6 +227,8 @@ class Decoder(nn.Module):
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                with_aux: bool = False):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    if cfg.moe_capacity_factor and not with_aux:  # a capacity is for training: evaluation and
+      cfg = dataclasses.replace(cfg, moe_capacity_factor=0.0)  # decoding drop no token
     index = 0 if cache is None else cache['index']
     start_B = None if cache is None else cache['start']
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, name='embed',
@@ -265,12 +274,14 @@ class Decoder(nn.Module):
                             'layers': caches}
     if not with_aux:
       return logits_BxTxV
-    moe = [s for s in stats if s]  # each (probs_E, shares_E), stacked [R, E] when scanned
-    if not moe or not cfg.moe_aux_coef:
-      return logits_BxTxV, {}
-    return logits_BxTxV, {'moe_aux': (mlp.load_balancing_loss([p for p, _ in moe],
-                                                              [f for _, f in moe]),
-                                      cfg.moe_aux_coef)}
+    moe = [s for s in stats if s]  # each (probs_E, shares_E, dropped), [R, ...] when scanned
+    aux = {}
+    if moe and cfg.moe_aux_coef:
+      aux['moe_aux'] = (mlp.load_balancing_loss([p for p, _, _ in moe], [f for _, f, _ in moe]),
+                        cfg.moe_aux_coef)
+    if moe and cfg.moe_capacity_factor:  # the mean over layers of each layer's dropped share
+      aux['moe_dropped'] = (jnp.mean(jnp.concatenate([d.reshape(-1) for _, _, d in moe])), 0.0)
+    return logits_BxTxV, aux
 
 
 def layout_for(cfg: DecoderConfig, params: dict) -> dict:

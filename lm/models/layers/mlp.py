@@ -2,6 +2,8 @@
 SwiGLU experts with its load-balancing loss."""
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,21 +80,49 @@ def grouped_matmul(xs_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Arr
   return ys_NxBxF.reshape(num_blocks * block, -1)[slot_M]
 
 
+def capacity_slots(experts_NxK: jax.Array, num_experts: int, capacity: int
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Each of the N * k assignments' slot in its expert's group of `capacity` rows, and whether
+  it was kept: slot_KxN in [0, E * capacity], E * capacity for a dropped assignment, kept_KxN.
+  An expert fills its rows by priority: every token's first choice before any second choice
+  (GShard), and within a choice, earlier tokens first."""
+  experts_M = experts_NxK.T.reshape(-1)  # M = k * N assignments, choice-major
+  onehot_MxE = jax.nn.one_hot(experts_M, num_experts, dtype=jnp.int32)
+  position_M = jnp.sum((jnp.cumsum(onehot_MxE, axis=0) - 1) * onehot_MxE, axis=1)
+  kept_M = position_M < capacity
+  slot_M = jnp.where(kept_M, experts_M * capacity + position_M, num_experts * capacity)
+  k = experts_NxK.shape[1]
+  return slot_M.reshape(k, -1), kept_M.reshape(k, -1)
+
+
 class MoeMlp(nn.Module):
   """A mixture of SwiGLU experts, as Mixtral: a softmax router picks each token's top
-  `experts_per_token` experts, their weights renormalised to sum to 1; no token is dropped.
-  The assignments are sorted by expert and each expert multiplies only its own tokens
-  (`grouped_matmul`), so compute follows the active, not the total, parameters.
-  Returns y_BxTxD and its router statistics over the N tokens for `load_balancing_loss`: the
-  mean router probability of each expert and the share of assignments to it (float32 [E])."""
+  `experts_per_token` experts, their weights renormalised to sum to 1.
+  - capacity_factor 0 (default): no token is dropped. The assignments are sorted by expert and
+    each expert multiplies only its own tokens (`grouped_matmul`), so compute follows the
+    active, not the total, parameters.
+  - capacity_factor c > 0: each expert takes at most ceil(c * N * k / E) of the N tokens'
+    assignments (`capacity_slots`: first choices first); an assignment past its expert's
+    capacity is dropped (it adds nothing: a token whose choices are all dropped passes through
+    the residual alone). The experts then run as one batched matmul over [E, capacity] rows.
+  Returns y_BxTxD and its router statistics over the N tokens: the mean router probability of
+  each expert and the share of assignments to it (float32 [E], for `load_balancing_loss`), and
+  the share of assignments dropped (a float32 scalar; 0 without a capacity)."""
   num_experts: int
   experts_per_token: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
   out_std: float = INIT_STD
+  capacity_factor: float = 0.0
+
+  def capacity(self, tokens: int) -> int:
+    """Rows an expert takes: ceil(capacity_factor * tokens * k / E), at most all tokens."""
+    share = self.capacity_factor * tokens * self.experts_per_token / self.num_experts
+    return min(tokens, max(1, math.ceil(share)))
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  def __call__(self, x_BxTxD: jax.Array
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     batch, length, d_model = x_BxTxD.shape
     e, k, f = self.num_experts, self.experts_per_token, self.mlp_dim
     x_NxD = x_BxTxD.reshape(-1, d_model)
@@ -100,22 +130,44 @@ class MoeMlp(nn.Module):
     probs_NxE = jax.nn.softmax(x_NxD.astype(jnp.float32) @ router_DxE, axis=-1)
     weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
     weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
-    stats = (jnp.mean(probs_NxE, 0), jnp.mean(jax.nn.one_hot(experts_NxK, e).sum(axis=1), 0))
     gate_ExDxF = self.param('gate', matrix(('experts', 'embed', 'mlp')), (e, d_model, f))
     up_ExDxF = self.param('up', matrix(('experts', 'embed', 'mlp')), (e, d_model, f))
     down_ExFxD = self.param('down', matrix(('experts', 'mlp', 'embed'), self.out_std),
                             (e, f, d_model))
-    order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
-    group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)
-    xs_MxD = x_NxD[order_M // k].astype(self.dtype)
     cast = lambda w: w.astype(self.dtype)
-    h_Mx2F = grouped_matmul(xs_MxD, cast(jnp.concatenate([gate_ExDxF, up_ExDxF], axis=2)),
-                            group_sizes_E)  # gate and up in one pass, as in Mlp
-    h_MxF = nn.silu(h_Mx2F[:, :f]) * h_Mx2F[:, f:]
-    ys_MxD = grouped_matmul(h_MxF, cast(down_ExFxD), group_sizes_E)
-    y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
-    y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+    gate_up_ExDx2F = cast(jnp.concatenate([gate_ExDxF, up_ExDxF], axis=2))  # one pass, as Mlp
+    swiglu = lambda h: nn.silu(h[..., :f]) * h[..., f:]
+    if self.capacity_factor:
+      y_NxD, dropped = self._with_capacity(x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F,
+                                           cast(down_ExFxD), swiglu)
+    else:
+      order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
+      group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)
+      xs_MxD = x_NxD[order_M // k].astype(self.dtype)
+      h_MxF = swiglu(grouped_matmul(xs_MxD, gate_up_ExDx2F, group_sizes_E))
+      ys_MxD = grouped_matmul(h_MxF, cast(down_ExFxD), group_sizes_E)
+      y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
+      y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+      dropped = jnp.zeros((), jnp.float32)
+    stats = (jnp.mean(probs_NxE, 0), jnp.mean(jax.nn.one_hot(experts_NxK, e).sum(axis=1), 0),
+             dropped)
     return y_NxD.reshape(batch, length, d_model), stats
+
+  def _with_capacity(self, x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, down_ExFxD, swiglu):
+    """The experts over fixed groups of `capacity` rows: (y_NxD, the share dropped)."""
+    tokens, d_model = x_NxD.shape
+    e, k, c = self.num_experts, self.experts_per_token, self.capacity(x_NxD.shape[0])
+    slot_KxN, kept_KxN = capacity_slots(experts_NxK, e, c)
+    token_S = jnp.full((e * c + 1,), tokens, jnp.int32).at[slot_KxN.reshape(-1)].set(
+        jnp.tile(jnp.arange(tokens, dtype=jnp.int32), k))[:-1]  # an empty slot: row `tokens`
+    x_padded = jnp.concatenate([x_NxD, jnp.zeros((1, d_model), x_NxD.dtype)]).astype(self.dtype)
+    xs_ExCxD = x_padded[token_S].reshape(e, c, d_model)
+    h_ExCxF = swiglu(jnp.einsum('ecd,edf->ecf', xs_ExCxD, gate_up_ExDx2F))
+    ys_SxD = jnp.einsum('ecf,efd->ecd', h_ExCxF, down_ExFxD).reshape(e * c, d_model)
+    ys_SxD = jnp.concatenate([ys_SxD, jnp.zeros((1, d_model), ys_SxD.dtype)])  # the dropped slot
+    y_KxNxD = ys_SxD[slot_KxN]
+    y_NxD = jnp.einsum('knd,nk->nd', y_KxNxD, weights_NxK.astype(y_KxNxD.dtype))
+    return y_NxD, 1.0 - jnp.mean(kept_KxN.astype(jnp.float32))
 
 
 def load_balancing_loss(probs: list[jax.Array], shares: list[jax.Array]) -> jax.Array:
