@@ -14,6 +14,7 @@ once per shape; a user's function compiles once per function object.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -234,14 +235,17 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              rng: jax.Array | None = None, filter_fn: Filter = GREEDY, eos_id: int | None = None,
              pad_id: int = 0, truncate: bool = False,
              return_logprobs: bool = False) -> Generation:
-  """Continues each prompt by up to max_new_tokens: a prefill of the left-padded batch, then
-  one jax.lax.while_loop of decode steps that ends when every row has drawn eos_id or the
-  budget is spent. Deterministic for a given rng (step i draws with fold_in(rng, i))."""
+  """Continues each prompt by up to max_new_tokens: a prefill of the left-padded batch
+  (`prefill`), then one jax.lax.while_loop of decode steps that ends when every row has drawn
+  eos_id or the budget is spent. Deterministic for a given rng (step i draws with
+  fold_in(rng, i))."""
   prompts = fit_prompts(cfg, prompts, max_new_tokens, truncate)
   tokens_BxT, lengths_B = left_pad(prompts, pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  logits_BxV, state = prefill(cfg, params, tokens_BxT, lengths_B,
+                              max_len=tokens_BxT.shape[1] + max_new_tokens)
   out_BxN, logprobs_BxN, count_B = jax.device_get(_sample_loop(
-      cfg, params, tokens_BxT, lengths_B, rng, max_new_tokens=max_new_tokens,
+      cfg, params, logits_BxV, state, rng, max_new_tokens=max_new_tokens,
       filter_fn=filter_fn, eos_id=-1 if eos_id is None else eos_id,
       return_logprobs=return_logprobs))
   return Generation([out_BxN[b, :n].tolist() for b, n in enumerate(count_B)],
@@ -249,14 +253,23 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                     if return_logprobs else None)
 
 
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_len'))
+def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, lengths_B: jax.Array, *,
+            max_len: int) -> tuple[jax.Array, dict]:
+  """The left-padded prompts through the model (the decoding interface's prefill): each row's
+  next-token logits and the state to decode up to max_len columns from. Compiled apart from
+  the decoding loops: its matmuls have many rows (a T5 encoder at batch 8 x 256: 2,048), which
+  the training matmuls run faster than the decoding loops' (lm.backend.decoding_jit)."""
+  return models.decoding(cfg).prefill(params, tokens_BxT, lengths_B, max_len)
+
+
 @decoding_jit(static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id',
                                'return_logprobs'))
-def _sample_loop(cfg, params, tokens_BxT, lengths_B, rng, *, max_new_tokens, filter_fn, eos_id,
+def _sample_loop(cfg, params, logits_BxV, state, rng, *, max_new_tokens, filter_fn, eos_id,
                  return_logprobs):
-  batch, width = tokens_BxT.shape
+  batch = logits_BxV.shape[0]
   d = models.decoding(cfg)
   params = d.prepare(params, batch)
-  logits_BxV, state = d.prefill(params, tokens_BxT, lengths_B, width + max_new_tokens)
 
   def next_token(i, logits_BxV, done_B):
     token_B = pick(filter_fn, logits_BxV, jax.random.fold_in(rng, i))
@@ -334,9 +347,9 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
   (prompt,) = fit_prompts(cfg, [prompt], max_new_tokens, truncate)
   tokens_1xT, lengths_1 = left_pad([prompt], tokenizer.pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  logits_1xV, cache = prefill(cfg, params, tokens_1xT, lengths_1,
+                              max_len=tokens_1xT.shape[1] + max_new_tokens)
   params = models.decoding(cfg).prepare(params, rows=1)
-  logits_1xV, cache = _stream_prefill(cfg, params, tokens_1xT, lengths_1,
-                                      tokens_1xT.shape[1] + max_new_tokens)
   text = StreamDecoder(tokenizer)
   for i in range(max_new_tokens):
     token, logits_1xV, cache = _stream_step(cfg, params, logits_1xV, cache, rng, i, filter_fn)
@@ -349,11 +362,6 @@ def stream(cfg: ModelConfig, params, tokenizer, prompt: Sequence[int], *, max_ne
   rest = text.flush()
   if rest:
     yield rest
-
-
-@decoding_jit(static_argnames=('cfg', 'max_len'))
-def _stream_prefill(cfg, params, tokens_1xT, lengths_1, max_len):
-  return models.decoding(cfg).prefill(params, tokens_1xT, lengths_1, max_len)
 
 
 @decoding_jit(static_argnames=('cfg', 'filter_fn'))
@@ -404,8 +412,10 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, n
           'must be >= 0 (0 ranks by log-probability, 1 by its mean per token)')
   prompts = fit_prompts(cfg, prompts, max_new_tokens, truncate)
   tokens_BxT, lengths_B = left_pad(prompts, pad_id)
+  logits_BxV, cache = prefill(cfg, params, tokens_BxT, lengths_B,
+                              max_len=tokens_BxT.shape[1] + max_new_tokens)
   seqs_BxN, lengths_B, scores_B = jax.device_get(_beam_loop(
-      cfg, params, tokens_BxT, lengths_B, num_beams=int(num_beams),
+      cfg, params, logits_BxV, cache, num_beams=int(num_beams),
       max_new_tokens=max_new_tokens, eos_id=-1 if eos_id is None else eos_id,
       length_penalty=float(length_penalty)))
   return Beams([seqs_BxN[b, :n].tolist() for b, n in enumerate(lengths_B)],
@@ -414,13 +424,12 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, n
 
 @decoding_jit(static_argnames=('cfg', 'num_beams', 'max_new_tokens', 'eos_id',
                                'length_penalty'))
-def _beam_loop(cfg, params, tokens_BxT, lengths_B, *, num_beams, max_new_tokens, eos_id,
+def _beam_loop(cfg, params, logits_BxV, cache, *, num_beams, max_new_tokens, eos_id,
                length_penalty):
-  batch, width = tokens_BxT.shape
+  batch = logits_BxV.shape[0]
   k, n = num_beams, max_new_tokens
   d = models.decoding(cfg)
   params = d.prepare(params, batch * k)
-  logits_BxV, cache = d.prefill(params, tokens_BxT, lengths_B, width + n)
   vocab = logits_BxV.shape[-1]
   cache = d.expand(cache, k)  # row b * k + j: beam j of prompt b
   logits_BKxV = jnp.repeat(logits_BxV, k, axis=0)

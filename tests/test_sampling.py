@@ -238,10 +238,13 @@ def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chos
   ynn = lambda lowered: '__ynn_fusion' in lowered.compile().as_text()
   params = params_of(CFG)
   tokens, lengths = jnp.zeros((2, 16), jnp.int32), jnp.full((2,), 16, jnp.int32)
+  logits, state = sampling.prefill(CFG, params, tokens, lengths, max_len=20)
   loop = lambda: sampling._sample_loop.lower(
-      CFG, params, tokens, lengths, jax.random.PRNGKey(0), max_new_tokens=4,
+      CFG, params, logits, state, jax.random.PRNGKey(0), max_new_tokens=4,
       filter_fn=sampling.GREEDY, eos_id=-1, return_logprobs=False)
   assert jax.default_backend() == 'cpu' and ynn(loop())
+  # the prefill's many rows take the training matmuls: it compiles apart from the loop
+  assert not ynn(sampling.prefill.lower(CFG, params, tokens, lengths, max_len=20))
   matmul = sampling.decoding_jit()(lambda x_BxD, w_DxF: x_BxD @ w_DxF)
   x_BxD, w_DxF = jnp.ones((8, 16)), jnp.ones((16, 32))
   assert ynn(matmul.lower(x_BxD, w_DxF))
