@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import jax
 
 from lm import checkpoint, parallel, train
 from lm.config import from_file
+from machine import describe  # experiments/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 # The byte-level data and batch of the figures in the README (the decoder default's until it
@@ -119,8 +119,8 @@ def main() -> None:
           ('async' if mode else 'sync'): summarise(times, saves, args.after)
           for mode, (times, saves) in runs.items()}}
 
-  print(f'\nstep time around a checkpoint save ({platform.machine()}, {jax.device_count()} '
-        f'{jax.devices()[0].platform} device(s), jax {jax.__version__}; median over '
+  print(f'\nstep time around a checkpoint save ({describe()}, {jax.device_count()} '
+        f'device(s); median over '
         f'{args.rounds * args.saves} saves)\n')
   header = (f'{"size":<8} {"state":>8} {"mode":<6} {"step":>8} {"save step":>10} '
             f'{"next steps":>11} {"save cost":>10}')
@@ -137,7 +137,7 @@ def main() -> None:
   print(json.dumps({f'{size}_{mode}_{k}': round(v, 5) for size, res in results.items()
                     for mode in ('sync', 'async') for k, v in res[mode].items()}
                    | {f'{size}_state_mb': round(res['state_mb'], 1)
-                      for size, res in results.items()}))
+                      for size, res in results.items()} | {'machine': describe()}))
 
 
 if __name__ == '__main__':

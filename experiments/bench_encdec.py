@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from lm import hf, models, objectives, sampling, train
 from lm.config import TrainConfig
 from lm.models import EncDecConfig
 from lm.models import encdec
+from machine import describe  # experiments/machine.py
 
 CFG = EncDecConfig(vocab_size=8192, num_layers=6, num_decoder_layers=6, d_model=384,
                    num_heads=6, mlp_dim=1024, max_len=512, mlp='geglu', tie_embeddings=False)
@@ -134,7 +134,7 @@ def main() -> None:
                              'mfu': step_flops / seconds / peak}
   train_ratio = train_rows['lm']['tokens_per_sec'] / train_rows['transformers']['tokens_per_sec']
   gen_rows = generation(args.rounds, args.new_tokens)
-  machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
+  machine = describe()
   params = sum(x.size for x in jax.tree.leaves(models.abstract_params(models.build(CFG))))
   print(f'T5 v1.1 layout, vocab 8192, d 384, 6 + 6 layers, {params / 1e6:.1f}M parameters, '
         f'float32; machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s')

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import transformers
 
 from lm import hf, models, sampling
 from lm.models import DecoderConfig
+from machine import describe  # experiments/machine.py
 
 CFG = DecoderConfig(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536,
                   max_len=512)
@@ -107,7 +107,7 @@ def main() -> None:
                  'hf_tokens_per_sec': tokens / min(theirs),
                  'ratio': statistics.median(b / a for a, b in zip(ours, theirs)),
                  'round_ratios': [b / a for a, b in zip(ours, theirs)], 'bar': bar})
-  machine = f'{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}'
+  machine = describe()
   print(f'generate {args.new_tokens} tokens after {PROMPT_LEN}, GPT-2 shape (vocab 8192, d 384, '
         f'6 layers), float32; machine: {machine}; {args.rounds} alternating rounds: tokens/s '
         f'of the best, lm/HF the median of the rounds\' ratios (range in brackets)')

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from lm import tokenizers
 from lm.config import DataConfig
 from lm.data import corpus, store
 from lm.tokenizers import SPECIAL_TOKENS, bpe
+from machine import cpu_model  # experiments/machine.py
 
 
 def hf_train(texts: list[str], vocab_size: int) -> hf.Tokenizer:
@@ -85,7 +85,7 @@ def main() -> None:
   train_ratio = med['lm'] / med['hf']
   encode_mb_s = {k: num_bytes / 1e6 / med[k] for k in ('lm', 'tiktoken')}
   encode_ratio = encode_mb_s['lm'] / encode_mb_s['tiktoken']
-  machine = f'{platform.machine()} {os.cpu_count()} cores'
+  machine = f'{cpu_model()}, {os.cpu_count()} cores'
   print(f'default corpus: {len(texts)} files, {num_bytes / 1e6:.1f} MB; machine: {machine}; '
         f'median of {args.rounds} rounds')
   print(f'| {"measure":<46} | {"lm":>10} | {"peer":>10} | {"lm / peer":>9} |')

@@ -7,12 +7,14 @@ float32, AdamW with gradient clipping) in three variants:
   llama  RoPE, RMSNorm, SwiGLU MLP 1024, 2 KV heads, no biases        vs LlamaForCausalLM
   moe    llama with 8 SwiGLU experts of 512, 2 per token (+ the       vs MixtralForCausalLM
          load-balancing loss): the active parameters of llama, 4x its MLP weights
+  moe_cap  moe with a capacity factor of 1.25 (lm drops the          vs MixtralForCausalLM
+         assignments past it; transformers drops none)
 Each (variant, framework) runs in a worker process of its own (so no thread pool spins on
 another's cores); the parent alternates timed rounds between them so that all see the same
 machine. MFU is model FLOPs (lm.models.train_flops_per_token, active parameters for the
 MoE) over the measured matmul peak of the machine (the better of JAX's and PyTorch's).
 
-  python experiments/bench_train.py [--variants=gpt2,llama,moe] [--steps=5] [--rounds=2]
+  python experiments/bench_train.py [--variants=gpt2,llama,moe,moe_cap] [--steps=5] [--rounds=2]
   python experiments/bench_train.py --accum_steps=4   # gradient accumulation: memory, time
 
 Prints a table, then one JSON line with the figures.
@@ -40,14 +42,16 @@ import transformers
 from lm import hf, models, objectives, parallel, train
 from lm.config import TrainConfig
 from lm.models import DecoderConfig
-from machine import cpu_model  # experiments/machine.py
+from machine import cpu_model, describe  # experiments/machine.py
 
 
 SHAPE = dict(vocab_size=8192, num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, max_len=256)
 LLAMA = dict(SHAPE, mlp_dim=1024, num_kv_heads=2, positions='rope', norm='rmsnorm', mlp='swiglu',
              use_bias=False, tie_embeddings=False)
 VARIANTS = {'gpt2': DecoderConfig(**SHAPE), 'llama': DecoderConfig(**LLAMA),
-            'moe': DecoderConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2))}
+            'moe': DecoderConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2)),
+            'moe_cap': DecoderConfig(**dict(LLAMA, mlp_dim=512, num_experts=8, experts_per_token=2,
+                                            moe_capacity_factor=1.25))}
 SEQ_LEN, BATCH = 256, 16
 
 
@@ -61,7 +65,8 @@ def lm_step_fn(cfg: DecoderConfig, t: TrainConfig):
 def compiled_steps(model, loss_fn, t: TrainConfig, seq_len: int, batch: dict[str, np.ndarray],
                    accum_steps: int = 1):
   """(run(state, n): n jitted train steps of `loss_fn` on `batch`, on a mesh of every device;
-  the initial state). `run.memory` is the compiled step's memory analysis."""
+  the initial state). `run.memory` is the compiled step's memory analysis, `run.hlo` its
+  optimised HLO."""
   mesh = parallel.make_mesh((jax.device_count(), 1, 1))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
     init_fn, _, shardings = train.abstract_state(model, train.make_optimizer(t, model), seq_len,
@@ -79,6 +84,7 @@ def compiled_steps(model, loss_fn, t: TrainConfig, seq_len: int, batch: dict[str
     jax.block_until_ready(metrics['loss'])
     return state
   run.memory = step.memory_analysis()
+  run.hlo = step.as_text()  # the compiled step (experiments/profile_step.py reads its matmuls)
   return run, state
 
 
@@ -226,7 +232,7 @@ def timed_rounds(workers: dict[str, subprocess.Popen], rounds: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--variants', default='gpt2,llama,moe',
+  parser.add_argument('--variants', default='gpt2,llama,moe,moe_cap',
                       help=f'comma-separated, of {sorted(VARIANTS)}')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
@@ -251,14 +257,14 @@ def main() -> None:
   workers = start_workers(__file__, specs)
   peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with all idle
   times = timed_rounds(workers, args.rounds, lambda spec: args.steps)
-  machine = f'{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform}'
+  machine = describe()
   print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
   print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.rounds} '
         f'rounds of {args.steps} steps')
-  print(f'| {"variant":<6} | {"params":>7} | {"MFLOP/tok":>9} | {"lm step ms":>10} | '
+  print(f'| {"variant":<7} | {"params":>7} | {"MFLOP/tok":>9} | {"lm step ms":>10} | '
         f'{"lm tok/s":>8} | {"lm MFU":>6} | {"HF step ms":>10} | {"HF tok/s":>8} | '
         f'{"HF MFU":>6} | {"lm/HF":>5} |')
-  print('|' + '|'.join('-' * (w + 2) for w in (6, 7, 9, 10, 8, 6, 10, 8, 6, 5)) + '|')
+  print('|' + '|'.join('-' * (w + 2) for w in (7, 7, 9, 10, 8, 6, 10, 8, 6, 5)) + '|')
   results = {}
   for variant in variants:
     cfg = VARIANTS[variant]
@@ -272,17 +278,20 @@ def main() -> None:
                         'mfu': tokens_per_sec * flops_per_token / peak}
     ratio = row['lm']['tokens_per_sec'] / row['transformers']['tokens_per_sec']
     ours, theirs = row['lm'], row['transformers']
-    print(f'| {variant:<6} | {params / 1e6:>6.1f}M | {flops_per_token / 1e6:>9.1f} | '
+    print(f'| {variant:<7} | {params / 1e6:>6.1f}M | {flops_per_token / 1e6:>9.1f} | '
           f'{ours["step_ms"]:>10.0f} | {ours["tokens_per_sec"]:>8,.0f} | {ours["mfu"]:>6.1%} | '
           f'{theirs["step_ms"]:>10.0f} | {theirs["tokens_per_sec"]:>8,.0f} | '
           f'{theirs["mfu"]:>6.1%} | {ratio:>5.2f} |')
     results[variant] = {**row, 'ratio': ratio, 'params': params,
                         'flops_per_token': flops_per_token}
-  if 'moe' in results and 'llama' in results:
-    moe, dense = results['moe'], results['llama']
-    print(f'moe / dense llama of equal active parameters, tokens/s: lm '
-          f'{moe["lm"]["tokens_per_sec"] / dense["lm"]["tokens_per_sec"]:.2f}, transformers '
-          f'{moe["transformers"]["tokens_per_sec"] / dense["transformers"]["tokens_per_sec"]:.2f}')
+  for name in ('moe', 'moe_cap'):
+    if name in results and 'llama' in results:
+      moe, dense = results[name], results['llama']
+      moe['lm_over_dense'] = moe['lm']['tokens_per_sec'] / dense['lm']['tokens_per_sec']
+      moe['transformers_over_dense'] = (moe['transformers']['tokens_per_sec']
+                                        / dense['transformers']['tokens_per_sec'])
+      print(f'{name} / dense llama of equal active parameters, tokens/s: lm '
+            f'{moe["lm_over_dense"]:.2f}, transformers {moe["transformers_over_dense"]:.2f}')
   print(json.dumps({'results': results, 'peak_flops_per_sec': peak, 'machine': machine,
                     'jax': jax.__version__, 'torch': torch.__version__}))
 
