@@ -101,7 +101,7 @@ def time_dots(dots: collections.Counter) -> list[dict]:
     jx, jy = jax.device_put(x), jax.device_put(y)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     flops = 2 * np.prod(lhs, dtype=float) * np.prod([rhs[j] for j in range(len(rhs))
-                                                     if j not in rb], dtype=float)
+                                                     if j not in rb + rc], dtype=float)
     rows.append({'einsum': spec, 'lhs': lhs, 'rhs': rhs, 'count': count, 'flops': flops,
                  'jax_ms': 1e3 * _median_seconds(lambda: dot(jx, jy).block_until_ready()),
                  'torch_ms': 1e3 * _median_seconds(lambda: torch.einsum(spec, tx, ty))})
@@ -131,7 +131,7 @@ def op_kinds(run, state, steps: int) -> tuple[collections.Counter, collections.C
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--variant', default='llama', choices=sorted(CONFIGS))
-  parser.add_argument('--top', type=int, default=15, help='op kinds to list')
+  parser.add_argument('--top', type=int, default=15, help='matmuls and op kinds to list')
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   run, state = lm_step_fn(CONFIGS[args.variant], TrainConfig(steps=1000, learning_rate=1e-3))
@@ -151,13 +151,14 @@ def main() -> None:
   print(f'step {step_ms:.0f} ms; its {sum(r["count"] for r in dots)} matmuls ({flops / 1e9:.0f} '
         f'GFLOP) timed alone: JAX {jax_ms:.0f} ms, PyTorch {torch_ms:.0f} ms; the step less its '
         f'matmuls: {step_ms - jax_ms:.0f} ms')
-  print(f'\n| {"matmul (einsum)":<24} | {"lhs":<18} | {"rhs":<18} | {"x":>3} | '
-        f'{"JAX GFLOP/s":>11} | {"torch GFLOP/s":>13} | {"JAX ms a step":>13} |')
-  print('|' + '|'.join('-' * (w + 2) for w in (24, 18, 18, 3, 11, 13, 13)) + '|')
-  for r in dots:
-    print(f'| {r["einsum"]:<24} | {str(r["lhs"]):<18} | {str(r["rhs"]):<18} | {r["count"]:>3} | '
+  print(f'\n| {"matmul (einsum)":<18} | {"lhs":<18} | {"rhs":<18} | {"x":>3} | '
+        f'{"JAX GFLOP/s":>11} | {"torch GFLOP/s":>13} | {"JAX ms a step":>13} | '
+        f'{"torch ms":>8} |')
+  print('|' + '|'.join('-' * (w + 2) for w in (18, 18, 18, 3, 11, 13, 13, 8)) + '|')
+  for r in dots[:args.top]:
+    print(f'| {r["einsum"]:<18} | {str(r["lhs"]):<18} | {str(r["rhs"]):<18} | {r["count"]:>3} | '
           f'{r["flops"] / r["jax_ms"] / 1e6:>11.0f} | {r["flops"] / r["torch_ms"] / 1e6:>13.0f} | '
-          f'{r["count"] * r["jax_ms"]:>13.1f} |')
+          f'{r["count"] * r["jax_ms"]:>13.1f} | {r["count"] * r["torch_ms"]:>8.1f} |')
   print(f'\nthe other ops in a jax.profiler trace (ms a step; they may overlap):')
   print(f'| {"op kind":<32} | {"calls":>6} | {"ms":>7} |')
   print('|' + '|'.join('-' * (w + 2) for w in (32, 6, 7)) + '|')
