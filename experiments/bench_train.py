@@ -16,12 +16,15 @@ MoE) over the measured matmul peak of the machine (the better of JAX's and PyTor
 
   python experiments/bench_train.py [--variants=gpt2,llama,moe,moe_cap] [--steps=5] [--rounds=2]
   python experiments/bench_train.py --accum_steps=4   # gradient accumulation: memory, time
+  python experiments/bench_train.py --moe_dispatch    # one MoE layer routed each way
+  python experiments/bench_train.py --dtype=bfloat16  # bfloat16 compute (PyTorch: autocast)
 
 Prints a table, then one JSON line with the figures.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -42,6 +46,7 @@ import transformers
 from lm import hf, models, objectives, parallel, train
 from lm.config import TrainConfig
 from lm.models import DecoderConfig
+from lm.models.layers import mlp
 from machine import cpu_model, describe  # experiments/machine.py
 
 
@@ -124,6 +129,64 @@ def accumulation(k: int, steps: int, rounds: int) -> dict[str, float]:
           **ratio}
 
 
+def ragged_dot_moe(x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, down_ExFxD):
+  """The routed experts through jax.lax.ragged_dot (assignments sorted by expert), for
+  `moe_dispatch` to set beside lm's grouped blocks and capacity groups."""
+  k, f = experts_NxK.shape[1], down_ExFxD.shape[1]
+  order_M = jnp.argsort(experts_NxK.reshape(-1))
+  sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=down_ExFxD.shape[0]).astype(jnp.int32)
+  h_Mx2F = jax.lax.ragged_dot(x_NxD[order_M // k], gate_up_ExDx2F, sizes_E)
+  ys_MxD = jax.lax.ragged_dot(nn.silu(h_Mx2F[:, :f]) * h_Mx2F[:, f:], down_ExFxD, sizes_E)
+  y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, x_NxD.shape[1])
+  return jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK)
+
+
+def moe_dispatch(rounds: int) -> dict[str, dict[str, float]]:
+  """One MoE layer of the moe variant (8 experts of 512, top 2, d_model 384) on the benchmark's
+  16 x 256 tokens, forward and forward + backward, routed each way, beside the dense SwiGLU MLP
+  of equal active parameters (width 1024): the median ms of `rounds` timings each."""
+  cfg = VARIANTS['moe']
+  e, k, f, d = cfg.num_experts, cfg.experts_per_token, cfg.mlp_dim, cfg.d_model
+  x_BxTxD = jax.random.normal(jax.random.PRNGKey(0), (BATCH, SEQ_LEN, d))
+  moe = mlp.MoeMlp(e, k, f)
+  params = nn.meta.unbox(moe.init(jax.random.PRNGKey(1), x_BxTxD)['params'])
+
+  def ragged(p, x_BxTxD):
+    x_NxD = x_BxTxD.reshape(-1, d)
+    weights_NxK, experts_NxK = jax.lax.top_k(jax.nn.softmax(x_NxD @ p['router']), k)
+    weights_NxK = weights_NxK / weights_NxK.sum(-1, keepdims=True)
+    return ragged_dot_moe(x_NxD, experts_NxK, weights_NxK,
+                          jnp.concatenate([p['gate'], p['up']], axis=2), p['down'])
+  dense = mlp.Mlp('swiglu', k * f, use_bias=False)
+  dense_params = nn.meta.unbox(dense.init(jax.random.PRNGKey(1), x_BxTxD)['params'])
+  arms = {'dense SwiGLU of equal active parameters': (dense.apply, dense_params),
+          'no drop: grouped blocks (the default)': (lambda v, x: moe.apply(v, x)[0], params),
+          'ragged_dot': (lambda v, x: ragged(v['params'], x), params)}
+  for factor in (1.0, 1.25, 2.0):
+    capped = mlp.MoeMlp(e, k, f, capacity_factor=factor)
+    arms[f'capacity factor {factor}'] = (lambda v, x, m=capped: m.apply(v, x)[0], params)
+  out = {}
+  for name, (apply, p) in arms.items():
+    loss = lambda p, x: jnp.sum(apply({'params': p}, x) ** 2)
+    fns = {'forward_ms': jax.jit(loss), 'forward_backward_ms': jax.jit(jax.grad(loss, (0, 1)))}
+    out[name] = {}
+    for key, fn in fns.items():
+      jax.block_until_ready(fn(p, x_BxTxD))
+      times = []
+      for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(p, x_BxTxD))
+        times.append(time.perf_counter() - start)
+      out[name][key] = 1e3 * statistics.median(times)
+  print(f'one MoE layer ({e} experts of {f}, top {k}, d_model {d}) on {BATCH} x {SEQ_LEN} '
+        f'tokens, float32, {describe()}; median of {rounds}:')
+  print(f'| {"routing":<40} | {"forward ms":>10} | {"fwd+bwd ms":>10} |')
+  print('|' + '|'.join('-' * (w + 2) for w in (40, 10, 10)) + '|')
+  for name, row in out.items():
+    print(f'| {name:<40} | {row["forward_ms"]:>10.0f} | {row["forward_backward_ms"]:>10.0f} |')
+  return out
+
+
 def torch_model(cfg: DecoderConfig):
   """transformers' model of the same architecture (lm.hf writes its config)."""
   hf_config = hf.config_to_hf(cfg)
@@ -135,9 +198,10 @@ def torch_step_fn(cfg: DecoderConfig, t: TrainConfig):
   model = torch_model(cfg)
   batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in random_batch().items()}
 
-  def loss():
-    out = model(batch['inputs'], output_router_logits=bool(cfg.num_experts))
-    nll = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
+  def loss():  # bfloat16: autocast's mixed precision, as lm's dtype (float32 parameters)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
+      out = model(batch['inputs'], output_router_logits=bool(cfg.num_experts))
+    nll = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, cfg.vocab_size),
                                             batch['targets'].reshape(-1))
     # the same load-balancing term as lm's objective
     return nll + cfg.moe_aux_coef * out.aux_loss if cfg.num_experts else nll
@@ -168,8 +232,8 @@ def random_batch() -> dict[str, np.ndarray]:
              for k in ('inputs', 'targets')}, 'loss_mask': np.ones((BATCH, SEQ_LEN), bool)}
 
 
-def torch_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-  a = torch.ones(n, n)
+def torch_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = 'float32') -> float:
+  a = torch.ones(n, n, dtype=getattr(torch, dtype))
   a @ a
   best = min(_timed(lambda: a @ a) for _ in range(repeats))
   return 2 * n**3 / best
@@ -186,10 +250,10 @@ RUNNERS = {'lm': lm_step_fn, 'transformers': torch_step_fn}
 
 def worker(spec: str) -> None:
   """Builds one (variant, framework)'s step, then serves it (serve)."""
-  variant, framework = spec.split(':')
+  variant, framework, dtype = spec.split(':')
   torch.set_num_threads(os.cpu_count() or 1)
-  serve(*RUNNERS[framework](VARIANTS[variant], TrainConfig(steps=1000, learning_rate=1e-3)),
-        warmup=2)
+  cfg = dataclasses.replace(VARIANTS[variant], dtype=dtype)
+  serve(*RUNNERS[framework](cfg, TrainConfig(steps=1000, learning_rate=1e-3)), warmup=2)
 
 
 def serve(run, state, warmup: int) -> None:
@@ -239,10 +303,18 @@ def main() -> None:
   parser.add_argument('--accum_steps', type=int, default=0,
                       help='instead: lm\'s llama step with this many microbatches against 1 '
                            '(memory and time)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help="the compute dtype (lm's model.dtype; PyTorch's autocast)")
+  parser.add_argument('--moe_dispatch', action='store_true',
+                      help='instead: one MoE layer routed each way (grouped blocks, ragged_dot, '
+                           'capacity groups) beside the dense MLP of equal active parameters')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args.worker)
+  if args.moe_dispatch:
+    print(json.dumps({'moe_dispatch': moe_dispatch(max(args.rounds, 5)), 'machine': describe()}))
+    return
   if args.accum_steps:
     result = accumulation(args.accum_steps, args.steps, args.rounds)
     print(json.dumps({'accumulation': result, 'machine': f'{cpu_model()}, {os.cpu_count()} cores',
@@ -253,12 +325,13 @@ def main() -> None:
   if unknown:
     parser.error(f'--variants: unknown {unknown}; use some of {sorted(VARIANTS)}')
   torch.set_num_threads(os.cpu_count() or 1)
-  specs = [f'{v}:{f}' for v in variants for f in RUNNERS]
+  specs = [f'{v}:{f}:{args.dtype}' for v in variants for f in RUNNERS]
   workers = start_workers(__file__, specs)
-  peak = max(train.measure_peak_flops('float32'), torch_peak_flops())  # with all idle
+  peak = max(train.measure_peak_flops(args.dtype),  # with all idle
+             torch_peak_flops(dtype=args.dtype))
   times = timed_rounds(workers, args.rounds, lambda spec: args.steps)
   machine = describe()
-  print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, float32, AdamW')
+  print(f'train step, shape {SHAPE}, seq {SEQ_LEN}, batch {BATCH}, {args.dtype}, AdamW')
   print(f'machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.rounds} '
         f'rounds of {args.steps} steps')
   print(f'| {"variant":<7} | {"params":>7} | {"MFLOP/tok":>9} | {"lm step ms":>10} | '
@@ -272,7 +345,7 @@ def main() -> None:
     params = sum(p.numel() for p in torch_model(cfg).parameters())
     row = {}
     for framework in RUNNERS:
-      seconds = statistics.median(times[f'{variant}:{framework}'])
+      seconds = statistics.median(times[f'{variant}:{framework}:{args.dtype}'])
       tokens_per_sec = BATCH * SEQ_LEN / seconds
       row[framework] = {'step_ms': 1e3 * seconds, 'tokens_per_sec': tokens_per_sec,
                         'mfu': tokens_per_sec * flops_per_token / peak}
@@ -292,7 +365,8 @@ def main() -> None:
                                         / dense['transformers']['tokens_per_sec'])
       print(f'{name} / dense llama of equal active parameters, tokens/s: lm '
             f'{moe["lm_over_dense"]:.2f}, transformers {moe["transformers_over_dense"]:.2f}')
-  print(json.dumps({'results': results, 'peak_flops_per_sec': peak, 'machine': machine,
+  print(json.dumps({'results': results, 'dtype': args.dtype, 'peak_flops_per_sec': peak,
+                    'machine': machine,
                     'jax': jax.__version__, 'torch': torch.__version__}))
 
 
