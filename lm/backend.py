@@ -4,9 +4,9 @@
   (jaxlib 0.10-0.11's default): Eigen's run the train step faster on the CPUs measured
   (experiments/README.md, Train step). The flag only touches the CPU backend and takes effect
   if set before JAX starts one; a value of the user's own in XLA_FLAGS wins.
-- `decoding_jit`: the decoding loops compile with YNNPACK's matmuls on CPU (a decode step
-  multiplies a few rows by each weight matrix, which YNNPACK does faster: experiments/README.md,
-  Sampling).
+- `decoding_jit`: a decoding loop over one or two rows compiles with YNNPACK's matmuls on CPU
+  (a decode step multiplies those rows by each weight matrix, which YNNPACK does faster; from 4
+  rows Eigen's are faster: experiments/README.md, Sampling and Where lm trails).
 - `is_cpu()`: the decoder lays out its weights for the CPU's decode loops
   (lm.models.decoder.decoding_params: an untied head copy, transposed MLP down kernels).
 - `fused_attention()`: on GPU and TPU attention runs through jax.nn.dot_product_attention (cuDNN
@@ -45,22 +45,28 @@ def fused_attention() -> bool:
   return jax.default_backend() in ('gpu', 'tpu')
 
 
-def decoding_jit(**jit_kwargs):
-  """jax.jit for a decoding loop: on CPU compiled with YNNPACK's matmuls, not the Eigen ones
-  `import lm` picks for training, unless the user's XLA_FLAGS chose; other backends compile as
-  jax.jit would."""
+YNN_MAX_ROWS = 2  # a decoding loop over at most this many rows takes YNNPACK's matmuls
+
+
+def decoding_jit(rows=None, **jit_kwargs):
+  """jax.jit for a decoding loop: on CPU, a loop over few rows (`rows(*args, **kwargs)` at most
+  YNN_MAX_ROWS; every call if `rows` is None) compiles with YNNPACK's matmuls, not the Eigen ones
+  `import lm` picks for training, unless the user's XLA_FLAGS chose; other backends, and more
+  rows, compile as jax.jit would. (GPT-2 shape, greedy: YNNPACK 410 / 493 tokens/s at 1 / 2 rows
+  against Eigen's 400 / 408, and 629 / 945 at 4 / 8 against 681 / 1094: experiments/README.md.)"""
   import jax
 
   def wrap(fn):
     plain = jax.jit(fn, **jit_kwargs)
     ynn = jax.jit(fn, **jit_kwargs, compiler_options=YNN_MATMULS)
 
-    def jitted():
-      return ynn if is_cpu() and not USER_CHOSE_CPU_MATMULS else plain
+    def jitted(args, kwargs):
+      few = rows is None or rows(*args, **kwargs) <= YNN_MAX_ROWS
+      return ynn if is_cpu() and not USER_CHOSE_CPU_MATMULS and few else plain
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-      return jitted()(*args, **kwargs)
-    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
+      return jitted(args, kwargs)(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: jitted(args, kwargs).lower(*args, **kwargs)
     return call
   return wrap

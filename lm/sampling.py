@@ -263,8 +263,8 @@ def prefill(cfg: ModelConfig, params, tokens_BxT: jax.Array, lengths_B: jax.Arra
   return models.decoding(cfg).prefill(params, tokens_BxT, lengths_B, max_len)
 
 
-@decoding_jit(static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id',
-                               'return_logprobs'))
+@decoding_jit(rows=lambda cfg, params, logits_BxV, *args, **kwargs: logits_BxV.shape[0],
+              static_argnames=('cfg', 'max_new_tokens', 'filter_fn', 'eos_id', 'return_logprobs'))
 def _sample_loop(cfg, params, logits_BxV, state, rng, *, max_new_tokens, filter_fn, eos_id,
                  return_logprobs):
   batch = logits_BxV.shape[0]
@@ -422,8 +422,9 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, n
                [float(s) for s in scores_B])
 
 
-@decoding_jit(static_argnames=('cfg', 'num_beams', 'max_new_tokens', 'eos_id',
-                               'length_penalty'))
+@decoding_jit(rows=lambda cfg, params, logits_BxV, *args, num_beams, **kwargs:
+              logits_BxV.shape[0] * num_beams,
+              static_argnames=('cfg', 'num_beams', 'max_new_tokens', 'eos_id', 'length_penalty'))
 def _beam_loop(cfg, params, logits_BxV, cache, *, num_beams, max_new_tokens, eos_id,
                length_penalty):
   batch = logits_BxV.shape[0]

@@ -245,6 +245,12 @@ def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chos
   assert jax.default_backend() == 'cpu' and ynn(loop())
   # the prefill's many rows take the training matmuls: it compiles apart from the loop
   assert not ynn(sampling.prefill.lower(CFG, params, tokens, lengths, max_len=20))
+  # and so does a loop over more than YNN_MAX_ROWS rows (Eigen's are faster from 4)
+  logits8, state8 = sampling.prefill(CFG, params, jnp.zeros((8, 16), jnp.int32),
+                                     jnp.full((8,), 16, jnp.int32), max_len=20)
+  assert not ynn(sampling._sample_loop.lower(
+      CFG, params, logits8, state8, jax.random.PRNGKey(0), max_new_tokens=4,
+      filter_fn=sampling.GREEDY, eos_id=-1, return_logprobs=False))
   matmul = sampling.decoding_jit()(lambda x_BxD, w_DxF: x_BxD @ w_DxF)
   x_BxD, w_DxF = jnp.ones((8, 16)), jnp.ones((16, 32))
   assert ynn(matmul.lower(x_BxD, w_DxF))
