@@ -4,8 +4,8 @@
   (jaxlib 0.10-0.11's default): Eigen's run the train step faster on the CPUs measured
   (experiments/README.md, Train step). The flag only touches the CPU backend and takes effect
   if set before JAX starts one; a value of the user's own in XLA_FLAGS wins.
-- `decoding_jit`: a decoding loop over one or two rows compiles with YNNPACK's matmuls on CPU
-  (a decode step multiplies those rows by each weight matrix, which YNNPACK does faster; from 4
+- `decoding_jit`: a decoding loop over at most 4 rows compiles with YNNPACK's matmuls on CPU
+  (a decode step multiplies those rows by each weight matrix, which YNNPACK does faster; at 8
   rows Eigen's are faster: experiments/README.md, Sampling and Where lm trails).
 - `is_cpu()`: the decoder lays out its weights for the CPU's decode loops
   (lm.models.decoder.decoding_params: an untied head copy, transposed MLP down kernels).
@@ -45,7 +45,7 @@ def fused_attention() -> bool:
   return jax.default_backend() in ('gpu', 'tpu')
 
 
-YNN_MAX_ROWS = 2  # a decoding loop over at most this many rows takes YNNPACK's matmuls
+YNN_MAX_ROWS = 4  # a decoding loop over at most this many rows takes YNNPACK's matmuls
 
 
 def decoding_jit(rows=None, **jit_kwargs):
@@ -53,7 +53,8 @@ def decoding_jit(rows=None, **jit_kwargs):
   YNN_MAX_ROWS; every call if `rows` is None) compiles with YNNPACK's matmuls, not the Eigen ones
   `import lm` picks for training, unless the user's XLA_FLAGS chose; other backends, and more
   rows, compile as jax.jit would. (GPT-2 shape, greedy: YNNPACK 410 / 493 tokens/s at 1 / 2 rows
-  against Eigen's 400 / 408, and 629 / 945 at 4 / 8 against 681 / 1094: experiments/README.md.)"""
+  against Eigen's 400 / 408, 629 / 945 at 4 / 8 against 681 / 1094; 4 beams of one prompt 113
+  against 109, so 4 rows stay with YNNPACK: experiments/README.md.)"""
   import jax
 
   def wrap(fn):

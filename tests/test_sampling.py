@@ -245,7 +245,7 @@ def test_decoding_loops_compile_with_ynnpack_matmuls_on_cpu_unless_the_user_chos
   assert jax.default_backend() == 'cpu' and ynn(loop())
   # the prefill's many rows take the training matmuls: it compiles apart from the loop
   assert not ynn(sampling.prefill.lower(CFG, params, tokens, lengths, max_len=20))
-  # and so does a loop over more than YNN_MAX_ROWS rows (Eigen's are faster from 4)
+  # and so does a loop over more than YNN_MAX_ROWS rows (Eigen's are faster at 8)
   logits8, state8 = sampling.prefill(CFG, params, jnp.zeros((8, 16), jnp.int32),
                                      jnp.full((8,), 16, jnp.int32), max_len=20)
   assert not ynn(sampling._sample_loop.lower(
