@@ -129,16 +129,15 @@ def accumulation(k: int, steps: int, rounds: int) -> dict[str, float]:
           **ratio}
 
 
-def ragged_dot_moe(x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, down_ExFxD):
-  """The routed experts through jax.lax.ragged_dot (assignments sorted by expert), for
-  `moe_dispatch` to set beside lm's grouped blocks and capacity groups."""
-  k, f = experts_NxK.shape[1], down_ExFxD.shape[1]
-  order_M = jnp.argsort(experts_NxK.reshape(-1))
-  sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=down_ExFxD.shape[0]).astype(jnp.int32)
-  h_Mx2F = jax.lax.ragged_dot(x_NxD[order_M // k], gate_up_ExDx2F, sizes_E)
-  ys_MxD = jax.lax.ragged_dot(nn.silu(h_Mx2F[:, :f]) * h_Mx2F[:, f:], down_ExFxD, sizes_E)
-  y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, x_NxD.shape[1])
-  return jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK)
+def median_seconds(fn, repeats: int) -> float:
+  """The median wall time of `repeats` calls of fn, after one call to compile and warm up."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def moe_dispatch(rounds: int) -> dict[str, dict[str, float]]:
@@ -155,8 +154,9 @@ def moe_dispatch(rounds: int) -> dict[str, dict[str, float]]:
     x_NxD = x_BxTxD.reshape(-1, d)
     weights_NxK, experts_NxK = jax.lax.top_k(jax.nn.softmax(x_NxD @ p['router']), k)
     weights_NxK = weights_NxK / weights_NxK.sum(-1, keepdims=True)
-    return ragged_dot_moe(x_NxD, experts_NxK, weights_NxK,
-                          jnp.concatenate([p['gate'], p['up']], axis=2), p['down'])
+    return mlp.dropless_experts(x_NxD, experts_NxK, weights_NxK,
+                                jnp.concatenate([p['gate'], p['up']], axis=2), p['down'],
+                                matmul=jax.lax.ragged_dot)
   dense = mlp.Mlp('swiglu', k * f, use_bias=False)
   dense_params = nn.meta.unbox(dense.init(jax.random.PRNGKey(1), x_BxTxD)['params'])
   arms = {'dense SwiGLU of equal active parameters': (dense.apply, dense_params),
@@ -169,15 +169,8 @@ def moe_dispatch(rounds: int) -> dict[str, dict[str, float]]:
   for name, (apply, p) in arms.items():
     loss = lambda p, x: jnp.sum(apply({'params': p}, x) ** 2)
     fns = {'forward_ms': jax.jit(loss), 'forward_backward_ms': jax.jit(jax.grad(loss, (0, 1)))}
-    out[name] = {}
-    for key, fn in fns.items():
-      jax.block_until_ready(fn(p, x_BxTxD))
-      times = []
-      for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(p, x_BxTxD))
-        times.append(time.perf_counter() - start)
-      out[name][key] = 1e3 * statistics.median(times)
+    out[name] = {key: 1e3 * median_seconds(lambda: jax.block_until_ready(fn(p, x_BxTxD)), rounds)
+                 for key, fn in fns.items()}
   print(f'one MoE layer ({e} experts of {f}, top {k}, d_model {d}) on {BATCH} x {SEQ_LEN} '
         f'tokens, float32, {describe()}; median of {rounds}:')
   print(f'| {"routing":<40} | {"forward ms":>10} | {"fwd+bwd ms":>10} |')

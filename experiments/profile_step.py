@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from bench_ssm import MAMBA, MAMBA2
-from bench_train import BATCH, SEQ_LEN, VARIANTS, lm_step_fn
+from bench_train import BATCH, SEQ_LEN, VARIANTS, lm_step_fn, median_seconds
 from lm.config import TrainConfig
 from machine import describe  # experiments/machine.py
 
@@ -80,16 +79,6 @@ def _einsum(lhs, rhs, lc, rc, lb, rb) -> str:
   return f'{"".join(a)},{"".join(b)}->{"".join(out)}'
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def time_dots(dots: collections.Counter) -> list[dict]:
   """Each distinct dot alone: its FLOPs and ms in JAX and in PyTorch (float32)."""
   rows = []
@@ -103,8 +92,8 @@ def time_dots(dots: collections.Counter) -> list[dict]:
     flops = 2 * np.prod(lhs, dtype=float) * np.prod([rhs[j] for j in range(len(rhs))
                                                      if j not in rb + rc], dtype=float)
     rows.append({'einsum': spec, 'lhs': lhs, 'rhs': rhs, 'count': count, 'flops': flops,
-                 'jax_ms': 1e3 * _median_seconds(lambda: dot(jx, jy).block_until_ready()),
-                 'torch_ms': 1e3 * _median_seconds(lambda: torch.einsum(spec, tx, ty))})
+                 'jax_ms': 1e3 * median_seconds(lambda: dot(jx, jy).block_until_ready(), 5),
+                 'torch_ms': 1e3 * median_seconds(lambda: torch.einsum(spec, tx, ty), 5)})
   return sorted(rows, key=lambda r: -r['count'] * r['jax_ms'])
 
 
@@ -167,7 +156,7 @@ def main() -> None:
     print(f'| {kind:<32} | {calls[kind]:>6.0f} | {t:>7.1f} |')
   print(json.dumps({'variant': args.variant, 'machine': describe(), 'step_ms': step_ms,
                     'matmul_jax_ms': jax_ms, 'matmul_torch_ms': torch_ms, 'matmul_flops': flops,
-                    'matmuls': [{k: v for k, v in r.items()} for r in dots],
+                    'matmuls': dots,
                     'op_kinds_ms': dict(others[:args.top])}, default=str))
 
 

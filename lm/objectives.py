@@ -33,8 +33,9 @@ def clm_loss(params, batch: dict[str, jax.Array], rng: jax.Array, *,
              apply_fn: ApplyFn) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal LM: mean NLL of the targets where `batch['loss_mask']` is true, plus each auxiliary
   loss the model returns (`with_aux=True`: name -> (value, weight); a mixture of experts'
-  `moe_aux`, and its dropped share `moe_dropped` at weight 0, logged only) times its weight (metrics: `loss`, with auxiliary losses also `nll` and each of
-  them, and `loss_tokens`, the count of targets the mean is over).
+  `moe_aux`, and its dropped share `moe_dropped` at weight 0, logged only) times its weight
+  (metrics: `loss`, with auxiliary losses also `nll` and each of them, and `loss_tokens`, the
+  count of targets the mean is over).
   A batch of packed rows also carries `segment_ids` and `positions` [B, T]: no token attends
   across (or carries a scan state across) two segments, and positions restart in each."""
   del rng  # the decoder has no dropout

@@ -80,6 +80,23 @@ def grouped_matmul(xs_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Arr
   return ys_NxBxF.reshape(num_blocks * block, -1)[slot_M]
 
 
+def dropless_experts(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
+                     gate_up_ExDx2F: jax.Array, down_ExFxD: jax.Array,
+                     matmul=grouped_matmul) -> jax.Array:
+  """y_NxD of SwiGLU experts that drop no assignment: the N * k assignments sorted by expert,
+  each expert multiplying only its own rows through `matmul(rows_MxD, w_ExDxF, group_sizes_E)`
+  (grouped_matmul; jax.lax.ragged_dot has the same contract), weighted back per token."""
+  k, f = experts_NxK.shape[1], down_ExFxD.shape[1]
+  order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
+  group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=down_ExFxD.shape[0]
+                               ).astype(jnp.int32)
+  h_Mx2F = matmul(x_NxD[order_M // k].astype(gate_up_ExDx2F.dtype), gate_up_ExDx2F,
+                  group_sizes_E)
+  ys_MxD = matmul(nn.silu(h_Mx2F[:, :f]) * h_Mx2F[:, f:], down_ExFxD, group_sizes_E)
+  y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, x_NxD.shape[1])
+  return jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+
+
 def capacity_slots(experts_NxK: jax.Array, num_experts: int, capacity: int
                    ) -> tuple[jax.Array, jax.Array]:
   """Each of the N * k assignments' slot in its expert's group of `capacity` rows, and whether
@@ -136,27 +153,22 @@ class MoeMlp(nn.Module):
                             (e, f, d_model))
     cast = lambda w: w.astype(self.dtype)
     gate_up_ExDx2F = cast(jnp.concatenate([gate_ExDxF, up_ExDxF], axis=2))  # one pass, as Mlp
-    swiglu = lambda h: nn.silu(h[..., :f]) * h[..., f:]
     if self.capacity_factor:
       y_NxD, dropped = self._with_capacity(x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F,
-                                           cast(down_ExFxD), swiglu)
+                                           cast(down_ExFxD))
     else:
-      order_M = jnp.argsort(experts_NxK.reshape(-1))  # M = N * k assignments, by expert
-      group_sizes_E = jnp.bincount(experts_NxK.reshape(-1), length=e).astype(jnp.int32)
-      xs_MxD = x_NxD[order_M // k].astype(self.dtype)
-      h_MxF = swiglu(grouped_matmul(xs_MxD, gate_up_ExDx2F, group_sizes_E))
-      ys_MxD = grouped_matmul(h_MxF, cast(down_ExFxD), group_sizes_E)
-      y_NxKxD = jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(-1, k, d_model)
-      y_NxD = jnp.einsum('nkd,nk->nd', y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+      y_NxD = dropless_experts(x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, cast(down_ExFxD))
       dropped = jnp.zeros((), jnp.float32)
     stats = (jnp.mean(probs_NxE, 0), jnp.mean(jax.nn.one_hot(experts_NxK, e).sum(axis=1), 0),
              dropped)
     return y_NxD.reshape(batch, length, d_model), stats
 
-  def _with_capacity(self, x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, down_ExFxD, swiglu):
+  def _with_capacity(self, x_NxD, experts_NxK, weights_NxK, gate_up_ExDx2F, down_ExFxD):
     """The experts over fixed groups of `capacity` rows: (y_NxD, the share dropped)."""
     tokens, d_model = x_NxD.shape
-    e, k, c = self.num_experts, self.experts_per_token, self.capacity(x_NxD.shape[0])
+    e, k, c = self.num_experts, self.experts_per_token, self.capacity(tokens)
+    f = down_ExFxD.shape[1]
+    swiglu = lambda h: nn.silu(h[..., :f]) * h[..., f:]
     slot_KxN, kept_KxN = capacity_slots(experts_NxK, e, c)
     token_S = jnp.full((e * c + 1,), tokens, jnp.int32).at[slot_KxN.reshape(-1)].set(
         jnp.tile(jnp.arange(tokens, dtype=jnp.int32), k))[:-1]  # an empty slot: row `tokens`
